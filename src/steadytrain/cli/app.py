@@ -1,0 +1,158 @@
+"""The ``steadytrain`` command: parse, validate, call the library. No logic of its own."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from steadytrain.config import (
+    EXIT_AUDIT_FAILED,
+    Config,
+    UserError,
+    load_config,
+)
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Distributed PyTorch training that survives failures and proves it.",
+)
+data_app = typer.Typer(no_args_is_help=True, help="Prepare training data.")
+app.add_typer(data_app, name="data")
+
+ConfigArg = Annotated[Path, typer.Argument(help="YAML config, e.g. examples/tiny.yaml.")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a key: --set train.lr=3e-4 (value parsed as YAML)."),
+]
+NprocOpt = Annotated[
+    int | None,
+    typer.Option("--nproc", min=1, help="Start N local worker processes with torchrun's agent."),
+]
+
+
+def _load(config_path: Path, overrides: list[str] | None, run_dir: Path | None) -> Config:
+    settings = list(overrides or [])
+    if run_dir is not None:
+        settings.append(f"run_dir={run_dir}")
+    return load_config(config_path, overrides=settings)
+
+
+@app.command()
+def train(
+    config_path: ConfigArg,
+    nproc: NprocOpt = None,
+    run_dir: Annotated[
+        Path | None, typer.Option("--run-dir", help="Run directory (overrides run_dir).")
+    ] = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Train: as a torchrun worker, alone, or as the launcher of --nproc local workers."""
+    from steadytrain.dist import launch_local_workers, under_torchrun
+    from steadytrain.train import preflight, run_training
+
+    config = _load(config_path, overrides, run_dir)
+    if nproc is not None and not under_torchrun():
+        for line in preflight(config, world_size=nproc, prepare_corpus=True):
+            typer.echo(f"steadytrain: {line}")
+        worker_args = ["train", str(config_path), *_passthrough(overrides, run_dir)]
+        raise typer.Exit(launch_local_workers(nproc=nproc, worker_args=worker_args))
+    if nproc is not None:
+        typer.echo("steadytrain: --nproc is ignored inside torchrun (it sets the world size)",
+                   err=True)
+    run_training(config)
+
+
+@app.command()
+def validate(
+    config_path: ConfigArg,
+    nproc: NprocOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Check a config (and its overrides) for a world size without training."""
+    from steadytrain.dist import world_size_from_env
+    from steadytrain.train import preflight
+
+    config = _load(config_path, overrides, None)
+    world_size = nproc or world_size_from_env()
+    for line in preflight(config, world_size=world_size, prepare_corpus=False):
+        typer.echo(line)
+    typer.echo(f"config {config_path} is valid for {world_size} rank(s)")
+
+
+@app.command()
+def audit(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory trained with data.ledger.")],
+) -> None:
+    """Prove from the ledger that each sample of each epoch was consumed exactly once."""
+    from steadytrain.data import audit_ledger
+
+    report = audit_ledger(run_dir)
+    for epoch in report.epochs:
+        status = "complete" if epoch.complete else "partial"
+        tail = f", tail of {len(epoch.tail)} not consumed by design" if epoch.complete else ""
+        typer.echo(f"epoch {epoch.epoch} ({status}): {epoch.num_consumed:,} samples consumed"
+                   f"{tail}")
+    for problem in report.problems:
+        typer.echo(f"PROBLEM: {problem}")
+    summary = (f"{report.num_steps} committed steps over {report.num_attempts} attempt(s), "
+               f"{report.num_samples:,} samples, global batch {report.global_batch_size}")
+    if not report.ok:
+        typer.echo(f"audit FAILED: {len(report.problems)} problem(s); {summary}")
+        raise typer.Exit(EXIT_AUDIT_FAILED)
+    typer.echo(f"audit OK: every sample consumed exactly once; {summary}")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory to create.")],
+    corpus: Annotated[
+        str, typer.Option("--corpus", help="'stdlib', a folder, or a glob of text files.")
+    ] = "stdlib",
+    val_fraction: Annotated[
+        float, typer.Option(min=0.0, max=0.99, help="Share of files held out.")
+    ] = 0.02,
+    max_bytes: Annotated[
+        int | None, typer.Option(min=1, help="Read at most this many bytes of text.")
+    ] = None,
+    shard_tokens: Annotated[
+        int, typer.Option(min=1024, help="Tokens per shard file.")
+    ] = 16 * 2**20,
+) -> None:
+    """Tokenize text files (byte-level) into memory-mapped shards with a validation split."""
+    from steadytrain.data import prepare_shards
+
+    index = prepare_shards(
+        corpus, output, val_fraction=val_fraction, max_bytes=max_bytes, shard_tokens=shard_tokens
+    )
+    typer.echo(
+        f"prepared {output}: {index.num_tokens('train'):,} train tokens in "
+        f"{len(index.splits['train'])} shard(s), {index.num_tokens('val'):,} validation tokens"
+    )
+
+
+def _passthrough(overrides: list[str] | None, run_dir: Path | None) -> list[str]:
+    args = [arg for override in overrides or [] for arg in ("--set", override)]
+    if run_dir is not None:
+        args += ["--run-dir", str(run_dir)]
+    return args
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and their exit code."""
+    try:
+        app()  # exits itself; typer reports usage errors with exit code 2
+    except UserError as error:
+        if not error.reported_elsewhere:
+            print(f"steadytrain: error{_rank_label()}: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
+
+
+def _rank_label() -> str:
+    rank, world_size = os.environ.get("RANK"), os.environ.get("WORLD_SIZE", "1")
+    return f" [rank {rank}]" if rank is not None and world_size != "1" else ""

@@ -1,0 +1,35 @@
+"""Errors a user can fix, and the exit codes the command line maps them to."""
+
+from __future__ import annotations
+
+# Documented exit codes (README "Exit codes"). Schedulers and scripts rely on them.
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_AUDIT_FAILED = 3
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, no traceback.
+
+    The message names what is wrong and what to do about it.
+    """
+
+    exit_code: int = EXIT_USAGE
+
+    def __init__(self, message: str, *, reported_elsewhere: bool = False) -> None:
+        super().__init__(message)
+        # True on ranks that fail only because another rank did: that rank prints the error.
+        self.reported_elsewhere = reported_elsewhere
+
+
+class ConfigError(UserError):
+    """The configuration is malformed, incomplete or inconsistent."""
+
+
+class DataError(UserError):
+    """The corpus or prepared data cannot be used as configured."""
+
+
+class FactoryError(UserError):
+    """A user factory (``pkg.module:function``) cannot be imported or called."""

@@ -1,0 +1,159 @@
+"""Load a config from YAML plus ``--set key=value`` overrides; fingerprint its identity."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from steadytrain.config.errors import ConfigError
+from steadytrain.config.models import Config
+
+
+def load_config(path: str | Path | None, *, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read ``path`` (YAML; None means all defaults), apply dotted overrides, validate.
+
+    Override values are parsed as YAML, so ``model.kwargs={width: 64}`` and ``train.lr=3e-4``
+    both work.
+
+    Raises:
+        ConfigError: one line naming the file, key or value at fault and how to fix it.
+    """
+    raw: dict[str, Any] = {} if path is None else _read_yaml_mapping(Path(path))
+    for override in overrides:
+        _apply_override(raw, override)
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Validate a plain mapping into a ``Config``.
+
+    Raises:
+        ConfigError: for the first problem pydantic reports (and a count of the rest).
+    """
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_describe_validation_error(error)) from None
+
+
+def dump_config(config: Config) -> str:
+    """The resolved config as YAML, loadable again with ``load_config``."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def identity_fields(config: BaseModel, *, prefix: str = "") -> dict[str, Any]:
+    """The identity fields of ``config`` as ``{"dotted.name": json_value}``."""
+    found: dict[str, Any] = {}
+    for name, field in type(config).model_fields.items():
+        value = getattr(config, name)
+        dotted = f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            found.update(identity_fields(value, prefix=f"{dotted}."))
+        elif isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("identity"):
+            found[dotted] = _jsonable(value)
+    return found
+
+
+def identity_fingerprint(config: Config) -> str:
+    """A short stable hash of the identity fields: equal iff the run's math is equal."""
+    canonical = json.dumps(identity_fields(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def identity_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two identity-field mappings."""
+    differences = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            differences.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    return differences
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=list))
+
+
+def _read_yaml_mapping(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(
+            f"config file {path} not found; pass the path of a YAML config such as "
+            "examples/tiny.yaml"
+        )
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(
+            f"{path}: malformed YAML{where}: {error.problem}; fix the syntax and retry"
+        ) from None
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: not readable as YAML ({error}); fix the file") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of keys (seed:, train:, ...), "
+            f"not a {type(loaded).__name__}"
+        )
+    return loaded
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, separator, text = override.partition("=")
+    key = key.strip()
+    if not separator or not key:
+        raise ConfigError(
+            f"--set {override!r}: expected key=value, for example --set train.lr=3e-4"
+        )
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as error:
+        raise ConfigError(
+            f"--set {key}: the value {text!r} is not valid YAML ({_first_line(error)}); "
+            "quote it or fix it"
+        ) from None
+    parts = key.split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            parent = ".".join(parts[: depth + 1])
+            raise ConfigError(
+                f"--set {key}: {parent} is a value, not a section; set {parent} directly"
+            )
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe_validation_error(error: ValidationError) -> str:
+    problems = error.errors()
+    first = problems[0]
+    location = ".".join(str(part) for part in first["loc"]) or "config"
+    if first["type"] == "extra_forbidden":
+        message = f"{location}: unknown key; {_known_keys_hint(first['loc'])}"
+    else:
+        message = f"{location}: {first['msg']} (got {first.get('input')!r})"
+    if len(problems) > 1:
+        message += f" (and {len(problems) - 1} more problem(s))"
+    return message
+
+
+def _known_keys_hint(location: tuple[Any, ...]) -> str:
+    model: type[BaseModel] = Config
+    for part in location[:-1]:
+        annotation = model.model_fields[str(part)].annotation if isinstance(part, str) else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return "check the spelling against examples/tiny.yaml"
+        model = annotation
+    section = ".".join(str(part) for part in location[:-1]) or "the top level"
+    return f"known keys in {section}: {', '.join(model.model_fields)}"
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -1,0 +1,197 @@
+"""Typed configuration: every field validated at load time, each with a one-line description.
+
+Fields are either *identity* fields, which change the math of a run (model shape, data,
+seed, global batch, optimizer) and must match for a checkpoint to be restored, or
+*operational* ones (logging, intervals, world size with the same global batch) that may
+change between restarts. ``identity_field`` marks the former.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from steadytrain.config.errors import ConfigError
+
+DEFAULT_MODEL_FACTORY = "steadytrain.model.gpt:build_gpt"
+
+
+def identity_field(default: Any = ..., *, description: str, **constraints: Any) -> Any:
+    """A field that is part of the run's identity (changes the math)."""
+    return Field(
+        default, description=description, json_schema_extra={"identity": True}, **constraints
+    )
+
+
+def operational_field(default: Any = ..., *, description: str, **constraints: Any) -> Any:
+    """A field that may change between restarts of the same run."""
+    return Field(default, description=description, **constraints)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelConfig(_Section):
+    factory: str = identity_field(
+        DEFAULT_MODEL_FACTORY,
+        description="'pkg.module:function' returning an nn.Module: (batch, seq) ids -> logits.",
+        min_length=3,
+    )
+    kwargs: dict[str, Any] = identity_field(
+        {"num_layers": 2, "width": 128, "num_heads": 4},
+        description="Keyword arguments passed to the model factory.",
+    )
+
+
+class DataConfig(_Section):
+    corpus: str = identity_field(
+        "stdlib",
+        description="'stdlib', a folder or glob of text files, or a prepared shard directory.",
+        min_length=1,
+    )
+    seq_len: int = identity_field(128, description="Tokens per training sample.", gt=1)
+    val_fraction: float = identity_field(
+        0.02, description="Share of corpus files held out for validation.", ge=0.0, lt=1.0
+    )
+    max_corpus_bytes: int | None = identity_field(
+        None, description="Cap on raw bytes read when preparing a corpus (None: all).", gt=0
+    )
+    dataset_factory: str | None = identity_field(
+        None,
+        description="'pkg.module:function(split=..., **dataset_kwargs)' returning a map-style "
+        "Dataset; replaces the token shards.",
+    )
+    dataset_kwargs: dict[str, Any] = identity_field(
+        {}, description="Keyword arguments passed to the dataset factory."
+    )
+    cache_dir: str = operational_field(
+        "~/.cache/steadytrain/data",
+        description="Where corpora prepared on the fly are kept and reused.",
+    )
+    num_workers: int = operational_field(
+        0, description="DataLoader worker processes per rank (0: load in the trainer).", ge=0
+    )
+    ledger: bool = operational_field(
+        False, description="Record every committed step's consumed samples under RUN_DIR/ledger."
+    )
+
+
+class TrainConfig(_Section):
+    max_steps: int = identity_field(200, description="Optimizer steps to train for.", gt=0)
+    global_batch_size: int = identity_field(
+        32, description="Samples per optimizer step across all ranks and micro-steps.", gt=0
+    )
+    micro_batch_size: int = operational_field(
+        8, description="Samples per rank per forward pass; accumulation fills the rest.", gt=0
+    )
+    lr: float = identity_field(3e-3, description="Peak learning rate.", gt=0)
+    min_lr_ratio: float = identity_field(
+        0.1, description="Final learning rate as a fraction of the peak.", ge=0, le=1
+    )
+    warmup_steps: int = identity_field(20, description="Linear warmup steps.", ge=0)
+    weight_decay: float = identity_field(
+        0.1, description="AdamW weight decay for matrices.", ge=0
+    )
+    betas: tuple[float, float] = identity_field((0.9, 0.95), description="AdamW betas.")
+    grad_clip: float = identity_field(
+        1.0, description="Clip the global gradient norm to this value (0: off).", ge=0
+    )
+    precision: Literal["fp32", "bf16"] = identity_field(
+        "fp32", description="'bf16' runs forward/backward under bfloat16 autocast."
+    )
+    loss_fn: str | None = identity_field(
+        None,
+        description="'pkg.module:function(model, batch) -> mean loss'; default: next-token "
+        "cross-entropy.",
+    )
+    eval_every: int = operational_field(
+        0, description="Validation loss every N steps (0: only at the end).", ge=0
+    )
+    eval_batches: int = operational_field(
+        4, description="Micro-batches per rank in each validation pass (0: no validation).", ge=0
+    )
+
+
+class CheckpointConfig(_Section):
+    every_steps: int = operational_field(
+        0, description="Save a checkpoint every N steps (0: off).", ge=0
+    )
+
+
+class LogConfig(_Section):
+    every_steps: int = operational_field(
+        10, description="Write metrics (and a console line) every N steps.", gt=0
+    )
+    console: bool = operational_field(True, description="Print progress lines on rank 0.")
+
+
+class DistConfig(_Section):
+    backend: Literal["auto", "gloo", "nccl"] = operational_field(
+        "auto", description="Collective backend; 'auto' is NCCL on CUDA, gloo on CPU."
+    )
+    cpu_threads: int | None = operational_field(
+        None, description="Torch threads per process on CPU (None: cores / local ranks).", gt=0
+    )
+    timeout_s: float = operational_field(
+        600.0, description="Seconds a collective may wait before failing.", gt=0
+    )
+
+
+class Config(_Section):
+    seed: int = identity_field(1234, description="Seeds the model init and data order.", ge=0)
+    deterministic: bool = operational_field(
+        False, description="Use deterministic kernels so reruns are bit-identical."
+    )
+    run_dir: str = operational_field(
+        "runs/default", description="Directory for config, metrics, events and weights."
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The model.")
+    data: DataConfig = Field(default_factory=DataConfig, description="The data.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="The optimization.")
+    checkpoint: CheckpointConfig = Field(
+        default_factory=CheckpointConfig, description="Checkpointing."
+    )
+    log: LogConfig = Field(default_factory=LogConfig, description="Metrics and console output.")
+    dist: DistConfig = Field(default_factory=DistConfig, description="Distributed runtime.")
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How the global batch splits across ranks and micro-steps for one world size."""
+
+    world_size: int
+    micro_batch_size: int
+    grad_accum_steps: int
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.world_size * self.micro_batch_size * self.grad_accum_steps
+
+    @property
+    def samples_per_micro_step(self) -> int:
+        return self.world_size * self.micro_batch_size
+
+
+def batch_layout(config: Config, *, world_size: int) -> BatchLayout:
+    """Derive gradient accumulation for ``world_size``; refuse a batch that does not divide.
+
+    Raises:
+        ConfigError: if the global batch is not a multiple of world_size × micro_batch_size.
+    """
+    train = config.train
+    per_micro_step = world_size * train.micro_batch_size
+    if train.global_batch_size % per_micro_step != 0:
+        raise ConfigError(
+            f"train.global_batch_size: {train.global_batch_size} is not divisible by "
+            f"world_size × train.micro_batch_size = {world_size} × {train.micro_batch_size} "
+            f"= {per_micro_step}; use a multiple of {per_micro_step} or change "
+            "train.micro_batch_size"
+        )
+    return BatchLayout(
+        world_size=world_size,
+        micro_batch_size=train.micro_batch_size,
+        grad_accum_steps=train.global_batch_size // per_micro_step,
+    )

@@ -1,0 +1,47 @@
+"""Token shards, the resumable global-position sampler, the consumption ledger and audit."""
+
+from steadytrain.data.datasets import (
+    Datasets,
+    TokenWindowDataset,
+    build_datasets,
+    ensure_corpus,
+    prepared_corpus_dir,
+)
+from steadytrain.data.ledger import (
+    AuditReport,
+    ConsumptionLedger,
+    EpochAudit,
+    NullLedger,
+    audit_ledger,
+)
+from steadytrain.data.loader import MicroBatch, StepBatches, validation_batches
+from steadytrain.data.sampler import (
+    GlobalPositionSampler,
+    SamplerPosition,
+    epoch_permutation,
+    rank_micro_batch_offsets,
+)
+from steadytrain.data.shards import ShardIndex, prepare_shards, read_index
+
+__all__ = [
+    "AuditReport",
+    "ConsumptionLedger",
+    "Datasets",
+    "EpochAudit",
+    "GlobalPositionSampler",
+    "MicroBatch",
+    "NullLedger",
+    "SamplerPosition",
+    "ShardIndex",
+    "StepBatches",
+    "validation_batches",
+    "TokenWindowDataset",
+    "audit_ledger",
+    "build_datasets",
+    "ensure_corpus",
+    "epoch_permutation",
+    "prepare_shards",
+    "prepared_corpus_dir",
+    "rank_micro_batch_offsets",
+    "read_index",
+]

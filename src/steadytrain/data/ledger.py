@@ -1,0 +1,229 @@
+"""The consumption ledger and its audit: proof that each sample was consumed exactly once.
+
+Layout under ``RUN_DIR/ledger/``::
+
+    meta.json            dataset size, global batch, seed (written by rank 0)
+    attempts.jsonl       one line per start of training: attempt id, first step, world size
+    rank-00000.jsonl     one line per committed step: attempt, step, epoch, sample ids read
+
+Each rank records the ids of the samples that actually fed its forward passes, after the
+optimizer step committed. When a later attempt resumes at step ``k``, records of earlier
+attempts for steps ``>= k`` were rolled back (never reached a checkpoint) and are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from steadytrain.config import DataError
+from steadytrain.data.sampler import epoch_permutation
+
+LEDGER_VERSION = 1
+
+
+class ConsumptionLedger:
+    """Appends this rank's committed consumption to ``RUN_DIR/ledger``."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        rank: int,
+        world_size: int,
+        start_step: int,
+        num_samples: int,
+        global_batch_size: int,
+        seed: int,
+    ) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.attempt = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        if rank == 0:
+            _write_meta(directory, num_samples=num_samples, global_batch_size=global_batch_size,
+                        seed=seed)
+            with open(directory / "attempts.jsonl", "a") as attempts:
+                attempts.write(json.dumps({
+                    "attempt": self.attempt, "start_step": start_step,
+                    "world_size": world_size, "time": time.time(),
+                }) + "\n")
+        self._file: IO[str] = open(directory / f"rank-{rank:05d}.jsonl", "a")  # noqa: SIM115
+
+    def record(self, *, step: int, epoch: int, sample_ids: list[int]) -> None:
+        """Record that committed ``step`` consumed ``sample_ids`` on this rank."""
+        self._file.write(json.dumps({
+            "attempt": self.attempt, "step": step, "epoch": epoch, "sample_ids": sample_ids,
+        }) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class NullLedger:
+    """The ledger when ``data.ledger`` is off: records nothing."""
+
+    def record(self, *, step: int, epoch: int, sample_ids: list[int]) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+@dataclass
+class EpochAudit:
+    epoch: int
+    num_consumed: int
+    complete: bool
+    duplicates: dict[int, int] = field(default_factory=dict)
+    missing: list[int] = field(default_factory=list)
+    unexpected: list[int] = field(default_factory=list)
+    tail: list[int] = field(default_factory=list)
+
+
+@dataclass
+class AuditReport:
+    num_samples: int
+    global_batch_size: int
+    num_steps: int
+    num_attempts: int
+    epochs: list[EpochAudit]
+    problems: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def audit_ledger(run_dir: Path) -> AuditReport:
+    """Check that every sample of every epoch was consumed exactly once across ranks/restarts.
+
+    A complete epoch must consume every sample except its reported tail; a partial (last)
+    epoch must consume exactly the prefix of its permutation that its steps cover.
+
+    Raises:
+        DataError: when ``run_dir`` has no ledger.
+    """
+    directory = run_dir / "ledger"
+    if not (directory / "meta.json").is_file():
+        raise DataError(
+            f"{run_dir}: no ledger found (expected {directory}/meta.json); train with "
+            "--set data.ledger=true to record one"
+        )
+    meta = json.loads((directory / "meta.json").read_text())
+    num_samples, batch, seed = meta["num_samples"], meta["global_batch_size"], meta["seed"]
+    attempts = _read_jsonl(directory / "attempts.jsonl")
+    steps, problems = _effective_steps(directory, attempts)
+    by_epoch: dict[int, list[int]] = {}
+    for step in sorted(steps):
+        epoch, sample_ids = steps[step]
+        if len(sample_ids) != batch:
+            problems.append(f"step {step}: {len(sample_ids)} samples recorded, expected {batch}")
+        by_epoch.setdefault(epoch, []).extend(sample_ids)
+    steps_per_epoch = num_samples // batch
+    epochs = []
+    for epoch in sorted(by_epoch):
+        permutation = epoch_permutation(seed=seed, epoch=epoch, num_samples=num_samples)
+        consumed = by_epoch[epoch]
+        complete = len(consumed) >= steps_per_epoch * batch
+        expected = permutation[: steps_per_epoch * batch if complete else len(consumed)]
+        audit = _audit_epoch(epoch, consumed, expected.tolist(), complete=complete)
+        audit.tail = permutation[steps_per_epoch * batch :].tolist() if complete else []
+        problems.extend(_describe(audit))
+        epochs.append(audit)
+    return AuditReport(
+        num_samples=num_samples, global_batch_size=batch, num_steps=len(steps),
+        num_attempts=len(attempts), epochs=epochs, problems=problems,
+    )
+
+
+def _audit_epoch(epoch: int, consumed: list[int], expected: list[int], *, complete: bool
+                 ) -> EpochAudit:
+    counts = Counter(consumed)
+    expected_set = set(expected)
+    return EpochAudit(
+        epoch=epoch,
+        num_consumed=len(consumed),
+        complete=complete,
+        duplicates={sample: n for sample, n in sorted(counts.items()) if n > 1},
+        missing=sorted(expected_set - counts.keys()),
+        unexpected=sorted(counts.keys() - expected_set),
+    )
+
+
+def _describe(audit: EpochAudit) -> list[str]:
+    problems = []
+    if audit.duplicates:
+        shown = ", ".join(f"{s}×{n}" for s, n in list(audit.duplicates.items())[:10])
+        problems.append(f"epoch {audit.epoch}: {len(audit.duplicates)} samples consumed more "
+                        f"than once ({shown})")
+    if audit.missing:
+        problems.append(f"epoch {audit.epoch}: {len(audit.missing)} samples never consumed "
+                        f"({', '.join(map(str, audit.missing[:10]))})")
+    if audit.unexpected:
+        problems.append(f"epoch {audit.epoch}: {len(audit.unexpected)} samples consumed out of "
+                        f"order ({', '.join(map(str, audit.unexpected[:10]))})")
+    return problems
+
+
+def _effective_steps(
+    directory: Path, attempts: list[dict[str, Any]]
+) -> tuple[dict[int, tuple[int, list[int]]], list[str]]:
+    """Per step, the epoch and all ranks' sample ids, keeping only steps not rolled back."""
+    order = {entry["attempt"]: number for number, entry in enumerate(attempts)}
+    # A step of attempt i counts only if no later attempt restarted at or before it.
+    limit: dict[str, float] = {}
+    for number, entry in enumerate(attempts):
+        later_starts = [later["start_step"] for later in attempts[number + 1 :]]
+        limit[entry["attempt"]] = min(later_starts, default=float("inf"))
+    steps: dict[int, tuple[int, list[int]]] = {}
+    owner: dict[int, str] = {}
+    problems: list[str] = []
+    for rank_file in sorted(directory.glob("rank-*.jsonl")):
+        for record in _read_jsonl(rank_file):
+            attempt, step = record["attempt"], record["step"]
+            if attempt not in order:
+                problems.append(f"{rank_file.name}: step {step} from unknown attempt {attempt}")
+                continue
+            if step >= limit[attempt]:
+                continue
+            if step in owner and owner[step] != attempt:
+                problems.append(f"step {step}: recorded by attempts {owner[step]} and {attempt}")
+                continue
+            owner[step] = attempt
+            epoch, ids = steps.setdefault(step, (record["epoch"], []))
+            ids.extend(record["sample_ids"])
+    return steps, problems
+
+
+def _write_meta(directory: Path, *, num_samples: int, global_batch_size: int, seed: int) -> None:
+    meta = {"version": LEDGER_VERSION, "num_samples": num_samples,
+            "global_batch_size": global_batch_size, "seed": seed}
+    path = directory / "meta.json"
+    if path.is_file():
+        existing = json.loads(path.read_text())
+        if existing != meta:
+            raise DataError(
+                f"{path}: this run dir's ledger was recorded with {existing}, this run has "
+                f"{meta}; use a new --run-dir"
+            )
+        return
+    path.write_text(json.dumps(meta, indent=2))
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line torn by a crash mid-write carries no committed step
+    return records

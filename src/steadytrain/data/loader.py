@@ -1,0 +1,129 @@
+"""Feed one rank its micro-batches, step by step, from the sampler's global position."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+from steadytrain.config import BatchLayout
+from steadytrain.data.sampler import GlobalPositionSampler
+
+
+@dataclass
+class MicroBatch:
+    """What the model sees in one micro-step, and the sample ids it came from."""
+
+    sample_ids: torch.Tensor
+    batch: Any
+
+
+class _WithSampleIds(Dataset[tuple[int, Any]]):
+    def __init__(self, dataset: Dataset[Any]) -> None:
+        self.dataset = dataset
+
+    def __getitem__(self, sample_id: int) -> tuple[int, Any]:
+        return sample_id, self.dataset[sample_id]
+
+
+def _collate_with_ids(items: list[tuple[int, Any]]) -> MicroBatch:
+    return MicroBatch(
+        sample_ids=torch.tensor([sample_id for sample_id, _ in items], dtype=torch.int64),
+        batch=default_collate([item for _, item in items]),
+    )
+
+
+class _RankSchedule(Sampler[list[int]]):
+    """This rank's micro-batches from ``first_step`` to the end of ``epoch``."""
+
+    def __init__(
+        self, sampler: GlobalPositionSampler, layout: BatchLayout, *, rank: int, epoch: int,
+        first_step: int,
+    ) -> None:
+        self._sampler = sampler
+        self._layout = layout
+        self._rank = rank
+        self._epoch = epoch
+        self._first_step = first_step
+
+    def __len__(self) -> int:
+        remaining_steps = self._sampler.steps_per_epoch - self._first_step
+        return remaining_steps * self._layout.grad_accum_steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step_in_epoch in range(self._first_step, self._sampler.steps_per_epoch):
+            yield from self._sampler.rank_micro_batches(
+                self._layout, rank=self._rank, epoch=self._epoch, step_in_epoch=step_in_epoch
+            )
+
+
+class StepBatches:
+    """Yields, per optimizer step, this rank's micro-batches at the sampler's position.
+
+    Loader workers may read ahead; nothing here moves the sampler. The trainer advances it
+    only when a step commits, which is what makes the position exact on resume.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset[Any],
+        sampler: GlobalPositionSampler,
+        layout: BatchLayout,
+        *,
+        rank: int,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        self._dataset = _WithSampleIds(dataset)
+        self._sampler = sampler
+        self._layout = layout
+        self._rank = rank
+        self._num_workers = num_workers
+        self._pin_memory = pin_memory
+        self._iterator: Iterator[MicroBatch] | None = None
+        self._iterator_position: tuple[int, int] | None = None
+
+    def next_step(self) -> list[MicroBatch]:
+        """The micro-batches of the step at the sampler's current position."""
+        position = (self._sampler.epoch, self._sampler.step_in_epoch)
+        if self._iterator is None or self._iterator_position != position:
+            self._iterator = self._open(epoch=position[0], first_step=position[1])
+        micro_batches = [next(self._iterator) for _ in range(self._layout.grad_accum_steps)]
+        self._iterator_position = (position[0], position[1] + 1)
+        return micro_batches
+
+    def _open(self, *, epoch: int, first_step: int) -> Iterator[MicroBatch]:
+        schedule = _RankSchedule(
+            self._sampler, self._layout, rank=self._rank, epoch=epoch, first_step=first_step
+        )
+        loader = DataLoader(
+            self._dataset,
+            batch_sampler=schedule,
+            collate_fn=_collate_with_ids,
+            num_workers=self._num_workers,
+            pin_memory=self._pin_memory,
+        )
+        return iter(loader)
+
+
+def validation_batches(
+    dataset: Dataset[Any], *, world_size: int, rank: int, micro_batch_size: int,
+    max_batches: int,
+) -> list[MicroBatch]:
+    """A fixed set of held-out micro-batches for this rank: the first samples, in order.
+
+    Every rank gets the same number of equally sized micro-batches, so the mean over ranks
+    is the mean over all evaluated samples.
+    """
+    per_round = world_size * micro_batch_size
+    num_batches = min(max_batches, len(dataset) // per_round)  # type: ignore[arg-type]
+    indexed = _WithSampleIds(dataset)
+    batches = []
+    for number in range(num_batches):
+        first = number * per_round + rank * micro_batch_size
+        items = [indexed[sample_id] for sample_id in range(first, first + micro_batch_size)]
+        batches.append(_collate_with_ids(items))
+    return batches

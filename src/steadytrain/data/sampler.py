@@ -1,0 +1,146 @@
+"""The resumable global-position sampler (Contract 2).
+
+Epoch ``e`` visits the dataset in one permutation, a pure function of ``(seed, e)``. Step
+``s`` of the epoch consumes permutation positions ``[s·B, (s+1)·B)`` where ``B`` is the global
+batch. Inside a step, position offset ``p`` belongs to
+
+    micro_step = p // (world_size · micro_batch)
+    rank       = (p mod (world_size · micro_batch)) // micro_batch
+
+so each micro-step takes one contiguous block, split across ranks in rank order. The state
+is the global position ``(epoch, samples_consumed)``, never a per-rank index, so a restart
+with another world size (same ``B``) continues exactly where training stopped. The last
+``num_samples mod B`` positions of each epoch cannot fill a step: they are the *tail*,
+reported, never silently lost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from steadytrain.config import BatchLayout, DataError
+
+SAMPLER_STATE_VERSION = 1
+
+
+def epoch_permutation(*, seed: int, epoch: int, num_samples: int) -> np.ndarray:
+    """The visiting order of epoch ``epoch``: identical on every rank, machine and restart."""
+    generator = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch])))
+    return generator.permutation(num_samples)
+
+
+def rank_micro_batch_offsets(layout: BatchLayout, *, rank: int) -> list[range]:
+    """For ``rank``, the step-relative position offsets of each of its micro-batches."""
+    block = layout.samples_per_micro_step
+    return [
+        range(micro * block + rank * layout.micro_batch_size,
+              micro * block + (rank + 1) * layout.micro_batch_size)
+        for micro in range(layout.grad_accum_steps)
+    ]
+
+
+@dataclass(frozen=True)
+class SamplerPosition:
+    epoch: int
+    samples_consumed: int
+
+
+class GlobalPositionSampler:
+    """Owns the global data position; says which samples each rank reads at each step."""
+
+    def __init__(self, *, num_samples: int, global_batch_size: int, seed: int) -> None:
+        if num_samples < global_batch_size:
+            raise DataError(
+                f"data: the training split has {num_samples} samples, fewer than "
+                f"train.global_batch_size={global_batch_size}; use more data, a shorter "
+                "data.seq_len or a smaller global batch"
+            )
+        self.num_samples = num_samples
+        self.global_batch_size = global_batch_size
+        self.seed = seed
+        self.steps_per_epoch = num_samples // global_batch_size
+        self.tail_size = num_samples - self.steps_per_epoch * global_batch_size
+        self.epoch = 0
+        self.samples_consumed = 0
+        self._cached_epoch = -1
+        self._cached_permutation = np.empty(0, dtype=np.int64)
+
+    @property
+    def position(self) -> SamplerPosition:
+        return SamplerPosition(epoch=self.epoch, samples_consumed=self.samples_consumed)
+
+    @property
+    def step_in_epoch(self) -> int:
+        return self.samples_consumed // self.global_batch_size
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._cached_epoch:
+            self._cached_permutation = epoch_permutation(
+                seed=self.seed, epoch=epoch, num_samples=self.num_samples
+            )
+            self._cached_epoch = epoch
+        return self._cached_permutation
+
+    def step_sample_ids(self, *, epoch: int, step_in_epoch: int) -> np.ndarray:
+        """All ``B`` sample ids of one step, in global position order."""
+        start = step_in_epoch * self.global_batch_size
+        return self.permutation(epoch)[start : start + self.global_batch_size]
+
+    def rank_micro_batches(
+        self, layout: BatchLayout, *, rank: int, epoch: int, step_in_epoch: int
+    ) -> list[list[int]]:
+        """The sample ids ``rank`` reads in each micro-step of the given step."""
+        self._check_layout(layout)
+        step_ids = self.step_sample_ids(epoch=epoch, step_in_epoch=step_in_epoch)
+        return [
+            step_ids[offsets.start : offsets.stop].tolist()
+            for offsets in rank_micro_batch_offsets(layout, rank=rank)
+        ]
+
+    def advance(self) -> bool:
+        """Count one committed step; returns True when that step finished the epoch."""
+        self.samples_consumed += self.global_batch_size
+        if self.samples_consumed >= self.steps_per_epoch * self.global_batch_size:
+            self.epoch += 1
+            self.samples_consumed = 0
+            return True
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": SAMPLER_STATE_VERSION,
+            "epoch": self.epoch,
+            "samples_consumed": self.samples_consumed,
+            "num_samples": self.num_samples,
+            "global_batch_size": self.global_batch_size,
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a position saved by any world size with the same data and global batch.
+
+        Raises:
+            DataError: when the saved position belongs to other data or another global batch.
+        """
+        if state.get("version") != SAMPLER_STATE_VERSION:
+            raise DataError(f"sampler state version {state.get('version')!r} is not supported")
+        for key in ("num_samples", "global_batch_size", "seed"):
+            if state[key] != getattr(self, key):
+                raise DataError(
+                    f"sampler: saved {key}={state[key]} differs from this run's "
+                    f"{getattr(self, key)}; resume with the same data and global batch"
+                )
+        if state["samples_consumed"] % self.global_batch_size:
+            raise DataError("sampler: saved position is not on a step boundary")
+        self.epoch = int(state["epoch"])
+        self.samples_consumed = int(state["samples_consumed"])
+
+    def _check_layout(self, layout: BatchLayout) -> None:
+        if layout.global_batch_size != self.global_batch_size:
+            raise DataError(
+                f"batch layout covers {layout.global_batch_size} samples per step, the sampler "
+                f"{self.global_batch_size}"
+            )

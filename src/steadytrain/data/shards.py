@@ -1,0 +1,291 @@
+"""Token shards: prepare them from text files, read them memory-mapped.
+
+On disk a prepared corpus is a directory::
+
+    index.json           format, version, dtype, tokenizer, splits -> shard files
+    train-00000.bin      raw little-endian token ids, documents separated by 0
+    val-00000.bin
+
+The byte-level tokenizer maps each byte to its value (vocabulary 256). Which files go to
+the validation split is decided per file from a hash of its relative path, so the split is
+stable when files are added and no file is cut in two.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import sysconfig
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from steadytrain.config import DataError
+
+SHARD_FORMAT = "steadytrain-token-shards"
+SHARD_FORMAT_VERSION = 1
+DOCUMENT_SEPARATOR = 0
+BYTE_VOCAB_SIZE = 256
+INDEX_FILE = "index.json"
+SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    path: Path
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """A prepared corpus: its directory, dtype and the shard files of each split."""
+
+    directory: Path
+    dtype: np.dtype[Any]
+    vocab_size: int
+    splits: dict[str, list[ShardFile]]
+    fingerprint: str
+
+    def num_tokens(self, split: str) -> int:
+        return sum(shard.num_tokens for shard in self.splits[split])
+
+
+def is_prepared(directory: Path) -> bool:
+    return (directory / INDEX_FILE).is_file()
+
+
+def stdlib_source_files() -> list[Path]:
+    """The standard library's own ``.py`` files (site-packages excluded), sorted."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(
+        path
+        for path in root.rglob("*.py")
+        if "site-packages" not in path.parts and "dist-packages" not in path.parts
+    )
+
+
+def resolve_source_files(corpus: str) -> tuple[Path, list[Path]]:
+    """The root and the sorted text files named by ``corpus`` ('stdlib', a folder or a glob).
+
+    Raises:
+        DataError: when nothing matches.
+    """
+    if corpus == "stdlib":
+        return Path(sysconfig.get_paths()["stdlib"]), stdlib_source_files()
+    expanded = os.path.expanduser(corpus)
+    if Path(expanded).is_dir():
+        root = Path(expanded)
+        files = sorted(path for path in root.rglob("*") if path.is_file())
+    else:
+        files = sorted(Path(match) for match in glob.glob(expanded, recursive=True))
+        files = [path for path in files if path.is_file()]
+        root = Path(os.path.commonpath([str(p.parent) for p in files])) if files else Path(".")
+    if not files:
+        raise DataError(
+            f"data.corpus: {corpus!r} matches no files; give 'stdlib', an existing folder, a "
+            "glob of text files, or a directory made by 'steadytrain data prepare'"
+        )
+    return root, files
+
+
+def prepare_shards(
+    corpus: str,
+    output_dir: Path,
+    *,
+    val_fraction: float = 0.02,
+    max_bytes: int | None = None,
+    shard_tokens: int = 16 * 2**20,
+) -> ShardIndex:
+    """Tokenize ``corpus`` byte-wise into shards under ``output_dir``, atomically.
+
+    The shards are written to a temporary sibling directory that is renamed into place at
+    the end, so an interrupted prepare never leaves a directory that looks prepared.
+    If ``output_dir`` is already prepared, it is left untouched and returned.
+
+    Raises:
+        DataError: when the corpus is missing/empty or ``output_dir`` exists unprepared.
+    """
+    if is_prepared(output_dir):
+        return read_index(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise DataError(
+            f"data prepare: {output_dir} exists and is not a prepared corpus; choose an empty "
+            "or new output directory"
+        )
+    root, files = resolve_source_files(corpus)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = output_dir.parent / f".{output_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        splits, num_bytes = _write_splits(
+            root, files, staging, val_fraction=val_fraction, max_bytes=max_bytes,
+            shard_tokens=shard_tokens,
+        )
+        if not splits["train"]:
+            raise DataError(
+                f"data.corpus: {corpus!r} holds no readable text for training; point it at "
+                "text files"
+            )
+        index = {
+            "format": SHARD_FORMAT,
+            "version": SHARD_FORMAT_VERSION,
+            "tokenizer": "bytes",
+            "vocab_size": BYTE_VOCAB_SIZE,
+            "dtype": "uint8",
+            "source": {"corpus": corpus, "num_files": len(files), "num_bytes": num_bytes},
+            "splits": splits,
+        }
+        index["fingerprint"] = _fingerprint(index)
+        _write_json_durably(staging / INDEX_FILE, index)
+        try:
+            os.rename(staging, output_dir)
+        except OSError:
+            if not is_prepared(output_dir):  # another process won the race: use theirs
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return read_index(output_dir)
+
+
+def read_index(directory: Path) -> ShardIndex:
+    """Open a prepared corpus's index.
+
+    Raises:
+        DataError: if the directory is not a prepared corpus of a known version.
+    """
+    index_path = directory / INDEX_FILE
+    try:
+        index = json.loads(index_path.read_text())
+    except FileNotFoundError:
+        raise DataError(
+            f"data.corpus: {directory} has no {INDEX_FILE}; prepare it with "
+            f"'steadytrain data prepare --corpus SOURCE --output {directory}'"
+        ) from None
+    except json.JSONDecodeError as error:
+        raise DataError(f"{index_path}: corrupt index ({error}); prepare the corpus again") from None
+    if index.get("format") != SHARD_FORMAT or index.get("version") != SHARD_FORMAT_VERSION:
+        raise DataError(
+            f"{index_path}: format {index.get('format')!r} version {index.get('version')!r} is "
+            f"not {SHARD_FORMAT!r} version {SHARD_FORMAT_VERSION}; prepare the corpus again"
+        )
+    splits = {
+        split: [
+            ShardFile(path=directory / entry["path"], num_tokens=int(entry["num_tokens"]))
+            for entry in index["splits"].get(split, [])
+        ]
+        for split in SPLITS
+    }
+    for shard in splits["train"] + splits["val"]:
+        expected_bytes = shard.num_tokens * np.dtype(index["dtype"]).itemsize
+        if not shard.path.is_file() or shard.path.stat().st_size != expected_bytes:
+            raise DataError(
+                f"{shard.path}: missing or not {expected_bytes} bytes as {INDEX_FILE} says; "
+                "prepare the corpus again"
+            )
+    return ShardIndex(
+        directory=directory,
+        dtype=np.dtype(index["dtype"]),
+        vocab_size=int(index["vocab_size"]),
+        splits=splits,
+        fingerprint=str(index["fingerprint"]),
+    )
+
+
+def open_shard(shard: ShardFile, dtype: np.dtype[Any]) -> np.memmap[Any, Any]:
+    return np.memmap(shard.path, dtype=dtype, mode="r", shape=(shard.num_tokens,))
+
+
+def is_validation_file(relative_path: str, val_fraction: float) -> bool:
+    digest = hashlib.sha256(relative_path.encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64 < val_fraction
+
+
+def _write_splits(
+    root: Path,
+    files: list[Path],
+    staging: Path,
+    *,
+    val_fraction: float,
+    max_bytes: int | None,
+    shard_tokens: int,
+) -> tuple[dict[str, list[dict[str, Any]]], int]:
+    writers = {split: _ShardWriter(staging, split, shard_tokens) for split in SPLITS}
+    num_bytes = 0
+    for path, text in _read_documents(files, max_bytes=max_bytes):
+        relative = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+        split = "val" if is_validation_file(relative, val_fraction) else "train"
+        writers[split].write(text + bytes([DOCUMENT_SEPARATOR]))
+        num_bytes += len(text)
+    return {split: writer.close() for split, writer in writers.items()}, num_bytes
+
+
+def _read_documents(files: list[Path], *, max_bytes: int | None) -> Iterator[tuple[Path, bytes]]:
+    budget = max_bytes if max_bytes is not None else float("inf")
+    for path in files:
+        if budget <= 0:
+            return
+        try:
+            content = path.read_bytes()
+        except OSError:
+            continue
+        # Separators inside a document would fake document boundaries.
+        content = content.replace(bytes([DOCUMENT_SEPARATOR]), b"")
+        if not content:
+            continue
+        content = content[: int(min(len(content), budget))]
+        budget -= len(content)
+        yield path, content
+
+
+class _ShardWriter:
+    def __init__(self, directory: Path, split: str, shard_tokens: int) -> None:
+        self._directory = directory
+        self._split = split
+        self._shard_tokens = shard_tokens
+        self._pending: list[bytes] = []
+        self._pending_tokens = 0
+        self._written: list[dict[str, Any]] = []
+
+    def write(self, tokens: bytes) -> None:
+        self._pending.append(tokens)
+        self._pending_tokens += len(tokens)
+        if self._pending_tokens >= self._shard_tokens:
+            self._flush()
+
+    def close(self) -> list[dict[str, Any]]:
+        if self._pending_tokens:
+            self._flush()
+        return self._written
+
+    def _flush(self) -> None:
+        payload = b"".join(self._pending)
+        name = f"{self._split}-{len(self._written):05d}.bin"
+        with open(self._directory / name, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        self._written.append(
+            {"path": name, "num_tokens": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+        )
+        self._pending, self._pending_tokens = [], 0
+
+
+def _fingerprint(index: dict[str, Any]) -> str:
+    canonical = json.dumps(
+        {key: index[key] for key in ("tokenizer", "dtype", "splits")}, sort_keys=True
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _write_json_durably(path: Path, payload: dict[str, Any]) -> None:
+    with open(path, "w") as handle:
+        json.dump(payload, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())

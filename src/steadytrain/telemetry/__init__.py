@@ -1,0 +1,18 @@
+"""Phase timers, metric and event sinks, progress display and the run summary."""
+
+from steadytrain.telemetry.progress import ConsoleProgress, IntervalStats, interval_record
+from steadytrain.telemetry.sinks import EventLog, JsonlSink, MetricSink, NullSink, read_jsonl
+from steadytrain.telemetry.timers import PHASES, PhaseTimer
+
+__all__ = [
+    "PHASES",
+    "ConsoleProgress",
+    "EventLog",
+    "IntervalStats",
+    "JsonlSink",
+    "MetricSink",
+    "NullSink",
+    "PhaseTimer",
+    "interval_record",
+    "read_jsonl",
+]

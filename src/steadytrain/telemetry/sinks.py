@@ -1,0 +1,81 @@
+"""Append-only JSON-lines files: ``metrics.jsonl`` (rank 0) and ``events.jsonl`` (any rank)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class MetricSink(Protocol):
+    def write(self, record: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class JsonlSink:
+    """One JSON object per line; each record is a single ``write`` on an O_APPEND file.
+
+    Lines from several processes therefore never interleave, and a crash can only tear the
+    last line, which readers skip.
+    """
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = json.dumps(_finite(record), separators=(",", ":")) + "\n"
+        os.write(self._fd, line.encode())
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class NullSink:
+    """A sink for ranks that do not write a given file."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+class EventLog:
+    """Named events (start, epoch end, finish, ...) with time and rank."""
+
+    def __init__(self, sink: MetricSink, *, rank: int) -> None:
+        self._sink = sink
+        self._rank = rank
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        self._sink.write({"time": time.time(), "event": kind, "rank": self._rank, **fields})
+
+    def close(self) -> None:
+        self._sink.close()
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """All complete records of a JSON-lines file (a torn last line is skipped)."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def _finite(record: dict[str, Any]) -> dict[str, Any]:
+    # JSON has no NaN/Inf; strict parsers reject them, so write null instead.
+    return {
+        key: (None if isinstance(value, float) and not math.isfinite(value) else value)
+        for key, value in record.items()
+    }

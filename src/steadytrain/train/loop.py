@@ -1,0 +1,212 @@
+"""The training loop. ``fit`` reads as the pseudocode of one step (Contract 1):
+
+    fetch micro-batches -> host-to-device -> forward -> backward (all-reduce overlaps the last
+    micro-step's backward; earlier micro-steps skip it with no_sync) -> clip -> optimizer
+    step -> scheduler step -> commit (sampler position, counters, ledger) -> observe
+
+Host/device sync points in the hot loop are marked "host sync".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from steadytrain.config import BatchLayout, Config
+from steadytrain.data import GlobalPositionSampler, MicroBatch, StepBatches
+from steadytrain.dist import ParallelModel, Runtime, mean_across_ranks
+from steadytrain.model import LossFn
+from steadytrain.telemetry import (
+    ConsoleProgress,
+    EventLog,
+    IntervalStats,
+    MetricSink,
+    PhaseTimer,
+    interval_record,
+)
+from steadytrain.train.state import TrainState
+
+
+class Ledger(Protocol):
+    """What the loop needs of a consumption ledger (``ConsumptionLedger`` or ``NullLedger``)."""
+
+    def record(self, *, step: int, epoch: int, sample_ids: list[int]) -> None: ...
+
+
+@dataclass
+class TrainingParts:
+    """Everything ``fit`` uses, built and injected by ``session.build_parts``."""
+
+    config: Config
+    runtime: Runtime
+    layout: BatchLayout
+    model: ParallelModel
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loss_fn: LossFn
+    sampler: GlobalPositionSampler
+    batches: StepBatches
+    val_batches: list[MicroBatch]
+    tokens_per_sample: int
+    ledger: Ledger
+    metrics: MetricSink
+    events: EventLog
+    timer: PhaseTimer
+    progress: ConsoleProgress
+
+
+@dataclass
+class FitResult:
+    state: TrainState
+    first_loss: float | None = None
+    last_loss: float | None = None
+    val_loss: float | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def fit(parts: TrainingParts, state: TrainState) -> FitResult:
+    """Train from ``state`` to ``train.max_steps``; returns the final state and losses."""
+    config, timer = parts.config, parts.timer
+    result = FitResult(state=state)
+    interval = IntervalStats()
+    interval_loss = torch.zeros((), device=parts.runtime.device)
+    parts.model.module.train()
+    while state.step < config.train.max_steps:
+        timer.start_step()
+        with timer.phase("data_wait"):
+            micro_batches = parts.batches.next_step()
+        step_loss = train_micro_batches(parts, micro_batches)
+        with timer.phase("optimizer"):
+            apply_optimizer_step(parts)
+        commit_step(parts, state, micro_batches)
+        step_seconds, phase_seconds = timer.end_step()
+        interval.add(step_seconds, phase_seconds)
+        interval_loss += step_loss
+        if state.step % config.log.every_steps == 0 or state.step == config.train.max_steps:
+            record = observe(parts, state, interval, interval_loss)
+            result.history.append(record)
+            result.first_loss = result.first_loss if result.first_loss is not None else record["loss"]
+            result.last_loss = record["loss"]
+            interval, interval_loss = IntervalStats(), torch.zeros_like(interval_loss)
+        if config.train.eval_every and state.step % config.train.eval_every == 0:
+            result.val_loss = evaluate(parts, state)
+    if parts.val_batches and (result.val_loss is None or config.train.eval_every == 0):
+        result.val_loss = evaluate(parts, state)
+    return result
+
+
+def train_micro_batches(parts: TrainingParts, micro_batches: list[MicroBatch]) -> torch.Tensor:
+    """Forward and backward each micro-batch; gradients sync on the last one only.
+
+    Each micro-loss is divided by the number of micro-steps and DDP averages over ranks, so
+    the gradient is that of the mean loss over the global batch however it is split.
+    """
+    timer, runtime = parts.timer, parts.runtime
+    accum_steps = len(micro_batches)
+    step_loss = torch.zeros((), device=runtime.device)
+    autocast = torch.autocast(
+        device_type=runtime.device.type,
+        dtype=torch.bfloat16,
+        enabled=parts.config.train.precision == "bf16",
+    )
+    for micro_step, micro in enumerate(micro_batches):
+        with timer.phase("h2d"):
+            batch = to_device(micro.batch, runtime.device)
+        is_last = micro_step == accum_steps - 1
+        with parts.model.gradient_sync(enabled=is_last):
+            with timer.phase("forward"), autocast:
+                loss = parts.loss_fn(parts.model.module, batch) / accum_steps
+            with timer.phase("backward"):
+                loss.backward()
+        step_loss += loss.detach()
+    timer.add("grad_sync", parts.model.grad_sync_clock.take_seconds())
+    return step_loss
+
+
+def apply_optimizer_step(parts: TrainingParts) -> None:
+    """Clip the global gradient norm, step the optimizer and the schedule, clear grads."""
+    if parts.config.train.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(
+            parts.model.unwrapped.parameters(), parts.config.train.grad_clip
+        )
+    parts.optimizer.step()
+    parts.scheduler.step()
+    parts.optimizer.zero_grad(set_to_none=True)
+
+
+def commit_step(parts: TrainingParts, state: TrainState, micro_batches: list[MicroBatch]) -> None:
+    """The step is done: move the global position, count it, and record what it consumed."""
+    epoch = parts.sampler.epoch
+    finished_epoch = parts.sampler.advance()
+    state.commit_step(
+        num_samples=parts.layout.global_batch_size,
+        num_tokens=parts.layout.global_batch_size * parts.tokens_per_sample,
+    )
+    sample_ids = torch.cat([micro.sample_ids for micro in micro_batches]).tolist()
+    parts.ledger.record(step=state.step - 1, epoch=epoch, sample_ids=sample_ids)
+    if finished_epoch and parts.runtime.is_main:
+        parts.events.emit(
+            "epoch_end",
+            epoch=epoch,
+            step=state.step,
+            tail_samples=parts.sampler.tail_size,
+            note="tail samples could not fill a global batch and were not consumed",
+        )
+
+
+def observe(
+    parts: TrainingParts, state: TrainState, interval: IntervalStats, interval_loss: torch.Tensor
+) -> dict[str, Any]:
+    """Average the interval's loss over ranks and write one metrics record (rank 0)."""
+    mean_loss = mean_across_ranks(interval_loss / max(1, interval.num_steps))
+    record: dict[str, Any] = {
+        "step": state.step,
+        "epoch": parts.sampler.epoch,
+        "samples_seen": state.samples_seen,
+        "tokens_seen": state.tokens_seen,
+        "loss": float(mean_loss.item()),  # host sync (log steps only)
+        "lr": parts.scheduler.get_last_lr()[0],
+    }
+    record.update(
+        interval_record(
+            interval,
+            samples_per_step=parts.layout.global_batch_size,
+            tokens_per_sample=parts.tokens_per_sample,
+        )
+    )
+    if parts.runtime.is_main:
+        parts.metrics.write(record)
+        parts.progress.step(record)
+    return record
+
+
+@torch.no_grad()
+def evaluate(parts: TrainingParts, state: TrainState) -> float | None:
+    """Mean validation loss over a fixed set of held-out micro-batches, averaged over ranks."""
+    if not parts.val_batches:
+        return None
+    model: nn.Module = parts.model.unwrapped
+    model.eval()
+    total = torch.zeros((), device=parts.runtime.device)
+    for micro in parts.val_batches:
+        total += parts.loss_fn(model, to_device(micro.batch, parts.runtime.device)).float()
+    model.train()
+    val_loss = float(mean_across_ranks(total / len(parts.val_batches)).item())  # host sync
+    if parts.runtime.is_main:
+        parts.metrics.write({"step": state.step, "val_loss": val_loss})
+        parts.events.emit("eval", step=state.step, val_loss=val_loss)
+    return val_loss
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move tensors (also inside lists, tuples and dicts) to ``device`` without blocking."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(value, device) for value in batch)
+    return batch

@@ -1,0 +1,66 @@
+"""Check a config for a given world size without training (``validate``, and ``--nproc``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from steadytrain.config import Config, batch_layout, identity_fingerprint
+from steadytrain.config.references import resolve_callable
+from steadytrain.data import (
+    GlobalPositionSampler,
+    TokenWindowDataset,
+    ensure_corpus,
+    prepared_corpus_dir,
+    read_index,
+)
+from steadytrain.data.shards import is_prepared, resolve_source_files
+from steadytrain.model import build_model, resolve_loss_fn
+
+
+def preflight(config: Config, *, world_size: int, prepare_corpus: bool) -> list[str]:
+    """Everything that can be checked before workers start; returns a description of the plan.
+
+    The model is built on the meta device, so this is cheap for any model size.
+
+    Raises:
+        UserError: the first problem found, as one line naming the field and the fix.
+    """
+    layout = batch_layout(config, world_size=world_size)
+    with torch.device("meta"):
+        model = build_model(config)
+    resolve_loss_fn(config)
+    num_params = sum(parameter.numel() for parameter in model.parameters())
+    lines = [
+        f"identity fingerprint {identity_fingerprint(config)}",
+        f"model {config.model.factory}: {num_params:,} parameters",
+        f"batch: {world_size} rank(s) × {layout.micro_batch_size} micro-batch × "
+        f"{layout.grad_accum_steps} accumulation = {layout.global_batch_size} samples per step",
+    ]
+    lines.append(_check_data(config, global_batch_size=layout.global_batch_size,
+                             prepare_corpus=prepare_corpus))
+    return lines
+
+
+def _check_data(config: Config, *, global_batch_size: int, prepare_corpus: bool) -> str:
+    data = config.data
+    if data.dataset_factory is not None:
+        resolve_callable(data.dataset_factory, field="data.dataset_factory")
+        return f"data: dataset factory {data.dataset_factory}"
+    directory = prepared_corpus_dir(data)
+    if prepare_corpus:
+        index = ensure_corpus(data)
+    elif is_prepared(directory):
+        index = read_index(directory)
+    else:
+        _, files = resolve_source_files(data.corpus)
+        return f"data: {len(files)} source files in {data.corpus!r}, prepared at first use"
+    train = TokenWindowDataset(index, split="train", seq_len=data.seq_len)
+    sampler = GlobalPositionSampler(
+        num_samples=len(train), global_batch_size=global_batch_size, seed=config.seed
+    )
+    return (
+        f"data: {len(train):,} samples in {Path(index.directory)}; "
+        f"{sampler.steps_per_epoch} steps per epoch, tail of {sampler.tail_size}"
+    )

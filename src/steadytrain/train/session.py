@@ -1,0 +1,242 @@
+"""Assemble a training run from its config and run it: the library entry point of ``train``."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from safetensors.torch import save_file
+
+import steadytrain
+from steadytrain.config import (
+    Config,
+    UserError,
+    batch_layout,
+    dump_config,
+    identity_fields,
+    identity_fingerprint,
+)
+from steadytrain.data import (
+    ConsumptionLedger,
+    GlobalPositionSampler,
+    NullLedger,
+    StepBatches,
+    build_datasets,
+    ensure_corpus,
+    validation_batches,
+)
+from steadytrain.dist import (
+    ParallelModel,
+    Runtime,
+    first_failure,
+    rank_seed,
+    seed_all,
+    start_runtime,
+    stop_runtime,
+    use_deterministic_kernels,
+)
+from steadytrain.model import build_model, resolve_loss_fn
+from steadytrain.telemetry import ConsoleProgress, EventLog, JsonlSink, NullSink, PhaseTimer
+from steadytrain.train.loop import FitResult, TrainingParts, fit
+from steadytrain.train.optim import build_optimizer, build_scheduler
+from steadytrain.train.state import TrainState
+
+T = TypeVar("T")
+FINAL_WEIGHTS = Path("final") / "model.safetensors"
+
+
+def run_training(config: Config) -> FitResult:
+    """Join the process group, train to ``train.max_steps``, save the final weights.
+
+    Raises:
+        UserError: for problems with the config, data or user code found while setting up;
+            every rank raises, and only the rank that found it has ``reported_elsewhere``
+            unset.
+    """
+    runtime = start_runtime(config)
+    try:
+        use_deterministic_kernels(config.deterministic)
+        parts = build_parts(config, runtime)
+        state = TrainState()
+        started = time.perf_counter()
+        parts.events.emit("train_start", step=state.step, **_run_facts(config, runtime, parts))
+        result = fit(parts, state)
+        elapsed = time.perf_counter() - started
+        if runtime.is_main:
+            weights = save_final_weights(parts.model.unwrapped, Path(config.run_dir))
+            parts.events.emit(
+                "train_end", step=state.step, seconds=elapsed, weights=str(weights),
+                loss=result.last_loss, val_loss=result.val_loss,
+            )
+            parts.progress.summary(_summary(config, parts, result, elapsed, weights))
+        parts.ledger.close()
+        parts.metrics.close()
+        parts.events.close()
+        return result
+    finally:
+        stop_runtime()
+
+
+def build_parts(config: Config, runtime: Runtime) -> TrainingParts:
+    """Build every component; a setup error on any rank stops all ranks before a collective."""
+    run_dir = Path(config.run_dir)
+    layout = _agreed(lambda: batch_layout(config, world_size=runtime.world_size), runtime)
+    if config.data.dataset_factory is None:
+        # One process per machine prepares the corpus; the others wait for its verdict.
+        _agreed(lambda: ensure_corpus(config.data) if runtime.local_rank == 0 else None, runtime)
+    seed_all(config.seed)  # same model init on every rank
+    datasets = _agreed(lambda: build_datasets(config), runtime)
+    model = _agreed(lambda: build_model(config), runtime)
+    loss_fn = _agreed(lambda: resolve_loss_fn(config), runtime)
+    sampler = _agreed(
+        lambda: GlobalPositionSampler(
+            num_samples=len(datasets.train),  # type: ignore[arg-type]
+            global_batch_size=layout.global_batch_size,
+            seed=config.seed,
+        ),
+        runtime,
+    )
+    seed_all(rank_seed(config.seed, rank=runtime.rank))  # per-rank streams (dropout)
+    if runtime.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(config))
+    parallel_model = ParallelModel(model, runtime=runtime)
+    optimizer = build_optimizer(parallel_model.unwrapped, config.train)
+    val_batches = (
+        validation_batches(
+            datasets.val, world_size=runtime.world_size, rank=runtime.rank,
+            micro_batch_size=layout.micro_batch_size, max_batches=config.train.eval_batches,
+        )
+        if datasets.val is not None
+        else []
+    )
+    progress = ConsoleProgress(
+        enabled=runtime.is_main and config.log.console, max_steps=config.train.max_steps
+    )
+    progress.say(f"data: {datasets.description}")
+    return TrainingParts(
+        config=config,
+        runtime=runtime,
+        layout=layout,
+        model=parallel_model,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, config.train),
+        loss_fn=loss_fn,
+        sampler=sampler,
+        batches=StepBatches(
+            datasets.train, sampler, layout, rank=runtime.rank,
+            num_workers=config.data.num_workers, pin_memory=runtime.device.type == "cuda",
+        ),
+        val_batches=val_batches,
+        tokens_per_sample=datasets.tokens_per_sample,
+        ledger=_open_ledger(config, runtime, sampler, start_step=0),
+        metrics=JsonlSink(run_dir / "metrics.jsonl") if runtime.is_main else NullSink(),
+        events=EventLog(JsonlSink(run_dir / "events.jsonl"), rank=runtime.rank),
+        timer=PhaseTimer(device=runtime.device),
+        progress=progress,
+    )
+
+
+def save_final_weights(model: torch.nn.Module, run_dir: Path) -> Path:
+    """Write ``RUN_DIR/final/model.safetensors`` durably: temp file, fsync, rename."""
+    target = run_dir / FINAL_WEIGHTS
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    tensors = {name: value.detach().cpu().contiguous() for name, value in model.state_dict().items()}
+    save_file(tensors, str(staging), metadata={"format": "pt"})
+    with open(staging, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(staging, target)
+    return target
+
+
+def _agreed(build: Callable[[], T], runtime: Runtime) -> T:
+    """Run ``build`` on every rank; if it fails with a user error anywhere, fail everywhere."""
+    error: UserError | None = None
+    value: Any = None
+    try:
+        value = build()
+    except UserError as caught:
+        error = caught
+    failure = first_failure(str(error) if error is not None else None)  # collective
+    if failure is None:
+        return value  # type: ignore[no-any-return]
+    failed_rank, message = failure
+    if error is not None:
+        raise error
+    raise type(error or UserError)(
+        f"rank {failed_rank}: {message}", reported_elsewhere=runtime.rank != 0
+    )
+
+
+def _open_ledger(
+    config: Config, runtime: Runtime, sampler: GlobalPositionSampler, *, start_step: int
+) -> ConsumptionLedger | NullLedger:
+    if not config.data.ledger:
+        return NullLedger()
+    return ConsumptionLedger(
+        Path(config.run_dir) / "ledger",
+        rank=runtime.rank,
+        world_size=runtime.world_size,
+        start_step=start_step,
+        num_samples=sampler.num_samples,
+        global_batch_size=sampler.global_batch_size,
+        seed=sampler.seed,
+    )
+
+
+def _run_facts(config: Config, runtime: Runtime, parts: TrainingParts) -> dict[str, Any]:
+    return {
+        "world_size": runtime.world_size,
+        "backend": runtime.backend,
+        "device": str(runtime.device),
+        "micro_batch_size": parts.layout.micro_batch_size,
+        "grad_accum_steps": parts.layout.grad_accum_steps,
+        "global_batch_size": parts.layout.global_batch_size,
+        "steps_per_epoch": parts.sampler.steps_per_epoch,
+        "tail_samples_per_epoch": parts.sampler.tail_size,
+        "identity_fingerprint": identity_fingerprint(config),
+        "identity": identity_fields(config),
+        "versions": {
+            "steadytrain": steadytrain.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+    }
+
+
+def _summary(
+    config: Config, parts: TrainingParts, result: FitResult, elapsed: float, weights: Path
+) -> dict[str, str]:
+    state = result.state
+    num_params = sum(p.numel() for p in parts.model.unwrapped.parameters())
+    history = result.history
+    mean_sync = sum(r["grad_sync_share"] for r in history) / len(history) if history else 0.0
+    loss_line = (
+        f"{result.first_loss:.4f} (first logged) -> {result.last_loss:.4f} (last)"
+        if result.first_loss is not None and result.last_loss is not None
+        else "n/a"
+    )
+    return {
+        "steps": f"{state.step} ({state.samples_seen:,} samples, {state.tokens_seen:,} tokens)",
+        "layout": (
+            f"{parts.runtime.world_size} rank(s) × {parts.layout.micro_batch_size} micro-batch × "
+            f"{parts.layout.grad_accum_steps} accumulation = {parts.layout.global_batch_size}"
+        ),
+        "epoch": (
+            f"{parts.sampler.epoch} + {parts.sampler.samples_consumed:,} samples "
+            f"({parts.sampler.steps_per_epoch} steps/epoch, tail {parts.sampler.tail_size})"
+        ),
+        "model": f"{config.model.factory} ({num_params:,} parameters)",
+        "train loss": loss_line,
+        "val loss": f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a",
+        "wall time": f"{elapsed:.1f} s ({state.tokens_seen / max(elapsed, 1e-9):,.0f} tokens/s)",
+        "grad sync share": f"{mean_sync * 100:.1f}% of step time",
+        "run dir": str(Path(config.run_dir).resolve()),
+        "weights": str(weights),
+    }
