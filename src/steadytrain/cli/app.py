@@ -63,8 +63,9 @@ def train(
         worker_args = ["train", str(config_path), *_passthrough(overrides, run_dir)]
         raise typer.Exit(launch_local_workers(nproc=nproc, worker_args=worker_args))
     if nproc is not None:
-        typer.echo("steadytrain: --nproc is ignored inside torchrun (it sets the world size)",
-                   err=True)
+        typer.echo(
+            "steadytrain: --nproc is ignored inside torchrun (it sets the world size)", err=True
+        )
     run_training(config)
 
 
@@ -96,12 +97,13 @@ def audit(
     for epoch in report.epochs:
         status = "complete" if epoch.complete else "partial"
         tail = f", tail of {len(epoch.tail)} not consumed by design" if epoch.complete else ""
-        typer.echo(f"epoch {epoch.epoch} ({status}): {epoch.num_consumed:,} samples consumed"
-                   f"{tail}")
+        typer.echo(f"epoch {epoch.epoch} ({status}): {epoch.num_consumed:,} samples consumed{tail}")
     for problem in report.problems:
         typer.echo(f"PROBLEM: {problem}")
-    summary = (f"{report.num_steps} committed steps over {report.num_attempts} attempt(s), "
-               f"{report.num_samples:,} samples, global batch {report.global_batch_size}")
+    summary = (
+        f"{report.num_steps} committed steps over {report.num_attempts} attempt(s), "
+        f"{report.num_samples:,} samples, global batch {report.global_batch_size}"
+    )
     if not report.ok:
         typer.echo(f"audit FAILED: {len(report.problems)} problem(s); {summary}")
         raise typer.Exit(EXIT_AUDIT_FAILED)
@@ -120,9 +122,8 @@ def data_prepare(
     max_bytes: Annotated[
         int | None, typer.Option(min=1, help="Read at most this many bytes of text.")
     ] = None,
-    shard_tokens: Annotated[
-        int, typer.Option(min=1024, help="Tokens per shard file.")
-    ] = 16 * 2**20,
+    shard_tokens: Annotated[int, typer.Option(min=1024, help="Tokens per shard file.")] = 16
+    * 2**20,
 ) -> None:
     """Tokenize text files (byte-level) into memory-mapped shards with a validation split."""
     from steadytrain.data import prepare_shards
@@ -154,5 +155,5 @@ def main() -> None:
 
 
 def _rank_label() -> str:
-    rank, world_size = os.environ.get("RANK"), os.environ.get("WORLD_SIZE", "1")
-    return f" [rank {rank}]" if rank is not None and world_size != "1" else ""
+    rank = os.environ.get("RANK", "0")
+    return f" [rank {rank}]" if rank != "0" else ""

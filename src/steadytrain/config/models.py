@@ -92,9 +92,7 @@ class TrainConfig(_Section):
         0.1, description="Final learning rate as a fraction of the peak.", ge=0, le=1
     )
     warmup_steps: int = identity_field(20, description="Linear warmup steps.", ge=0)
-    weight_decay: float = identity_field(
-        0.1, description="AdamW weight decay for matrices.", ge=0
-    )
+    weight_decay: float = identity_field(0.1, description="AdamW weight decay for matrices.", ge=0)
     betas: tuple[float, float] = identity_field((0.9, 0.95), description="AdamW betas.")
     grad_clip: float = identity_field(
         1.0, description="Clip the global gradient norm to this value (0: off).", ge=0

@@ -37,4 +37,4 @@ def resolve_callable(reference: str, *, field: str) -> Callable[..., Any]:
         target = getattr(target, part)
     if not callable(target):
         raise FactoryError(f"{field}: {reference!r} is not callable; point it at a function")
-    return target  # type: ignore[no-any-return]
+    return target

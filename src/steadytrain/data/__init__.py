@@ -34,7 +34,6 @@ __all__ = [
     "SamplerPosition",
     "ShardIndex",
     "StepBatches",
-    "validation_batches",
     "TokenWindowDataset",
     "audit_ledger",
     "build_datasets",
@@ -44,4 +43,5 @@ __all__ = [
     "prepared_corpus_dir",
     "rank_micro_batch_offsets",
     "read_index",
+    "validation_batches",
 ]

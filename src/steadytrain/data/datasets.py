@@ -15,8 +15,8 @@ from torch.utils.data import Dataset
 from steadytrain.config import Config, DataConfig, DataError
 from steadytrain.config.references import resolve_callable
 from steadytrain.data.shards import (
-    ShardIndex,
     ShardFile,
+    ShardIndex,
     is_prepared,
     open_shard,
     prepare_shards,
@@ -109,7 +109,7 @@ def build_datasets(config: Config) -> Datasets:
         return Datasets(
             train=train,
             val=val,
-            description=f"{data.dataset_factory} ({len(train)} train samples)",  # type: ignore[arg-type]
+            description=f"{data.dataset_factory} ({len(train)} train samples)",
             tokens_per_sample=data.seq_len,
         )
     index = ensure_corpus(data)

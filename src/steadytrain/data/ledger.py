@@ -44,20 +44,36 @@ class ConsumptionLedger:
         directory.mkdir(parents=True, exist_ok=True)
         self.attempt = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
         if rank == 0:
-            _write_meta(directory, num_samples=num_samples, global_batch_size=global_batch_size,
-                        seed=seed)
+            _write_meta(
+                directory, num_samples=num_samples, global_batch_size=global_batch_size, seed=seed
+            )
             with open(directory / "attempts.jsonl", "a") as attempts:
-                attempts.write(json.dumps({
-                    "attempt": self.attempt, "start_step": start_step,
-                    "world_size": world_size, "time": time.time(),
-                }) + "\n")
+                attempts.write(
+                    json.dumps(
+                        {
+                            "attempt": self.attempt,
+                            "start_step": start_step,
+                            "world_size": world_size,
+                            "time": time.time(),
+                        }
+                    )
+                    + "\n"
+                )
         self._file: IO[str] = open(directory / f"rank-{rank:05d}.jsonl", "a")  # noqa: SIM115
 
     def record(self, *, step: int, epoch: int, sample_ids: list[int]) -> None:
         """Record that committed ``step`` consumed ``sample_ids`` on this rank."""
-        self._file.write(json.dumps({
-            "attempt": self.attempt, "step": step, "epoch": epoch, "sample_ids": sample_ids,
-        }) + "\n")
+        self._file.write(
+            json.dumps(
+                {
+                    "attempt": self.attempt,
+                    "step": step,
+                    "epoch": epoch,
+                    "sample_ids": sample_ids,
+                }
+            )
+            + "\n"
+        )
         self._file.flush()
 
     def close(self) -> None:
@@ -136,13 +152,18 @@ def audit_ledger(run_dir: Path) -> AuditReport:
         problems.extend(_describe(audit))
         epochs.append(audit)
     return AuditReport(
-        num_samples=num_samples, global_batch_size=batch, num_steps=len(steps),
-        num_attempts=len(attempts), epochs=epochs, problems=problems,
+        num_samples=num_samples,
+        global_batch_size=batch,
+        num_steps=len(steps),
+        num_attempts=len(attempts),
+        epochs=epochs,
+        problems=problems,
     )
 
 
-def _audit_epoch(epoch: int, consumed: list[int], expected: list[int], *, complete: bool
-                 ) -> EpochAudit:
+def _audit_epoch(
+    epoch: int, consumed: list[int], expected: list[int], *, complete: bool
+) -> EpochAudit:
     counts = Counter(consumed)
     expected_set = set(expected)
     return EpochAudit(
@@ -159,14 +180,20 @@ def _describe(audit: EpochAudit) -> list[str]:
     problems = []
     if audit.duplicates:
         shown = ", ".join(f"{s}×{n}" for s, n in list(audit.duplicates.items())[:10])
-        problems.append(f"epoch {audit.epoch}: {len(audit.duplicates)} samples consumed more "
-                        f"than once ({shown})")
+        problems.append(
+            f"epoch {audit.epoch}: {len(audit.duplicates)} samples consumed more "
+            f"than once ({shown})"
+        )
     if audit.missing:
-        problems.append(f"epoch {audit.epoch}: {len(audit.missing)} samples never consumed "
-                        f"({', '.join(map(str, audit.missing[:10]))})")
+        problems.append(
+            f"epoch {audit.epoch}: {len(audit.missing)} samples never consumed "
+            f"({', '.join(map(str, audit.missing[:10]))})"
+        )
     if audit.unexpected:
-        problems.append(f"epoch {audit.epoch}: {len(audit.unexpected)} samples consumed out of "
-                        f"order ({', '.join(map(str, audit.unexpected[:10]))})")
+        problems.append(
+            f"epoch {audit.epoch}: {len(audit.unexpected)} samples consumed out of "
+            f"order ({', '.join(map(str, audit.unexpected[:10]))})"
+        )
     return problems
 
 
@@ -195,14 +222,18 @@ def _effective_steps(
                 problems.append(f"step {step}: recorded by attempts {owner[step]} and {attempt}")
                 continue
             owner[step] = attempt
-            epoch, ids = steps.setdefault(step, (record["epoch"], []))
+            _, ids = steps.setdefault(step, (record["epoch"], []))
             ids.extend(record["sample_ids"])
     return steps, problems
 
 
 def _write_meta(directory: Path, *, num_samples: int, global_batch_size: int, seed: int) -> None:
-    meta = {"version": LEDGER_VERSION, "num_samples": num_samples,
-            "global_batch_size": global_batch_size, "seed": seed}
+    meta = {
+        "version": LEDGER_VERSION,
+        "num_samples": num_samples,
+        "global_batch_size": global_batch_size,
+        "seed": seed,
+    }
     path = directory / "meta.json"
     if path.is_file():
         existing = json.loads(path.read_text())

@@ -40,7 +40,12 @@ class _RankSchedule(Sampler[list[int]]):
     """This rank's micro-batches from ``first_step`` to the end of ``epoch``."""
 
     def __init__(
-        self, sampler: GlobalPositionSampler, layout: BatchLayout, *, rank: int, epoch: int,
+        self,
+        sampler: GlobalPositionSampler,
+        layout: BatchLayout,
+        *,
+        rank: int,
+        epoch: int,
         first_step: int,
     ) -> None:
         self._sampler = sampler
@@ -110,7 +115,11 @@ class StepBatches:
 
 
 def validation_batches(
-    dataset: Dataset[Any], *, world_size: int, rank: int, micro_batch_size: int,
+    dataset: Dataset[Any],
+    *,
+    world_size: int,
+    rank: int,
+    micro_batch_size: int,
     max_batches: int,
 ) -> list[MicroBatch]:
     """A fixed set of held-out micro-batches for this rank: the first samples, in order.

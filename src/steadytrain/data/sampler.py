@@ -36,8 +36,10 @@ def rank_micro_batch_offsets(layout: BatchLayout, *, rank: int) -> list[range]:
     """For ``rank``, the step-relative position offsets of each of its micro-batches."""
     block = layout.samples_per_micro_step
     return [
-        range(micro * block + rank * layout.micro_batch_size,
-              micro * block + (rank + 1) * layout.micro_batch_size)
+        range(
+            micro * block + rank * layout.micro_batch_size,
+            micro * block + (rank + 1) * layout.micro_batch_size,
+        )
         for micro in range(layout.grad_accum_steps)
     ]
 

@@ -125,7 +125,11 @@ def prepare_shards(
     staging.mkdir()
     try:
         splits, num_bytes = _write_splits(
-            root, files, staging, val_fraction=val_fraction, max_bytes=max_bytes,
+            root,
+            files,
+            staging,
+            val_fraction=val_fraction,
+            max_bytes=max_bytes,
             shard_tokens=shard_tokens,
         )
         if not splits["train"]:
@@ -169,7 +173,9 @@ def read_index(directory: Path) -> ShardIndex:
             f"'steadytrain data prepare --corpus SOURCE --output {directory}'"
         ) from None
     except json.JSONDecodeError as error:
-        raise DataError(f"{index_path}: corrupt index ({error}); prepare the corpus again") from None
+        raise DataError(
+            f"{index_path}: corrupt index ({error}); prepare the corpus again"
+        ) from None
     if index.get("format") != SHARD_FORMAT or index.get("version") != SHARD_FORMAT_VERSION:
         raise DataError(
             f"{index_path}: format {index.get('format')!r} version {index.get('version')!r} is "
@@ -272,7 +278,11 @@ class _ShardWriter:
             handle.flush()
             os.fsync(handle.fileno())
         self._written.append(
-            {"path": name, "num_tokens": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+            {
+                "path": name,
+                "num_tokens": len(payload),
+                "sha256": hashlib.sha256(payload).hexdigest(),
+            }
         )
         self._pending, self._pending_tokens = [], 0
 

@@ -57,7 +57,9 @@ class GPT(nn.Module):
     ) -> None:
         super().__init__()
         if width % num_heads:
-            raise ValueError(f"model.kwargs: width {width} is not divisible by num_heads {num_heads}")
+            raise ValueError(
+                f"model.kwargs: width {width} is not divisible by num_heads {num_heads}"
+            )
         self.max_seq_len = max_seq_len
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.position_embedding = nn.Embedding(max_seq_len, width)
@@ -75,7 +77,9 @@ class GPT(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         seq = tokens.shape[1]
         if seq > self.max_seq_len:
-            raise ValueError(f"sequence of {seq} exceeds the model's max_seq_len {self.max_seq_len}")
+            raise ValueError(
+                f"sequence of {seq} exceeds the model's max_seq_len {self.max_seq_len}"
+            )
         positions = torch.arange(seq, device=tokens.device)
         x = self.token_embedding(tokens) + self.position_embedding(positions)
         for block in self.blocks:

@@ -1,8 +1,8 @@
 """TrainState and the loop; ``run_training`` assembles and runs a job from its config."""
 
 from steadytrain.train.loop import FitResult, TrainingParts, fit
-from steadytrain.train.preflight import preflight
 from steadytrain.train.optim import WarmupCosine, build_optimizer, build_scheduler
+from steadytrain.train.preflight import preflight
 from steadytrain.train.session import FINAL_WEIGHTS, build_parts, run_training, save_final_weights
 from steadytrain.train.state import TrainState
 

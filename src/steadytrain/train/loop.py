@@ -35,6 +35,8 @@ class Ledger(Protocol):
 
     def record(self, *, step: int, epoch: int, sample_ids: list[int]) -> None: ...
 
+    def close(self) -> None: ...
+
 
 @dataclass
 class TrainingParts:
@@ -88,7 +90,9 @@ def fit(parts: TrainingParts, state: TrainState) -> FitResult:
         if state.step % config.log.every_steps == 0 or state.step == config.train.max_steps:
             record = observe(parts, state, interval, interval_loss)
             result.history.append(record)
-            result.first_loss = result.first_loss if result.first_loss is not None else record["loss"]
+            result.first_loss = (
+                result.first_loss if result.first_loss is not None else record["loss"]
+            )
             result.last_loss = record["loss"]
             interval, interval_loss = IntervalStats(), torch.zeros_like(interval_loss)
         if config.train.eval_every and state.step % config.train.eval_every == 0:

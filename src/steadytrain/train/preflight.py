@@ -38,8 +38,11 @@ def preflight(config: Config, *, world_size: int, prepare_corpus: bool) -> list[
         f"batch: {world_size} rank(s) × {layout.micro_batch_size} micro-batch × "
         f"{layout.grad_accum_steps} accumulation = {layout.global_batch_size} samples per step",
     ]
-    lines.append(_check_data(config, global_batch_size=layout.global_batch_size,
-                             prepare_corpus=prepare_corpus))
+    lines.append(
+        _check_data(
+            config, global_batch_size=layout.global_batch_size, prepare_corpus=prepare_corpus
+        )
+    )
     return lines
 
 

@@ -70,8 +70,12 @@ def run_training(config: Config) -> FitResult:
         if runtime.is_main:
             weights = save_final_weights(parts.model.unwrapped, Path(config.run_dir))
             parts.events.emit(
-                "train_end", step=state.step, seconds=elapsed, weights=str(weights),
-                loss=result.last_loss, val_loss=result.val_loss,
+                "train_end",
+                step=state.step,
+                seconds=elapsed,
+                weights=str(weights),
+                loss=result.last_loss,
+                val_loss=result.val_loss,
             )
             parts.progress.summary(_summary(config, parts, result, elapsed, weights))
         parts.ledger.close()
@@ -109,8 +113,11 @@ def build_parts(config: Config, runtime: Runtime) -> TrainingParts:
     optimizer = build_optimizer(parallel_model.unwrapped, config.train)
     val_batches = (
         validation_batches(
-            datasets.val, world_size=runtime.world_size, rank=runtime.rank,
-            micro_batch_size=layout.micro_batch_size, max_batches=config.train.eval_batches,
+            datasets.val,
+            world_size=runtime.world_size,
+            rank=runtime.rank,
+            micro_batch_size=layout.micro_batch_size,
+            max_batches=config.train.eval_batches,
         )
         if datasets.val is not None
         else []
@@ -129,8 +136,12 @@ def build_parts(config: Config, runtime: Runtime) -> TrainingParts:
         loss_fn=loss_fn,
         sampler=sampler,
         batches=StepBatches(
-            datasets.train, sampler, layout, rank=runtime.rank,
-            num_workers=config.data.num_workers, pin_memory=runtime.device.type == "cuda",
+            datasets.train,
+            sampler,
+            layout,
+            rank=runtime.rank,
+            num_workers=config.data.num_workers,
+            pin_memory=runtime.device.type == "cuda",
         ),
         val_batches=val_batches,
         tokens_per_sample=datasets.tokens_per_sample,
@@ -147,7 +158,9 @@ def save_final_weights(model: torch.nn.Module, run_dir: Path) -> Path:
     target = run_dir / FINAL_WEIGHTS
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    tensors = {name: value.detach().cpu().contiguous() for name, value in model.state_dict().items()}
+    tensors = {
+        name: value.detach().cpu().contiguous() for name, value in model.state_dict().items()
+    }
     save_file(tensors, str(staging), metadata={"format": "pt"})
     with open(staging, "rb") as handle:
         os.fsync(handle.fileno())
@@ -165,13 +178,13 @@ def _agreed(build: Callable[[], T], runtime: Runtime) -> T:
         error = caught
     failure = first_failure(str(error) if error is not None else None)  # collective
     if failure is None:
-        return value  # type: ignore[no-any-return]
+        return value
     failed_rank, message = failure
+    # Exactly one line reaches the user: the lowest failing rank prints, the others exit quietly.
     if error is not None:
+        error.reported_elsewhere = runtime.rank != failed_rank
         raise error
-    raise type(error or UserError)(
-        f"rank {failed_rank}: {message}", reported_elsewhere=runtime.rank != 0
-    )
+    raise UserError(f"rank {failed_rank}: {message}", reported_elsewhere=True)
 
 
 def _open_ledger(
