@@ -13,6 +13,7 @@ from steadytrain.data.ledger import (
     EpochAudit,
     NullLedger,
     audit_ledger,
+    new_attempt_id,
 )
 from steadytrain.data.loader import MicroBatch, StepBatches, validation_batches
 from steadytrain.data.sampler import (
@@ -39,6 +40,7 @@ __all__ = [
     "build_datasets",
     "ensure_corpus",
     "epoch_permutation",
+    "new_attempt_id",
     "prepare_shards",
     "prepared_corpus_dir",
     "rank_micro_batch_offsets",

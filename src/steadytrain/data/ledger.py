@@ -34,6 +34,7 @@ class ConsumptionLedger:
         self,
         directory: Path,
         *,
+        attempt: str,
         rank: int,
         world_size: int,
         start_step: int,
@@ -42,7 +43,7 @@ class ConsumptionLedger:
         seed: int,
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        self.attempt = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        self.attempt = attempt
         if rank == 0:
             _write_meta(
                 directory, num_samples=num_samples, global_batch_size=global_batch_size, seed=seed
@@ -78,6 +79,11 @@ class ConsumptionLedger:
 
     def close(self) -> None:
         self._file.close()
+
+
+def new_attempt_id() -> str:
+    """A fresh id for one start of training; every rank of that start must use the same."""
+    return f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
 class NullLedger:

@@ -28,11 +28,14 @@ from steadytrain.data import (
     StepBatches,
     build_datasets,
     ensure_corpus,
+    new_attempt_id,
     validation_batches,
 )
 from steadytrain.dist import (
     ParallelModel,
     Runtime,
+    barrier,
+    broadcast_from_main,
     first_failure,
     rank_seed,
     seed_all,
@@ -64,7 +67,8 @@ def run_training(config: Config) -> FitResult:
         parts = build_parts(config, runtime)
         state = TrainState()
         started = time.perf_counter()
-        parts.events.emit("train_start", step=state.step, **_run_facts(config, runtime, parts))
+        if runtime.is_main:
+            parts.events.emit("train_start", step=state.step, **_run_facts(config, runtime, parts))
         result = fit(parts, state)
         elapsed = time.perf_counter() - started
         if runtime.is_main:
@@ -81,6 +85,8 @@ def run_training(config: Config) -> FitResult:
         parts.ledger.close()
         parts.metrics.close()
         parts.events.close()
+        # Leave together: a rank tearing down gloo while a peer still uses it can abort the peer.
+        barrier()
         return result
     finally:
         stop_runtime()
@@ -192,8 +198,11 @@ def _open_ledger(
 ) -> ConsumptionLedger | NullLedger:
     if not config.data.ledger:
         return NullLedger()
+    # Every rank tags its records with the same attempt id, chosen by rank 0.
+    attempt = broadcast_from_main(new_attempt_id() if runtime.is_main else "")  # collective
     return ConsumptionLedger(
         Path(config.run_dir) / "ledger",
+        attempt=attempt,
         rank=runtime.rank,
         world_size=runtime.world_size,
         start_step=start_step,
