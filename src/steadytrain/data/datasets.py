@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from steadytrain.config import Config, DataConfig, DataError
 from steadytrain.config.references import resolve_callable
 from steadytrain.data.shards import (
+    SHARD_FORMAT_VERSION,
     ShardFile,
     ShardIndex,
     is_prepared,
@@ -75,6 +76,7 @@ def prepared_corpus_dir(data: DataConfig) -> Path:
     if is_prepared(corpus_path):
         return corpus_path
     spec = {
+        "format_version": SHARD_FORMAT_VERSION,
         "corpus": data.corpus if data.corpus == "stdlib" else str(corpus_path.resolve()),
         "val_fraction": data.val_fraction,
         "max_corpus_bytes": data.max_corpus_bytes,

@@ -208,9 +208,22 @@ def open_shard(shard: ShardFile, dtype: np.dtype[Any]) -> np.memmap[Any, Any]:
     return np.memmap(shard.path, dtype=dtype, mode="r", shape=(shard.num_tokens,))
 
 
-def is_validation_file(relative_path: str, val_fraction: float) -> bool:
+def validation_files(relative_paths: list[str], val_fraction: float) -> set[str]:
+    """Files held out: those whose path hashes below ``val_fraction``.
+
+    A non-zero fraction always holds out at least one file (the lowest hash) when there are
+    two or more, so a small corpus still gets a validation split.
+    """
+    scores = {path: _hash_fraction(path) for path in relative_paths}
+    chosen = {path for path, score in scores.items() if score < val_fraction}
+    if not chosen and val_fraction > 0 and len(scores) > 1:
+        chosen = {min(scores, key=lambda path: scores[path])}
+    return chosen
+
+
+def _hash_fraction(relative_path: str) -> float:
     digest = hashlib.sha256(relative_path.encode()).digest()
-    return int.from_bytes(digest[:8], "little") / 2**64 < val_fraction
+    return int.from_bytes(digest[:8], "little") / 2**64
 
 
 def _write_splits(
@@ -224,9 +237,13 @@ def _write_splits(
 ) -> tuple[dict[str, list[dict[str, Any]]], int]:
     writers = {split: _ShardWriter(staging, split, shard_tokens) for split in SPLITS}
     num_bytes = 0
+    relative = {
+        path: path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+        for path in files
+    }
+    held_out = validation_files(list(relative.values()), val_fraction)
     for path, text in _read_documents(files, max_bytes=max_bytes):
-        relative = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
-        split = "val" if is_validation_file(relative, val_fraction) else "train"
+        split = "val" if relative[path] in held_out else "train"
         writers[split].write(text + bytes([DOCUMENT_SEPARATOR]))
         num_bytes += len(text)
     return {split: writer.close() for split, writer in writers.items()}, num_bytes

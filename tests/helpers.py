@@ -1,0 +1,65 @@
+"""Helpers for tests: run the real CLI in a subprocess as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "examples" / "tiny.yaml"
+PLUGINS_DIR = Path(__file__).resolve().parent / "plugins"
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment a user's shell would give: plugins importable, no inherited ranks."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
+    }
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PLUGINS_DIR), env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+def run_steadytrain(*args: str | Path, timeout: float = 240, cwd: Path | None = None) -> CliResult:
+    """Run ``steadytrain ARGS`` exactly as a user would, from the installed entry point."""
+    command = [str(Path(sys.executable).parent / "steadytrain"), *map(str, args)]
+    completed = subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, env=cli_env(), cwd=cwd or REPO
+    )
+    return CliResult(completed.returncode, completed.stdout, completed.stderr)
+
+
+def run_torchrun(*args: str | Path, nproc: int = 2, timeout: float = 240) -> CliResult:
+    """``torchrun --standalone --nproc-per-node N ARGS`` (how users launch on one machine)."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        *map(str, args),
+    ]
+    completed = subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, env=cli_env(), cwd=REPO
+    )
+    return CliResult(completed.returncode, completed.stdout, completed.stderr)
+
+
+def as_set_args(overrides: list[str]) -> list[str]:
+    return [arg for override in overrides for arg in ("--set", override)]
