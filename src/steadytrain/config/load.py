@@ -87,8 +87,10 @@ def _read_yaml_mapping(path: Path) -> dict[str, Any]:
     try:
         loaded = yaml.safe_load(path.read_text())
     except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark
+        mark, context = error.problem_mark, error.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        if context is not None and error.context:
+            where += f" ({error.context} started at line {context.line + 1})"
         raise ConfigError(
             f"{path}: malformed YAML{where}: {error.problem}; fix the syntax and retry"
         ) from None
