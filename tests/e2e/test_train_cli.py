@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+
 from tests.helpers import TINY_CONFIG, as_set_args, run_steadytrain, run_torchrun
 
 pytestmark = pytest.mark.slow

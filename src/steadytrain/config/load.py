@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,21 @@ def identity_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return differences
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """SafeLoader that also reads YAML 1.2 floats such as ``3e-4`` as numbers, not strings."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Yaml12Loader)
+
+
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=list))
 
@@ -85,7 +101,7 @@ def _read_yaml_mapping(path: Path) -> dict[str, Any]:
             "examples/tiny.yaml"
         )
     try:
-        loaded = yaml.safe_load(path.read_text())
+        loaded = _parse_yaml(path.read_text())
     except yaml.MarkedYAMLError as error:
         mark, context = error.problem_mark, error.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -114,7 +130,7 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
             f"--set {override!r}: expected key=value, for example --set train.lr=3e-4"
         )
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = _parse_yaml(text) if text.strip() else None
     except yaml.YAMLError as error:
         raise ConfigError(
             f"--set {key}: the value {text!r} is not valid YAML ({_first_line(error)}); "

@@ -14,6 +14,7 @@ attempts for steps ``>= k`` were rolled back (never reached a checkpoint) and ar
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from collections import Counter
@@ -60,7 +61,10 @@ class ConsumptionLedger:
                     )
                     + "\n"
                 )
-        self._file: IO[str] = open(directory / f"rank-{rank:05d}.jsonl", "a")  # noqa: SIM115
+        path = directory / f"rank-{rank:05d}.jsonl"
+        self._file: IO[str] = open(path, "a")  # noqa: SIM115
+        if path.stat().st_size and not _ends_with_newline(path):
+            self._file.write("\n")  # end a line torn by a crash, so our first record stands alone
 
     def record(self, *, step: int, epoch: int, sample_ids: list[int]) -> None:
         """Record that committed ``step`` consumed ``sample_ids`` on this rank."""
@@ -140,19 +144,30 @@ def audit_ledger(run_dir: Path) -> AuditReport:
     num_samples, batch, seed = meta["num_samples"], meta["global_batch_size"], meta["seed"]
     attempts = _read_jsonl(directory / "attempts.jsonl")
     steps, problems = _effective_steps(directory, attempts)
-    by_epoch: dict[int, list[int]] = {}
-    for step in sorted(steps):
+    steps_per_epoch = num_samples // batch
+    # The run covered steps 0..last; each step belongs to epoch step // steps_per_epoch.
+    num_run_steps = max(steps, default=-1) + 1
+    by_epoch: dict[int, list[int]] = {
+        epoch: [] for epoch in range(-(-num_run_steps // steps_per_epoch))
+    }
+    for step in range(num_run_steps):
+        if step not in steps:
+            problems.append(f"step {step}: no rank recorded it (skipped or lost)")
+            continue
         epoch, sample_ids = steps[step]
+        if epoch != step // steps_per_epoch:
+            problems.append(
+                f"step {step}: recorded in epoch {epoch}, expected {step // steps_per_epoch}"
+            )
         if len(sample_ids) != batch:
             problems.append(f"step {step}: {len(sample_ids)} samples recorded, expected {batch}")
-        by_epoch.setdefault(epoch, []).extend(sample_ids)
-    steps_per_epoch = num_samples // batch
+        by_epoch[step // steps_per_epoch].extend(sample_ids)
     epochs = []
-    for epoch in sorted(by_epoch):
+    for epoch, consumed in by_epoch.items():
         permutation = epoch_permutation(seed=seed, epoch=epoch, num_samples=num_samples)
-        consumed = by_epoch[epoch]
-        complete = len(consumed) >= steps_per_epoch * batch
-        expected = permutation[: steps_per_epoch * batch if complete else len(consumed)]
+        epoch_steps = min(steps_per_epoch, num_run_steps - epoch * steps_per_epoch)
+        complete = epoch_steps == steps_per_epoch
+        expected = permutation[: epoch_steps * batch]
         audit = _audit_epoch(epoch, consumed, expected.tolist(), complete=complete)
         audit.tail = permutation[steps_per_epoch * batch :].tolist() if complete else []
         problems.extend(_describe(audit))
@@ -250,6 +265,12 @@ def _write_meta(directory: Path, *, num_samples: int, global_batch_size: int, se
             )
         return
     path.write_text(json.dumps(meta, indent=2))
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1) == b"\n"
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

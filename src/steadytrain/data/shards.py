@@ -86,13 +86,23 @@ def resolve_source_files(corpus: str) -> tuple[Path, list[Path]]:
     else:
         files = sorted(Path(match) for match in glob.glob(expanded, recursive=True))
         files = [path for path in files if path.is_file()]
-        root = Path(os.path.commonpath([str(p.parent) for p in files])) if files else Path(".")
+        root = _glob_root(expanded)
     if not files:
         raise DataError(
             f"data.corpus: {corpus!r} matches no files; give 'stdlib', an existing folder, a "
             "glob of text files, or a directory made by 'steadytrain data prepare'"
         )
     return root, files
+
+
+def _glob_root(pattern: str) -> Path:
+    """The fixed leading folders of a glob: relative paths stay put when files are added."""
+    fixed = []
+    for part in Path(pattern).parts[:-1]:
+        if glob.has_magic(part):
+            break
+        fixed.append(part)
+    return Path(*fixed) if fixed else Path(".")
 
 
 def prepare_shards(
