@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -69,6 +70,7 @@ def run_training(config: Config) -> FitResult:
         started = time.perf_counter()
         if runtime.is_main:
             parts.events.emit("train_start", step=state.step, **_run_facts(config, runtime, parts))
+            _warn_ignored_settings(config, parts)
         result = fit(parts, state)
         elapsed = time.perf_counter() - started
         if runtime.is_main:
@@ -210,6 +212,16 @@ def _open_ledger(
         global_batch_size=sampler.global_batch_size,
         seed=sampler.seed,
     )
+
+
+def _warn_ignored_settings(config: Config, parts: TrainingParts) -> None:
+    if config.checkpoint.every_steps:
+        message = (
+            f"checkpoint.every_steps={config.checkpoint.every_steps} is ignored: this version "
+            "does not write checkpoints yet; only final/model.safetensors is saved"
+        )
+        print(f"steadytrain: warning: {message}", file=sys.stderr)
+        parts.events.emit("setting_ignored", key="checkpoint.every_steps", message=message)
 
 
 def _run_facts(config: Config, runtime: Runtime, parts: TrainingParts) -> dict[str, Any]:
