@@ -61,6 +61,7 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_override_is_one_line_exit_2(case: str, nproc: int | None, tmp_path: Path) -> None:
     overrides, mentions = CASES[case]
+    overrides = [*overrides, f"data.cache_dir={tmp_path / 'cache'}"]
     launch = ["--nproc", str(nproc)] if nproc else []
     result = run_steadytrain(
         "train", TINY_CONFIG, *launch, "--run-dir", tmp_path / "run", *as_set_args(overrides)

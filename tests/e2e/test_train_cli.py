@@ -147,3 +147,12 @@ def test_single_process_without_launcher(small_overrides: list[str], tmp_path: P
     start = read_jsonl(tmp_path / "events.jsonl")[0]
     assert start["world_size"] == 1 and start["grad_accum_steps"] == 4
     assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+def test_bf16_autocast_trains(small_overrides: list[str], tmp_path: Path) -> None:
+    overrides = [*small_overrides, "train.precision=bf16", "train.max_steps=8"]
+    result = run_steadytrain("train", TINY_CONFIG, "--run-dir", tmp_path, *as_set_args(overrides))
+    assert result.returncode == 0, result.output
+    losses = [r["loss"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert all(loss == loss and loss < 10 for loss in losses), losses  # finite, sane
+    assert losses[-1] < losses[0]

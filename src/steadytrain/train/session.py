@@ -98,13 +98,13 @@ def build_parts(config: Config, runtime: Runtime) -> TrainingParts:
     """Build every component; a setup error on any rank stops all ranks before a collective."""
     run_dir = Path(config.run_dir)
     layout = _agreed(lambda: batch_layout(config, world_size=runtime.world_size), runtime)
+    seed_all(config.seed)  # same model init on every rank
+    model = _agreed(lambda: build_model(config), runtime)
+    loss_fn = _agreed(lambda: resolve_loss_fn(config), runtime)
     if config.data.dataset_factory is None:
         # One process per machine prepares the corpus; the others wait for its verdict.
         _agreed(lambda: ensure_corpus(config.data) if runtime.local_rank == 0 else None, runtime)
-    seed_all(config.seed)  # same model init on every rank
     datasets = _agreed(lambda: build_datasets(config), runtime)
-    model = _agreed(lambda: build_model(config), runtime)
-    loss_fn = _agreed(lambda: resolve_loss_fn(config), runtime)
     sampler = _agreed(
         lambda: GlobalPositionSampler(
             num_samples=len(datasets.train),  # type: ignore[arg-type]
