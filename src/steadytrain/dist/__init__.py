@@ -1,0 +1,48 @@
+"""Torchrun environment, process group, agreed decisions, seeding, the parallel wrapper."""
+
+from steadytrain.dist.launch import launch_local_workers
+from steadytrain.dist.agree import (
+    any_rank,
+    broadcast_from_main,
+    first_failure,
+    max_across_ranks,
+    mean_across_ranks,
+)
+from steadytrain.dist.parallel import GradSyncClock, ParallelModel
+from steadytrain.dist.runtime import (
+    Runtime,
+    barrier,
+    start_runtime,
+    stop_runtime,
+    under_torchrun,
+    world_size_from_env,
+)
+from steadytrain.dist.seeding import (
+    capture_rng_state,
+    rank_seed,
+    restore_rng_state,
+    seed_all,
+    use_deterministic_kernels,
+)
+
+__all__ = [
+    "GradSyncClock",
+    "ParallelModel",
+    "Runtime",
+    "any_rank",
+    "barrier",
+    "broadcast_from_main",
+    "capture_rng_state",
+    "first_failure",
+    "launch_local_workers",
+    "max_across_ranks",
+    "mean_across_ranks",
+    "rank_seed",
+    "restore_rng_state",
+    "seed_all",
+    "start_runtime",
+    "stop_runtime",
+    "under_torchrun",
+    "use_deterministic_kernels",
+    "world_size_from_env",
+]

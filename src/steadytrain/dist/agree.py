@@ -1,0 +1,60 @@
+"""Collective agreement: values and decisions every rank sees identically."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+def any_rank(flag: bool, *, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is true on at least one (a collective: all must call)."""
+    vote = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+    return bool(vote.item())  # host sync
+
+
+def mean_across_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise mean of ``values`` over all ranks (a collective: all must call)."""
+    reduced = values.detach().clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+        reduced /= dist.get_world_size()
+    return reduced
+
+
+def max_across_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum of ``values`` over all ranks (a collective: all must call)."""
+    reduced = values.detach().clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+    return reduced
+
+
+def broadcast_from_main(value: T) -> T:
+    """Rank 0's ``value`` on every rank (a collective: all must call)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def first_failure(message: str | None) -> tuple[int, str] | None:
+    """The lowest rank whose ``message`` is set, and that message (a collective).
+
+    Lets every rank learn that setup failed somewhere, so none walks into a later collective
+    that the failed rank will never join.
+    """
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return (0, message) if message is not None else None
+    gathered: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, message)
+    for rank, gathered_message in enumerate(gathered):
+        if gathered_message is not None:
+            return rank, gathered_message
+    return None

@@ -1,0 +1,65 @@
+"""Start N worker processes on this machine with torchrun's elastic agent (``--nproc N``).
+
+The workers are ordinary torchrun workers (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR… set by
+the agent); each runs the same ``steadytrain`` command without ``--nproc``. A worker that
+fails on user input prints its own one-line error and exits 2; the launcher then exits 2
+too instead of printing the agent's multi-page failure report.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import uuid
+from collections.abc import Sequence
+
+from steadytrain.config import EXIT_INTERNAL, EXIT_USAGE
+
+_AGENT_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher")
+
+
+def launch_local_workers(
+    *, nproc: int, worker_args: Sequence[str], max_restarts: int = 0
+) -> int:
+    """Run ``python -m steadytrain WORKER_ARGS`` as ``nproc`` ranks; return the exit code."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    for name in _AGENT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    launch_config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"steadytrain-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=max_restarts,
+        monitor_interval=0.1,
+        start_method="spawn",
+    )
+    try:
+        elastic_launch(launch_config, entrypoint=sys.executable)(
+            "-m", "steadytrain", *worker_args
+        )
+    except ChildFailedError as error:
+        code = _exit_code_of(error)
+        if code != EXIT_USAGE:
+            print(f"steadytrain: a worker failed (exit code {code}); its output is above",
+                  file=sys.stderr)
+        return code
+    return 0
+
+
+def _exit_code_of(error: object) -> int:
+    """Exit 2 if any worker reported a user error; else the code of the first to fail."""
+    failures = getattr(error, "failures", {}).values()
+    codes = [failure.exitcode for failure in sorted(failures, key=lambda f: f.timestamp)]
+    if EXIT_USAGE in codes:
+        return EXIT_USAGE
+    for code in codes:
+        if code < 0:  # killed by signal -code: the shell's convention
+            return 128 - code
+        if code > 0:
+            return int(code)
+    return EXIT_INTERNAL

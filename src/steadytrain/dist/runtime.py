@@ -1,0 +1,115 @@
+"""The process's place in the job: torchrun environment, device, process group, threads."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from steadytrain.config import Config, ConfigError
+
+TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process sits in the job and what it computes on."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def under_torchrun() -> bool:
+    """True when torchrun (or a compatible launcher) has set this process's rank variables."""
+    return all(name in os.environ for name in TORCHRUN_VARIABLES)
+
+
+def world_size_from_env(default: int = 1) -> int:
+    return int(os.environ.get("WORLD_SIZE", default))
+
+
+def start_runtime(config: Config) -> Runtime:
+    """Join the process group described by the environment (a group of one outside torchrun).
+
+    NCCL on CUDA with one device per local rank; gloo on CPU with threads split between the
+    local ranks so they do not oversubscribe the cores.
+    """
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    device, backend = _choose_device_and_backend(config, local_rank=local_rank)
+    if device.type == "cpu":
+        torch.set_num_threads(config.dist.cpu_threads or _cores_per_rank(local_world_size))
+    timeout = datetime.timedelta(seconds=config.dist.timeout_s)
+    if not dist.is_initialized():
+        if under_torchrun():
+            dist.init_process_group(
+                backend=backend,
+                timeout=timeout,
+                device_id=device if device.type == "cuda" else None,
+            )
+        else:
+            # A group of one keeps every code path (collectives included) identical.
+            dist.init_process_group(
+                backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+            )
+    return Runtime(
+        rank=rank,
+        local_rank=local_rank,
+        world_size=world_size,
+        local_world_size=local_world_size,
+        device=device,
+        backend=backend,
+    )
+
+
+def stop_runtime() -> None:
+    """Leave the process group; safe to call when none was started."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _choose_device_and_backend(config: Config, *, local_rank: int) -> tuple[torch.device, str]:
+    wanted = config.dist.backend
+    if wanted == "nccl" and not torch.cuda.is_available():
+        raise ConfigError(
+            "dist.backend: 'nccl' needs CUDA, which this machine lacks; use 'auto' or 'gloo'"
+        )
+    if torch.cuda.is_available() and wanted != "gloo":
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+                "start at most one process per GPU"
+            )
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank), "nccl"
+    return torch.device("cpu"), "gloo"
+
+
+def _cores_per_rank(local_world_size: int) -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, local_world_size))
