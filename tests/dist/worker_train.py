@@ -1,0 +1,36 @@
+"""A torchrun worker: train with the library's own parts, then save this rank's weights.
+
+Usage (under torchrun): worker_train.py CONFIG OUT_DIR [key=value ...]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from steadytrain.config import load_config
+from steadytrain.dist import barrier, start_runtime, stop_runtime
+from steadytrain.train import TrainState, build_parts, fit
+
+
+def main() -> None:
+    config_path, out_dir, *overrides = sys.argv[1:]
+    config = load_config(config_path, overrides=overrides)
+    runtime = start_runtime(config)
+    try:
+        parts = build_parts(config, runtime)
+        fit(parts, TrainState())
+        weights = {
+            name: tensor.detach().contiguous()
+            for name, tensor in parts.model.unwrapped.state_dict().items()
+        }
+        save_file(weights, str(Path(out_dir) / f"rank{runtime.rank}.safetensors"))
+        barrier()
+    finally:
+        stop_runtime()
+
+
+if __name__ == "__main__":
+    main()
