@@ -47,9 +47,7 @@ def _section(model: type[BaseModel], *, prefix: str, title: str) -> list[str]:
         extra = field.json_schema_extra
         kind = "identity" if isinstance(extra, dict) and extra.get("identity") else "operational"
         default = field.get_default(call_default_factory=True)
-        rows.append(
-            f"| `{prefix}{name}` | {kind} | `{_format(default)}` | {field.description} |"
-        )
+        rows.append(f"| `{prefix}{name}` | {kind} | `{_format(default)}` | {field.description} |")
     return rows
 
 

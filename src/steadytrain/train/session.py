@@ -74,7 +74,7 @@ def run_training(config: Config) -> FitResult:
         result = fit(parts, state)
         elapsed = time.perf_counter() - started
         if runtime.is_main:
-            weights = save_final_weights(parts.model.unwrapped, Path(config.run_dir))
+            weights = save_final_weights(parts.model.unwrapped, Path(config.run_dir).resolve())
             parts.events.emit(
                 "train_end",
                 step=state.step,
