@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from steadytrain.config import (
     EXIT_AUDIT_FAILED,
+    EXIT_CHECKPOINT_BAD,
     Config,
+    ConfigError,
     UserError,
     load_config,
 )
@@ -24,6 +26,9 @@ app = typer.Typer(
 )
 data_app = typer.Typer(no_args_is_help=True, help="Prepare training data.")
 app.add_typer(data_app, name="data")
+checkpoints_app = typer.Typer(no_args_is_help=True, help="Inspect a run's checkpoints.")
+app.add_typer(checkpoints_app, name="checkpoints")
+RunDirArg = Annotated[Path, typer.Argument(help="A run directory (its --run-dir).")]
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML config, e.g. examples/tiny.yaml.")]
 SetOpt = Annotated[
@@ -51,22 +56,38 @@ def train(
         Path | None, typer.Option("--run-dir", help="Run directory (overrides run_dir).")
     ] = None,
     overrides: SetOpt = None,
+    resume_from: Annotated[
+        Path | None,
+        typer.Option("--resume-from", help="Resume from this checkpoint directory."),
+    ] = None,
+    no_resume: Annotated[
+        bool, typer.Option("--no-resume", help="Start fresh even if checkpoints exist.")
+    ] = False,
 ) -> None:
-    """Train: as a torchrun worker, alone, or as the launcher of --nproc local workers."""
-    from steadytrain.dist import launch_local_workers, under_torchrun
-    from steadytrain.train import preflight, run_training
+    """Train: as a torchrun worker, alone, or as the launcher of --nproc local workers.
 
+    With checkpoints in the run directory, the same command resumes from the newest good one.
+    """
+    from steadytrain.dist import launch_local_workers, under_torchrun
+    from steadytrain.train import ResumeRequest, preflight, run_training
+
+    if resume_from is not None and no_resume:
+        raise ConfigError("--resume-from and --no-resume contradict each other; pick one")
     config = _load(config_path, overrides, run_dir)
     if nproc is not None and not under_torchrun():
         for line in preflight(config, world_size=nproc, prepare_corpus=True):
             typer.echo(f"steadytrain: {line}")
         worker_args = ["train", str(config_path), *_passthrough(overrides, run_dir)]
+        if resume_from is not None:
+            worker_args += ["--resume-from", str(resume_from.resolve())]
+        if no_resume:
+            worker_args.append("--no-resume")
         raise typer.Exit(launch_local_workers(nproc=nproc, worker_args=worker_args))
     if nproc is not None:
         typer.echo(
             "steadytrain: --nproc is ignored inside torchrun (it sets the world size)", err=True
         )
-    run_training(config)
+    run_training(config, resume=ResumeRequest(enabled=not no_resume, from_path=resume_from))
 
 
 @app.command()
@@ -134,6 +155,51 @@ def data_prepare(
     typer.echo(
         f"prepared {output}: {index.num_tokens('train'):,} train tokens in "
         f"{len(index.splits['train'])} shard(s), {index.num_tokens('val'):,} validation tokens"
+    )
+
+
+@checkpoints_app.command("list")
+def checkpoints_list(run_dir: RunDirArg) -> None:
+    """List checkpoints with step, time, size and world size (manifests only, fast)."""
+    from steadytrain.train import inspect_checkpoints
+
+    statuses = inspect_checkpoints(run_dir, verify=False)
+    if not statuses:
+        typer.echo(f"no checkpoints in {run_dir}")
+        return
+    for status in statuses:
+        typer.echo(_status_line(status))
+
+
+@checkpoints_app.command("verify")
+def checkpoints_verify(run_dir: RunDirArg) -> None:
+    """Recompute every checksum and check compatibility with the run's config.yaml."""
+    from steadytrain.train import inspect_checkpoints
+
+    statuses = inspect_checkpoints(run_dir, verify=True)
+    for status in statuses:
+        typer.echo(_status_line(status))
+        for problem in status.problems:
+            typer.echo(f"    PROBLEM: {problem}")
+    good = [status for status in statuses if status.good]
+    resume_line = f"resume would use {good[-1].location}" if good else "resume would start fresh"
+    bad = len(statuses) - len(good)
+    if bad:
+        typer.echo(f"verify FAILED: {bad} of {len(statuses)} checkpoint(s) bad; {resume_line}")
+        raise typer.Exit(EXIT_CHECKPOINT_BAD)
+    typer.echo(f"verify OK: {len(statuses)} checkpoint(s) intact and compatible; {resume_line}")
+
+
+def _status_line(status: Any) -> str:
+    import datetime
+
+    if status.manifest is None:
+        return f"{status.name}  INCOMPLETE  {'; '.join(status.problems)}"
+    saved = datetime.datetime.fromtimestamp(status.manifest.time).isoformat(timespec="seconds")
+    verdict = "good" if status.good else "BAD"
+    return (
+        f"{status.name}  step {status.step}  {saved}  {status.total_bytes / 2**20:.1f} MiB  "
+        f"world size {status.manifest.world_size}  {verdict}  {status.location}"
     )
 
 

@@ -2,6 +2,7 @@
 
 from steadytrain.config.errors import (
     EXIT_AUDIT_FAILED,
+    EXIT_CHECKPOINT_BAD,
     EXIT_INTERNAL,
     EXIT_OK,
     EXIT_USAGE,
@@ -17,6 +18,7 @@ from steadytrain.config.load import (
     identity_fields,
     identity_fingerprint,
     load_config,
+    operational_fields,
 )
 from steadytrain.config.models import (
     BatchLayout,
@@ -32,6 +34,7 @@ from steadytrain.config.models import (
 
 __all__ = [
     "EXIT_AUDIT_FAILED",
+    "EXIT_CHECKPOINT_BAD",
     "EXIT_INTERNAL",
     "EXIT_OK",
     "EXIT_USAGE",
@@ -54,4 +57,5 @@ __all__ = [
     "identity_fields",
     "identity_fingerprint",
     "load_config",
+    "operational_fields",
 ]

@@ -7,6 +7,7 @@ EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
 EXIT_AUDIT_FAILED = 3
+EXIT_CHECKPOINT_BAD = 4
 
 
 class UserError(Exception):

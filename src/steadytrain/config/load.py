@@ -47,15 +47,27 @@ def dump_config(config: Config) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
-def identity_fields(config: BaseModel, *, prefix: str = "") -> dict[str, Any]:
+def identity_fields(config: BaseModel) -> dict[str, Any]:
     """The identity fields of ``config`` as ``{"dotted.name": json_value}``."""
+    return _fields(config, identity=True, prefix="")
+
+
+def operational_fields(config: BaseModel) -> dict[str, Any]:
+    """The operational (non-identity) fields of ``config`` as ``{"dotted.name": json_value}``."""
+    return _fields(config, identity=False, prefix="")
+
+
+def _fields(config: BaseModel, *, identity: bool, prefix: str) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for name, field in type(config).model_fields.items():
         value = getattr(config, name)
         dotted = f"{prefix}{name}"
         if isinstance(value, BaseModel):
-            found.update(identity_fields(value, prefix=f"{dotted}."))
-        elif isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("identity"):
+            found.update(_fields(value, identity=identity, prefix=f"{dotted}."))
+            continue
+        extra = field.json_schema_extra
+        is_identity = isinstance(extra, dict) and bool(extra.get("identity"))
+        if is_identity == identity:
             found[dotted] = _jsonable(value)
     return found
 

@@ -115,7 +115,19 @@ class TrainConfig(_Section):
 
 class CheckpointConfig(_Section):
     every_steps: int = operational_field(
-        0, description="Save a checkpoint every N steps (0: off).", ge=0
+        0, description="Save a checkpoint every N steps (0: only at the end, if enabled).", ge=0
+    )
+    at_end: bool = operational_field(
+        True, description="Also save when training finishes (if every_steps > 0)."
+    )
+    uri: str | None = operational_field(
+        None, description="Where checkpoints go: a local path (None: RUN_DIR/checkpoints)."
+    )
+    keep_last: int = operational_field(
+        3, description="Keep the newest K checkpoints; older ones are deleted.", ge=1
+    )
+    keep_every: int = operational_field(
+        0, description="Also keep every checkpoint whose step is a multiple of M (0: none).", ge=0
     )
 
 

@@ -5,6 +5,7 @@ from steadytrain.dist.agree import (
     any_rank,
     broadcast_from_main,
     first_failure,
+    gather_from_all,
     max_across_ranks,
     mean_across_ranks,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "broadcast_from_main",
     "capture_rng_state",
     "first_failure",
+    "gather_from_all",
     "launch_local_workers",
     "max_across_ranks",
     "mean_across_ranks",

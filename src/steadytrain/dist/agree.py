@@ -58,3 +58,12 @@ def first_failure(message: str | None) -> tuple[int, str] | None:
         if gathered_message is not None:
             return rank, gathered_message
     return None
+
+
+def gather_from_all(value: T) -> list[T]:
+    """Every rank's ``value``, in rank order, on every rank (a collective: all must call)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [value]
+    gathered: list[T] = [value] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from steadytrain.checkpoint import SaveOutcome
 from steadytrain.config import BatchLayout, Config
 from steadytrain.data import GlobalPositionSampler, MicroBatch, StepBatches
 from steadytrain.dist import ParallelModel, Runtime, mean_across_ranks
@@ -27,6 +28,7 @@ from steadytrain.telemetry import (
     PhaseTimer,
     interval_record,
 )
+from steadytrain.train.checkpointing import Checkpointer
 from steadytrain.train.state import TrainState
 
 
@@ -54,6 +56,7 @@ class TrainingParts:
     val_batches: list[MicroBatch]
     tokens_per_sample: int
     ledger: Ledger
+    checkpointer: Checkpointer
     metrics: MetricSink
     events: EventLog
     timer: PhaseTimer
@@ -66,6 +69,8 @@ class FitResult:
     first_loss: float | None = None
     last_loss: float | None = None
     val_loss: float | None = None
+    last_save: SaveOutcome | None = None
+    resumed_from: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -84,6 +89,12 @@ def fit(parts: TrainingParts, state: TrainState) -> FitResult:
         with timer.phase("optimizer"):
             apply_optimizer_step(parts)
         commit_step(parts, state, micro_batches)
+        with timer.phase("checkpoint"):
+            save = parts.checkpointer.after_step(
+                parts, state, final=state.step == config.train.max_steps
+            )
+        if save is not None:
+            result.last_save = save
         step_seconds, phase_seconds = timer.end_step()
         interval.add(step_seconds, phase_seconds)
         interval_loss += step_loss

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import platform
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +45,13 @@ from steadytrain.dist import (
 )
 from steadytrain.model import build_model, resolve_loss_fn
 from steadytrain.telemetry import ConsoleProgress, EventLog, JsonlSink, NullSink, PhaseTimer
+from steadytrain.train.checkpointing import (
+    NoCheckpoints,
+    ResumeRequest,
+    build_checkpointer,
+    open_storage,
+    restore_training_state,
+)
 from steadytrain.train.loop import FitResult, TrainingParts, fit
 from steadytrain.train.optim import build_optimizer, build_scheduler
 from steadytrain.train.state import TrainState
@@ -54,7 +60,7 @@ T = TypeVar("T")
 FINAL_WEIGHTS = Path("final") / "model.safetensors"
 
 
-def run_training(config: Config) -> FitResult:
+def run_training(config: Config, *, resume: ResumeRequest | None = None) -> FitResult:
     """Join the process group, train to ``train.max_steps``, save the final weights.
 
     Raises:
@@ -67,11 +73,17 @@ def run_training(config: Config) -> FitResult:
         use_deterministic_kernels(config.deterministic)
         parts = build_parts(config, runtime)
         state = TrainState()
+        storage = _agreed(lambda: open_storage(config), runtime)
+        resumed_from = restore_training_state(
+            storage, parts, state, request=resume or ResumeRequest()
+        )
+        parts.checkpointer = build_checkpointer(config, storage)
+        parts.ledger = _open_ledger(config, runtime, parts.sampler, start_step=state.step)
         started = time.perf_counter()
         if runtime.is_main:
             parts.events.emit("train_start", step=state.step, **_run_facts(config, runtime, parts))
-            _warn_ignored_settings(config, parts)
         result = fit(parts, state)
+        result.resumed_from = resumed_from
         elapsed = time.perf_counter() - started
         if runtime.is_main:
             weights = save_final_weights(parts.model.unwrapped, Path(config.run_dir).resolve())
@@ -153,7 +165,8 @@ def build_parts(config: Config, runtime: Runtime) -> TrainingParts:
         ),
         val_batches=val_batches,
         tokens_per_sample=datasets.tokens_per_sample,
-        ledger=_open_ledger(config, runtime, sampler, start_step=0),
+        ledger=NullLedger(),
+        checkpointer=NoCheckpoints(),
         metrics=JsonlSink(run_dir / "metrics.jsonl") if runtime.is_main else NullSink(),
         events=EventLog(JsonlSink(run_dir / "events.jsonl"), rank=runtime.rank),
         timer=PhaseTimer(device=runtime.device),
@@ -214,16 +227,6 @@ def _open_ledger(
     )
 
 
-def _warn_ignored_settings(config: Config, parts: TrainingParts) -> None:
-    if config.checkpoint.every_steps:
-        message = (
-            f"checkpoint.every_steps={config.checkpoint.every_steps} is ignored: this version "
-            "does not write checkpoints yet; only final/model.safetensors is saved"
-        )
-        print(f"steadytrain: warning: {message}", file=sys.stderr)
-        parts.events.emit("setting_ignored", key="checkpoint.every_steps", message=message)
-
-
 def _run_facts(config: Config, runtime: Runtime, parts: TrainingParts) -> dict[str, Any]:
     return {
         "world_size": runtime.world_size,
@@ -271,6 +274,17 @@ def _summary(
         "val loss": f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a",
         "wall time": f"{elapsed:.1f} s ({state.tokens_seen / max(elapsed, 1e-9):,.0f} tokens/s)",
         "grad sync share": f"{mean_sync * 100:.1f}% of step time",
+        "resumed from": result.resumed_from or "nothing (fresh start)",
+        "last checkpoint": _describe_save(result),
         "run dir": str(Path(config.run_dir).resolve()),
         "weights": str(weights),
     }
+
+
+def _describe_save(result: FitResult) -> str:
+    save = result.last_save
+    if save is None:
+        return "none this run"
+    if save.committed:
+        return f"step {save.step} -> {save.location} ({save.seconds_blocked:.2f} s)"
+    return f"step {save.step} FAILED: {save.error}"

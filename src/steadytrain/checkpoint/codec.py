@@ -1,0 +1,87 @@
+"""Turn training state into safetensors + JSON and back, so loading never unpickles.
+
+Tensors go to safetensors files; everything else (optimizer hyper-parameters, scheduler and
+sampler state, counters, Python/NumPy RNG states) goes to JSON. Nested state dicts are
+flattened with dotted keys and a JSON "skeleton" that records where each tensor goes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+TENSOR_MARK = "__tensor__"
+
+
+def split_tensors(state: Any, *, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
+    """Replace every tensor in a nested dict/list structure by a reference.
+
+    Returns the JSON-able skeleton and the tensors by dotted key.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(value: Any, key: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            tensors[key] = value.detach().cpu().contiguous()
+            return {TENSOR_MARK: key}
+        if isinstance(value, dict):
+            return {
+                "__dict__": [
+                    [_key_to_json(k), walk(v, f"{key}.{k}" if key else str(k))]
+                    for k, v in value.items()
+                ]
+            }
+        if isinstance(value, (list, tuple)):
+            items = [walk(v, f"{key}.{i}" if key else str(i)) for i, v in enumerate(value)]
+            return {"__tuple__": items} if isinstance(value, tuple) else items
+        if isinstance(value, np.ndarray):
+            return {"__ndarray__": value.tolist(), "dtype": str(value.dtype)}
+        if isinstance(value, (np.integer, np.floating)):
+            return value.item()
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        raise TypeError(f"cannot checkpoint a value of type {type(value).__name__} at {key!r}")
+
+    return walk(state, prefix), tensors
+
+
+def join_tensors(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of ``split_tensors``."""
+    if isinstance(skeleton, dict):
+        if TENSOR_MARK in skeleton:
+            return tensors[skeleton[TENSOR_MARK]]
+        if "__dict__" in skeleton:
+            return {_key_from_json(k): join_tensors(v, tensors) for k, v in skeleton["__dict__"]}
+        if "__tuple__" in skeleton:
+            return tuple(join_tensors(v, tensors) for v in skeleton["__tuple__"])
+        if "__ndarray__" in skeleton:
+            return np.asarray(skeleton["__ndarray__"], dtype=skeleton["dtype"])
+        raise ValueError(f"unknown skeleton node {sorted(skeleton)}")
+    if isinstance(skeleton, list):
+        return [join_tensors(v, tensors) for v in skeleton]
+    return skeleton
+
+
+def tensors_to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    return save_safetensors(tensors)
+
+
+def tensors_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
+    return load_safetensors(data)
+
+
+def _key_to_json(key: Any) -> Any:
+    # Optimizer state is keyed by int parameter ids: keep the type through JSON.
+    if isinstance(key, int):
+        return {"int": key}
+    if isinstance(key, str):
+        return key
+    raise TypeError(f"cannot checkpoint a dict key of type {type(key).__name__}")
+
+
+def _key_from_json(key: Any) -> Any:
+    return key["int"] if isinstance(key, dict) else key

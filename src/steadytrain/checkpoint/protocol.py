@@ -1,0 +1,214 @@
+"""Saving, verifying, choosing and pruning checkpoints (Contract 3).
+
+Commit order: every rank writes its own files durably into a staging location; the ranks
+agree (a collective) that all parts are durable; only then does rank 0 write the manifest and
+make the checkpoint visible. A failed part on any rank means nothing is committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from steadytrain.checkpoint.codec import (
+    join_tensors,
+    split_tensors,
+    tensors_from_bytes,
+    tensors_to_bytes,
+)
+from steadytrain.checkpoint.manifest import (
+    MANIFEST_NAME,
+    FileEntry,
+    Manifest,
+    ManifestError,
+    checkpoint_name,
+    sha256_of,
+    step_of,
+)
+from steadytrain.checkpoint.storage import CheckpointStorage, StorageError
+from steadytrain.dist import broadcast_from_main, gather_from_all
+
+STATE_FORMAT_VERSION = 1
+
+
+class EventSink(Protocol):
+    def emit(self, kind: str, **fields: Any) -> None: ...
+
+
+@dataclass
+class SaveOutcome:
+    step: int
+    committed: bool
+    location: str
+    seconds_blocked: float = 0.0
+    error: str | None = None
+    pruned: list[str] = field(default_factory=list)
+
+
+def encode_parts(parts: dict[str, Any], *, stem: str) -> dict[str, bytes]:
+    """Files for a set of named states: ``STEM.json`` (skeleton) + one safetensors per part."""
+    files: dict[str, bytes] = {}
+    skeletons: dict[str, Any] = {}
+    tensor_files: dict[str, str] = {}
+    for part, state in parts.items():
+        skeleton, tensors = split_tensors(state)
+        skeletons[part] = skeleton
+        if tensors:
+            filename = f"{stem}-{part}.safetensors" if stem != "shared" else f"{part}.safetensors"
+            files[filename] = tensors_to_bytes(tensors)
+            tensor_files[part] = filename
+    document = {"version": STATE_FORMAT_VERSION, "tensor_files": tensor_files, "parts": skeletons}
+    files[f"{stem}.json"] = json.dumps(document).encode()
+    return files
+
+
+def decode_parts(read: Callable[[str], bytes], *, stem: str) -> dict[str, Any]:
+    """Inverse of ``encode_parts``: JSON and safetensors only, never pickle."""
+    document = json.loads(read(f"{stem}.json"))
+    if document.get("version") != STATE_FORMAT_VERSION:
+        raise ManifestError(f"{stem}.json: unsupported state version {document.get('version')!r}")
+    decoded = {}
+    for part, skeleton in document["parts"].items():
+        filename = document["tensor_files"].get(part)
+        tensors = tensors_from_bytes(read(filename)) if filename else {}
+        decoded[part] = join_tensors(skeleton, tensors)
+    return decoded
+
+
+def rank_stem(rank: int) -> str:
+    return f"rank-{rank:05d}"
+
+
+def save_checkpoint(
+    storage: CheckpointStorage,
+    *,
+    step: int,
+    rank: int,
+    files: dict[str, bytes],
+    manifest: Manifest,
+    events: EventSink,
+) -> SaveOutcome:
+    """Write this rank's ``files`` and commit the checkpoint if every rank succeeded.
+
+    A collective: every rank must call it for the same step. Storage errors are reported in
+    the outcome and as an event, never raised: training goes on, nothing is committed.
+    """
+    name = checkpoint_name(step)
+    token = broadcast_from_main(uuid.uuid4().hex[:8])  # collective: one staging name
+    error: str | None = None
+    entries: dict[str, FileEntry] = {}
+    location = ""
+    try:
+        location = storage.staging_location(name, token=token)
+        for filename, data in files.items():
+            storage.write_file(location, filename, data)
+            entries[filename] = FileEntry(size=len(data), sha256=sha256_of(data))
+    except (StorageError, OSError) as caught:
+        error = f"rank {rank}: {caught}"
+    # Agreement: the checkpoint is committed only if every rank's part is durable.
+    reports = gather_from_all((error, entries))  # collective
+    errors = [report_error for report_error, _ in reports if report_error]
+    committed = False
+    if rank == 0:
+        committed, error = _commit(storage, location, name, manifest, reports, errors)
+        if committed:
+            events.emit(
+                "checkpoint_saved",
+                step=step,
+                location=storage.describe(name),
+                num_files=sum(len(files) for _, files in reports),
+            )
+        else:
+            events.emit("checkpoint_failed", step=step, reason=error)
+    committed, error = broadcast_from_main((committed, error))  # collective
+    return SaveOutcome(step=step, committed=committed, location=storage.describe(name), error=error)
+
+
+def _commit(
+    storage: CheckpointStorage,
+    location: str,
+    name: str,
+    manifest: Manifest,
+    reports: list[tuple[str | None, dict[str, FileEntry]]],
+    errors: list[str],
+) -> tuple[bool, str | None]:
+    if errors:
+        storage.discard(location)
+        return False, "; ".join(errors)
+    all_files: dict[str, FileEntry] = {}
+    for _, entries in reports:
+        all_files.update(entries)
+    try:
+        storage.commit(location, name, replace(manifest, files=all_files).to_json().encode())
+    except (StorageError, OSError) as caught:
+        storage.discard(location)
+        return False, f"commit: {caught}"
+    return True, None
+
+
+def verify_checkpoint(storage: CheckpointStorage, name: str) -> tuple[Manifest | None, list[str]]:
+    """Check completeness and checksums; returns the manifest (if readable) and problems."""
+    if storage.file_size(name, MANIFEST_NAME) is None:
+        return None, ["no manifest.json: the save never committed"]
+    try:
+        manifest = Manifest.from_json(storage.read_file(name, MANIFEST_NAME).decode())
+    except (ManifestError, UnicodeDecodeError, OSError) as error:
+        return None, [f"manifest.json unreadable: {error}"]
+    problems = []
+    if manifest.step != step_of(name):
+        problems.append(f"manifest says step {manifest.step}, directory says {step_of(name)}")
+    for filename, entry in sorted(manifest.files.items()):
+        size = storage.file_size(name, filename)
+        if size is None:
+            problems.append(f"{filename}: missing")
+        elif size != entry.size:
+            problems.append(f"{filename}: {size} bytes, manifest says {entry.size}")
+        elif _sha256_streamed(storage, name, filename) != entry.sha256:
+            problems.append(f"{filename}: checksum mismatch (corrupted)")
+    return manifest, problems
+
+
+def find_restorable(
+    storage: CheckpointStorage, *, events: EventSink, emit: bool
+) -> tuple[str, Manifest] | None:
+    """The newest checkpoint that verifies; newer ones that do not are reported as events."""
+    for name in reversed(storage.checkpoint_names()):
+        manifest, problems = verify_checkpoint(storage, name)
+        if manifest is not None and not problems:
+            return name, manifest
+        if emit:
+            events.emit(
+                "checkpoint_rejected",
+                checkpoint=name,
+                problems=problems,
+                action="falling back to an older checkpoint",
+            )
+    return None
+
+
+def prune_checkpoints(
+    storage: CheckpointStorage, *, keep_last: int, keep_every: int, newest_good: str
+) -> list[str]:
+    """Delete committed checkpoints beyond the newest ``keep_last`` (milestones kept).
+
+    ``newest_good`` (just verified or committed) is never deleted, so a good one always stays.
+    """
+    names = storage.checkpoint_names()
+    keep = set(names[-keep_last:]) | {newest_good}
+    if keep_every:
+        keep |= {name for name in names if (step_of(name) or 0) % keep_every == 0}
+    doomed = [name for name in names if name not in keep]
+    for name in doomed:
+        storage.delete(name)
+    return doomed
+
+
+def _sha256_streamed(storage: CheckpointStorage, name: str, filename: str) -> str:
+    digest = hashlib.sha256()
+    for chunk in storage.read_chunks(name, filename):
+        digest.update(chunk)
+    return digest.hexdigest()

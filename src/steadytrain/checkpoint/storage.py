@@ -1,0 +1,174 @@
+"""Where checkpoints live. ``CheckpointStorage`` is the plug-in point; ``LocalStorage`` is the
+local-disk implementation (temp directory + fsync + rename).
+
+A checkpoint is a directory ``step_XXXXXXXX/`` of files plus ``manifest.json``. Writers put
+files in a staging location, and ``commit`` makes the checkpoint visible only once the
+manifest is durable; a directory without a manifest is never listed as a checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+from steadytrain.checkpoint.manifest import MANIFEST_NAME, step_of
+
+READ_CHUNK_BYTES = 8 * 2**20
+
+
+class StorageError(OSError):
+    """A storage operation failed (disk full, permission, network)."""
+
+
+class CheckpointStorage(Protocol):
+    def staging_location(self, name: str, *, token: str) -> str:
+        """Where the files of checkpoint ``name`` are written before commit."""
+        ...
+
+    def write_file(self, location: str, filename: str, data: bytes) -> None:
+        """Write ``data`` durably (it survives a crash once this returns)."""
+        ...
+
+    def commit(self, location: str, name: str, manifest: bytes) -> None:
+        """Write the manifest last and make the checkpoint visible as ``name``."""
+        ...
+
+    def discard(self, location: str) -> None:
+        """Remove an uncommitted staging location (best effort)."""
+        ...
+
+    def checkpoint_names(self) -> list[str]:
+        """Names of ``step_*`` directories, oldest step first, with or without a manifest."""
+        ...
+
+    def read_file(self, name: str, filename: str) -> bytes: ...
+
+    def read_chunks(self, name: str, filename: str) -> Iterator[bytes]: ...
+
+    def file_size(self, name: str, filename: str) -> int | None:
+        """Size in bytes, or None when the file is missing."""
+        ...
+
+    def delete(self, name: str) -> None: ...
+
+    def remove_leftovers(self) -> list[str]:
+        """Remove staging debris of saves that crashed; call when no save is in flight."""
+        ...
+
+    def free_bytes(self) -> int | None:
+        """Free space at the destination, when it can be known."""
+        ...
+
+    def describe(self, name: str) -> str:
+        """A human-readable location of checkpoint ``name`` (no credentials)."""
+        ...
+
+
+class LocalStorage:
+    """Checkpoints as directories under ``root`` on a local or shared POSIX file system."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def staging_location(self, name: str, *, token: str) -> str:
+        staging = self.root / f".{name}.partial-{token}"
+        try:
+            staging.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StorageError(f"cannot create {staging}: {error}") from error
+        return str(staging)
+
+    def write_file(self, location: str, filename: str, data: bytes) -> None:
+        path = Path(location) / filename
+        try:
+            with open(path, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as error:
+            raise StorageError(f"cannot write {path}: {error}") from error
+
+    def commit(self, location: str, name: str, manifest: bytes) -> None:
+        staging, final = Path(location), self.root / name
+        self.write_file(location, MANIFEST_NAME, manifest)
+        try:
+            _fsync_directory(staging)
+            if final.exists():
+                # A rejected checkpoint of the same step (e.g. corrupt, then re-trained) is
+                # moved aside first so the rename below stays atomic.
+                replaced = self.root / f".{name}.replaced-{uuid.uuid4().hex[:8]}"
+                os.rename(final, replaced)
+                os.rename(staging, final)
+                shutil.rmtree(replaced, ignore_errors=True)
+            else:
+                os.rename(staging, final)
+            _fsync_directory(self.root)
+        except OSError as error:
+            raise StorageError(f"cannot commit {final}: {error}") from error
+
+    def discard(self, location: str) -> None:
+        shutil.rmtree(location, ignore_errors=True)
+
+    def checkpoint_names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        named = [
+            (step, entry.name)
+            for entry in self.root.iterdir()
+            if (step := step_of(entry.name)) is not None and entry.is_dir()
+        ]
+        return [name for _, name in sorted(named)]
+
+    def read_file(self, name: str, filename: str) -> bytes:
+        return (self.root / name / filename).read_bytes()
+
+    def read_chunks(self, name: str, filename: str) -> Iterator[bytes]:
+        with open(self.root / name / filename, "rb") as handle:
+            while chunk := handle.read(READ_CHUNK_BYTES):
+                yield chunk
+
+    def file_size(self, name: str, filename: str) -> int | None:
+        path = self.root / name / filename
+        return path.stat().st_size if path.is_file() else None
+
+    def delete(self, name: str) -> None:
+        target = self.root / name
+        if not target.exists():
+            return
+        # Rename first so a crash mid-delete never leaves a half-deleted "committed" step.
+        doomed = self.root / f".{name}.deleting-{uuid.uuid4().hex[:8]}"
+        os.rename(target, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def remove_leftovers(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        debris = [
+            entry
+            for entry in self.root.iterdir()
+            if entry.name.startswith(".step_") and entry.is_dir()
+        ]
+        for entry in debris:
+            shutil.rmtree(entry, ignore_errors=True)
+        return [entry.name for entry in debris]
+
+    def free_bytes(self) -> int | None:
+        probe = self.root
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        return shutil.disk_usage(probe).free
+
+    def describe(self, name: str) -> str:
+        return str(self.root / name)
+
+
+def _fsync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

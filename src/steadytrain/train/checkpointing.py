@@ -1,0 +1,275 @@
+"""Checkpoint the training state and restore it: the glue between ``train`` and ``checkpoint``.
+
+What a checkpoint holds (Contract 3): model, optimizer, LR scheduler, sampler position,
+step/sample/token counters, every rank's RNG states, and the config (identity fields and
+fingerprint, plus the operational fields for the record).
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+import steadytrain
+from steadytrain.checkpoint import (
+    CheckpointStorage,
+    LocalStorage,
+    Manifest,
+    SaveOutcome,
+    decode_parts,
+    encode_parts,
+    find_restorable,
+    prune_checkpoints,
+    rank_stem,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from steadytrain.config import (
+    Config,
+    ConfigError,
+    UserError,
+    identity_differences,
+    identity_fields,
+    identity_fingerprint,
+    operational_fields,
+)
+from steadytrain.dist import (
+    broadcast_from_main,
+    capture_rng_state,
+    rank_seed,
+    restore_rng_state,
+    seed_all,
+)
+from steadytrain.train.state import TrainState
+
+
+class CheckpointRefused(UserError):
+    """The chosen checkpoint cannot be restored into this run."""
+
+
+class Checkpointer(Protocol):
+    """What the loop needs: a chance to save after each committed step."""
+
+    def after_step(self, parts: Any, state: TrainState, *, final: bool) -> SaveOutcome | None: ...
+
+
+class NoCheckpoints:
+    """Checkpointing off (``checkpoint.every_steps: 0``)."""
+
+    def after_step(self, parts: Any, state: TrainState, *, final: bool) -> SaveOutcome | None:
+        return None
+
+
+@dataclass
+class ResumeRequest:
+    """How ``train`` was asked to resume: automatically, from a given path, or not at all."""
+
+    enabled: bool = True
+    from_path: Path | None = None
+
+
+def open_storage(config: Config) -> CheckpointStorage:
+    """The storage named by ``checkpoint.uri`` (default ``RUN_DIR/checkpoints``)."""
+    uri = config.checkpoint.uri or str(Path(config.run_dir) / "checkpoints")
+    if "://" in uri and not uri.startswith("file://"):
+        raise ConfigError(
+            f"checkpoint.uri: {uri!r} names an object store, which this version does not "
+            "support yet; use a local or shared-file-system path"
+        )
+    return LocalStorage(Path(uri.removeprefix("file://")).expanduser())
+
+
+class PeriodicCheckpointer:
+    """Saves every ``checkpoint.every_steps`` steps and at the end, then prunes old ones."""
+
+    def __init__(self, storage: CheckpointStorage, config: Config) -> None:
+        self.storage = storage
+        self.config = config
+        self.last_committed_step: int | None = None
+
+    def after_step(self, parts: Any, state: TrainState, *, final: bool) -> SaveOutcome | None:
+        every = self.config.checkpoint.every_steps
+        due = state.step % every == 0 or (final and self.config.checkpoint.at_end)
+        if not due or state.step == self.last_committed_step:
+            return None
+        outcome = save_training_state(self.storage, parts, state)
+        if outcome.committed:
+            self.last_committed_step = state.step
+            if parts.runtime.is_main:
+                pruned = prune_checkpoints(
+                    self.storage,
+                    keep_last=self.config.checkpoint.keep_last,
+                    keep_every=self.config.checkpoint.keep_every,
+                    newest_good=Path(outcome.location).name,
+                )
+                outcome.pruned = pruned
+        return outcome
+
+
+def build_checkpointer(config: Config, storage: CheckpointStorage) -> Checkpointer:
+    if config.checkpoint.every_steps == 0:
+        return NoCheckpoints()
+    return PeriodicCheckpointer(storage, config)
+
+
+def save_training_state(storage: CheckpointStorage, parts: Any, state: TrainState) -> SaveOutcome:
+    """Snapshot everything that must survive a restart and commit it (a collective)."""
+    started = time.perf_counter()
+    runtime = parts.runtime
+    files: dict[str, bytes] = {}
+    if runtime.is_main:
+        # Replicated under DDP: rank 0's copy is everyone's.
+        shared = {
+            "model": parts.model.unwrapped.state_dict(),
+            "optimizer": parts.optimizer.state_dict(),
+            "scheduler": parts.scheduler.state_dict(),
+            "sampler": parts.sampler.state_dict(),
+            "train": state.state_dict(),
+        }
+        files.update(encode_parts(shared, stem="shared"))
+    files.update(encode_parts({"rng": capture_rng_state()}, stem=rank_stem(runtime.rank)))
+    outcome = save_checkpoint(
+        storage,
+        step=state.step,
+        rank=runtime.rank,
+        files=files,
+        manifest=_manifest(
+            parts.config, runtime.world_size, parts.layout.global_batch_size, step=state.step
+        ),
+        events=parts.events,
+    )
+    outcome.seconds_blocked = time.perf_counter() - started
+    return outcome
+
+
+def restore_training_state(
+    storage: CheckpointStorage, parts: Any, state: TrainState, *, request: ResumeRequest
+) -> str | None:
+    """Load the newest good checkpoint (or the requested one) into the parts (a collective).
+
+    Returns the restored checkpoint's location, or None when training starts fresh.
+
+    Raises:
+        CheckpointRefused: the requested checkpoint is bad, or the identity differs.
+    """
+    runtime, config = parts.runtime, parts.config
+    if not request.enabled:
+        return None
+    source, only = storage, None
+    if request.from_path is not None:
+        path = request.from_path.expanduser().resolve()
+        source, only = LocalStorage(path.parent), path.name
+    choice: tuple[str, str] | None = None  # (name, manifest json)
+    error: str | None = None
+    if runtime.is_main:
+        storage.remove_leftovers()
+        try:
+            choice = _choose(source, only=only, events=parts.events)
+        except CheckpointRefused as refused:
+            error = str(refused)
+    choice, error = broadcast_from_main((choice, error))  # collective: one choice for all
+    if error is not None:
+        raise CheckpointRefused(error, reported_elsewhere=not runtime.is_main)
+    if choice is None:
+        return None
+    name, manifest_json = choice
+    manifest = Manifest.from_json(manifest_json)
+    location = source.describe(name)
+    _check_compatible(manifest, config, location=location, parts=parts)
+    shared = decode_parts(lambda filename: source.read_file(name, filename), stem="shared")
+    parts.model.unwrapped.load_state_dict(shared["model"])
+    parts.optimizer.load_state_dict(shared["optimizer"])
+    parts.scheduler.load_state_dict(shared["scheduler"])
+    parts.sampler.load_state_dict(shared["sampler"])
+    state.load_state_dict(shared["train"])
+    _restore_rng(source, name, manifest, parts, state)
+    if runtime.is_main:
+        parts.events.emit(
+            "resume",
+            checkpoint=location,
+            step=state.step,
+            saved_world_size=manifest.world_size,
+            world_size=runtime.world_size,
+        )
+    return location
+
+
+def _choose(source: CheckpointStorage, *, only: str | None, events: Any) -> tuple[str, str] | None:
+    if only is not None:
+        manifest, problems = verify_checkpoint(source, only)
+        if manifest is None or problems:
+            raise CheckpointRefused(
+                f"--resume-from {source.describe(only)}: not a good checkpoint "
+                f"({'; '.join(problems)}); pick one that 'steadytrain checkpoints verify' "
+                "reports as good"
+            )
+        return only, manifest.to_json()
+    found = find_restorable(source, events=events, emit=True)
+    if found is None:
+        return None
+    name, manifest = found
+    return name, manifest.to_json()
+
+
+def _check_compatible(manifest: Manifest, config: Config, *, location: str, parts: Any) -> None:
+    differences = identity_differences(manifest.identity, identity_fields(config))
+    if differences:
+        raise CheckpointRefused(
+            f"checkpoint {location} belongs to a run with another identity ("
+            + "; ".join(differences)
+            + "); restore it with the same settings, or start fresh with --no-resume or a new "
+            "--run-dir",
+            reported_elsewhere=not parts.runtime.is_main,
+        )
+    if manifest.global_batch_size != parts.layout.global_batch_size:
+        raise CheckpointRefused(
+            f"checkpoint {location}: global batch {manifest.global_batch_size} differs from "
+            f"{parts.layout.global_batch_size}",
+            reported_elsewhere=not parts.runtime.is_main,
+        )
+    if parts.runtime.is_main:
+        changed = identity_differences(manifest.operational, operational_fields(config))
+        if changed:
+            parts.events.emit("config_changed", checkpoint=location, changes=changed)
+
+
+def _restore_rng(
+    source: CheckpointStorage, name: str, manifest: Manifest, parts: Any, state: TrainState
+) -> None:
+    runtime = parts.runtime
+    if manifest.world_size == runtime.world_size:
+        stem = rank_stem(runtime.rank)
+        rank_state = decode_parts(lambda filename: source.read_file(name, filename), stem=stem)
+        restore_rng_state(rank_state["rng"])
+        return
+    # Per-rank streams cannot be mapped onto another world size: reseed reproducibly.
+    seed_all(rank_seed(parts.config.seed + state.step, rank=runtime.rank))
+    if runtime.is_main:
+        parts.events.emit(
+            "rng_reseeded",
+            reason="world size changed",
+            saved_world_size=manifest.world_size,
+            world_size=runtime.world_size,
+        )
+
+
+def _manifest(config: Config, world_size: int, global_batch_size: int, *, step: int) -> Manifest:
+    return Manifest(
+        step=step,
+        time=time.time(),
+        identity_fingerprint=identity_fingerprint(config),
+        identity=identity_fields(config),
+        world_size=world_size,
+        global_batch_size=global_batch_size,
+        operational=operational_fields(config),
+        versions={
+            "steadytrain": steadytrain.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+    )
