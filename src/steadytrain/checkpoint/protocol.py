@@ -169,7 +169,42 @@ def verify_checkpoint(storage: CheckpointStorage, name: str) -> tuple[Manifest |
             problems.append(f"{filename}: {size} bytes, manifest says {entry.size}")
         elif _sha256_streamed(storage, name, filename) != entry.sha256:
             problems.append(f"{filename}: checksum mismatch (corrupted)")
+        elif (problem := _format_problem(storage, name, filename, size)) is not None:
+            problems.append(f"{filename}: {problem}")
     return manifest, problems
+
+
+def _format_problem(storage: CheckpointStorage, name: str, filename: str, size: int) -> str | None:
+    """Cheap structural check, so a file that is not what its name says is never loaded.
+
+    safetensors: an 8-byte header length, a JSON header whose offsets fit the file. JSON:
+    parses. Anything else is not part of our format.
+    """
+    if filename.endswith(".json"):
+        try:
+            json.loads(storage.read_file(name, filename))
+        except (ValueError, UnicodeDecodeError):
+            return "not valid JSON"
+        return None
+    if not filename.endswith(".safetensors"):
+        return "unexpected file type (only .safetensors and .json are loaded)"
+    head = next(storage.read_chunks(name, filename), b"")
+    if len(head) < 8:
+        return "not a safetensors file (too short)"
+    header_size = int.from_bytes(head[:8], "little")
+    if header_size <= 0 or 8 + header_size > size:
+        return "not a safetensors file (bad header length)"
+    header_bytes = head[8 : 8 + header_size]
+    if len(header_bytes) < header_size:
+        header_bytes = storage.read_file(name, filename)[8 : 8 + header_size]
+    try:
+        header = json.loads(header_bytes)
+        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError):
+        return "not a safetensors file (unreadable header)"
+    if max(ends, default=0) != size - 8 - header_size:
+        return "not a safetensors file (offsets do not match the size)"
+    return None
 
 
 def find_restorable(

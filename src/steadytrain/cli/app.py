@@ -68,7 +68,7 @@ def train(
 
     With checkpoints in the run directory, the same command resumes from the newest good one.
     """
-    from steadytrain.dist import launch_local_workers, under_torchrun
+    from steadytrain.dist import exit_with_launcher, launch_local_workers, under_torchrun
     from steadytrain.train import ResumeRequest, preflight, run_training
 
     if resume_from is not None and no_resume:
@@ -87,6 +87,7 @@ def train(
         typer.echo(
             "steadytrain: --nproc is ignored inside torchrun (it sets the world size)", err=True
         )
+    exit_with_launcher()
     run_training(config, resume=ResumeRequest(enabled=not no_resume, from_path=resume_from))
 
 

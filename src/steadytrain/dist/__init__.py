@@ -1,6 +1,6 @@
 """Torchrun environment, process group, agreed decisions, seeding, the parallel wrapper."""
 
-from steadytrain.dist.launch import launch_local_workers
+from steadytrain.dist.launch import exit_with_launcher, launch_local_workers
 from steadytrain.dist.agree import (
     any_rank,
     broadcast_from_main,
@@ -34,6 +34,7 @@ __all__ = [
     "barrier",
     "broadcast_from_main",
     "capture_rng_state",
+    "exit_with_launcher",
     "first_failure",
     "gather_from_all",
     "launch_local_workers",

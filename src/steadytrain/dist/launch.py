@@ -9,13 +9,18 @@ too instead of printing the agent's multi-page failure report.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Sequence
 
 from steadytrain.config import EXIT_INTERNAL, EXIT_USAGE
 
 _AGENT_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher")
+LAUNCHER_PID_VARIABLE = "STEADYTRAIN_LAUNCHER_PID"
 
 
 def launch_local_workers(
@@ -27,6 +32,7 @@ def launch_local_workers(
 
     for name in _AGENT_LOGGERS:
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    os.environ[LAUNCHER_PID_VARIABLE] = str(os.getpid())  # inherited by the workers
     launch_config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -49,6 +55,24 @@ def launch_local_workers(
                   file=sys.stderr)
         return code
     return 0
+
+
+def exit_with_launcher(*, poll_seconds: float = 0.5) -> None:
+    """In a worker started by ``--nproc``: die when the launcher dies, even by ``kill -9``.
+
+    Orphaned workers would otherwise train on, and race a resumed run for the same run
+    directory. A daemon thread watches the parent; nothing happens outside ``--nproc``.
+    """
+    launcher = os.environ.get(LAUNCHER_PID_VARIABLE)
+    if launcher is None or str(os.getppid()) != launcher:
+        return
+
+    def watch() -> None:
+        while os.getppid() == int(launcher):
+            time.sleep(poll_seconds)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="steadytrain-launcher-watch", daemon=True).start()
 
 
 def _exit_code_of(error: object) -> int:
