@@ -63,3 +63,41 @@ def run_torchrun(*args: str | Path, nproc: int = 2, timeout: float = 240) -> Cli
 
 def as_set_args(overrides: list[str]) -> list[str]:
     return [arg for override in overrides for arg in ("--set", override)]
+
+
+def start_steadytrain(*args: str | Path) -> subprocess.Popen[str]:
+    """Start ``steadytrain ARGS`` in the background (to kill it), output to pipes."""
+    command = [str(Path(sys.executable).parent / "steadytrain"), *map(str, args)]
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=REPO
+    )
+
+
+def wait_for_step(
+    run_dir: Path, step: int, process: subprocess.Popen[str], timeout: float = 120
+) -> int:
+    """Block until ``metrics.jsonl`` logs a step >= ``step``; returns the step seen."""
+    import json
+    import time
+
+    deadline = time.monotonic() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"training exited early ({process.returncode})")
+        if metrics.is_file():
+            for line in reversed(metrics.read_text().splitlines()):
+                try:
+                    seen = json.loads(line).get("step", -1)
+                except json.JSONDecodeError:
+                    continue
+                if seen >= step:
+                    return int(seen)
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def worker_pids(launcher: subprocess.Popen[str]) -> list[int]:
+    """The worker processes that ``--nproc`` started (children of the launcher)."""
+    children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children")
+    return [int(pid) for pid in children.read_text().split()]

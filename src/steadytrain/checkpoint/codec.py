@@ -26,7 +26,11 @@ def split_tensors(state: Any, *, prefix: str = "") -> tuple[Any, dict[str, torch
 
     def walk(value: Any, key: str) -> Any:
         if isinstance(value, torch.Tensor):
-            tensors[key] = value.detach().cpu().contiguous()
+            if key in tensors:
+                raise ValueError(f"two tensors map to the checkpoint key {key!r}; rename one")
+            # A copy: tied weights share storage (safetensors refuses that), and the snapshot
+            # must not change if training goes on while it is written.
+            tensors[key] = value.detach().to("cpu", copy=True).contiguous()
             return {TENSOR_MARK: key}
         if isinstance(value, dict):
             return {
@@ -39,7 +43,11 @@ def split_tensors(state: Any, *, prefix: str = "") -> tuple[Any, dict[str, torch
             items = [walk(v, f"{key}.{i}" if key else str(i)) for i, v in enumerate(value)]
             return {"__tuple__": items} if isinstance(value, tuple) else items
         if isinstance(value, np.ndarray):
-            return {"__ndarray__": value.tolist(), "dtype": str(value.dtype)}
+            return {
+                "__ndarray__": value.tolist(),
+                "dtype": str(value.dtype),
+                "shape": list(value.shape),
+            }
         if isinstance(value, (np.integer, np.floating)):
             return value.item()
         if value is None or isinstance(value, (bool, int, float, str)):
@@ -59,7 +67,8 @@ def join_tensors(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
         if "__tuple__" in skeleton:
             return tuple(join_tensors(v, tensors) for v in skeleton["__tuple__"])
         if "__ndarray__" in skeleton:
-            return np.asarray(skeleton["__ndarray__"], dtype=skeleton["dtype"])
+            array = np.asarray(skeleton["__ndarray__"], dtype=skeleton["dtype"])
+            return array.reshape(skeleton.get("shape", array.shape))
         raise ValueError(f"unknown skeleton node {sorted(skeleton)}")
     if isinstance(skeleton, list):
         return [join_tensors(v, tensors) for v in skeleton]

@@ -90,7 +90,7 @@ def step_of(name: str) -> int | None:
     if not name.startswith(CHECKPOINT_PREFIX):
         return None
     digits = name[len(CHECKPOINT_PREFIX) :]
-    return int(digits) if digits.isdigit() else None
+    return int(digits) if digits.isascii() and digits.isdigit() else None
 
 
 def sha256_of(data: bytes) -> str:

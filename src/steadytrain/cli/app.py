@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -44,7 +45,7 @@ NprocOpt = Annotated[
 def _load(config_path: Path, overrides: list[str] | None, run_dir: Path | None) -> Config:
     settings = list(overrides or [])
     if run_dir is not None:
-        settings.append(f"run_dir={run_dir}")
+        settings.append(f"run_dir={json.dumps(str(run_dir))}")  # quoted: '2024' is a name
     return load_config(config_path, overrides=settings)
 
 

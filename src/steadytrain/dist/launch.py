@@ -57,7 +57,7 @@ def launch_local_workers(
     return 0
 
 
-def exit_with_launcher(*, poll_seconds: float = 0.5) -> None:
+def exit_with_launcher(*, poll_seconds: float = 0.1) -> None:
     """In a worker started by ``--nproc``: die when the launcher dies, even by ``kill -9``.
 
     Orphaned workers would otherwise train on, and race a resumed run for the same run

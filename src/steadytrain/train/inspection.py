@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def inspect_checkpoints(run_dir: Path, *, verify: bool) -> list[CheckpointStatus
             f"{run_dir}: no config.yaml, so not a steadytrain run directory; pass the --run-dir "
             "of a training run"
         )
-    config = load_config(config_path, overrides=[f"run_dir={run_dir}"])
+    config = load_config(config_path, overrides=[f"run_dir={json.dumps(str(run_dir))}"])
     storage = open_storage(config)
     statuses = []
     for name in storage.checkpoint_names():

@@ -1,0 +1,288 @@
+"""Checkpoints you can trust, tested the way failures happen: kill -9, corruption, a changed
+world size, a changed config, a planted pickle."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.helpers import (
+    TINY_CONFIG,
+    as_set_args,
+    run_steadytrain,
+    start_steadytrain,
+    wait_for_step,
+    worker_pids,
+)
+
+pytestmark = pytest.mark.slow
+MAX_STEPS = 24
+
+
+def checkpoint_overrides(text_corpus: Path, data_cache: Path) -> list[str]:
+    return [
+        f"data.corpus={text_corpus}",
+        f"data.cache_dir={data_cache}",
+        "data.seq_len=64",
+        "data.ledger=true",
+        "model.kwargs={num_layers: 2, width: 64, num_heads: 2}",
+        f"train.max_steps={MAX_STEPS}",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=2",
+        "train.warmup_steps=4",
+        "train.eval_batches=0",
+        "checkpoint.every_steps=4",
+        "checkpoint.keep_last=3",
+        "log.every_steps=1",
+        "log.console=false",
+        "deterministic=true",
+    ]
+
+
+def train(run_dir: Path, overrides: list[str], *extra: str, nproc: int = 2):
+    return run_steadytrain(
+        "train",
+        TINY_CONFIG,
+        "--nproc",
+        str(nproc),
+        "--run-dir",
+        run_dir,
+        *extra,
+        *as_set_args(overrides),
+    )
+
+
+def events(run_dir: Path, kind: str) -> list[dict]:
+    records = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    return [record for record in records if record["event"] == kind]
+
+
+def final_weights(run_dir: Path) -> bytes:
+    return (run_dir / "final" / "model.safetensors").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def overrides(text_corpus: Path, data_cache: Path) -> list[str]:
+    return checkpoint_overrides(text_corpus, data_cache)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, overrides: list[str]) -> Path:
+    """An uninterrupted run: the weights every interrupted run must end with."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    result = train(run_dir, overrides)
+    assert result.returncode == 0, result.output
+    return run_dir
+
+
+def assert_audit_ok(run_dir: Path) -> None:
+    audit = run_steadytrain("audit", run_dir)
+    assert audit.returncode == 0, audit.output
+
+
+@pytest.mark.parametrize("victim", ["rank0", "rank1", "launcher"])
+def test_kill9_then_same_command_resumes_bit_identical(
+    victim: str, reference: Path, overrides: list[str], tmp_path: Path
+) -> None:
+    seed = random.randrange(2**16)
+    kill_at = random.Random(seed).randrange(5, MAX_STEPS - 4)
+    process = start_steadytrain(
+        "train", TINY_CONFIG, "--nproc", "2", "--run-dir", tmp_path, *as_set_args(overrides)
+    )
+    try:
+        wait_for_step(tmp_path, kill_at, process)
+        workers = worker_pids(process)
+        target = {"rank0": workers[0], "rank1": workers[-1], "launcher": process.pid}[victim]
+        os.kill(target, signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode != 0, f"seed {seed}: the run finished before the kill"
+    if victim != "launcher":  # orphaned workers notice within 0.1 s and may finish first
+        assert not (tmp_path / "final").exists()
+
+    resumed = train(tmp_path, overrides)
+    assert resumed.returncode == 0, resumed.output
+    assert events(tmp_path, "resume"), f"seed {seed}: did not resume"
+    assert final_weights(tmp_path) == final_weights(reference), f"seed {seed}, step {kill_at}"
+    assert_audit_ok(tmp_path)
+
+
+def test_kill9_during_saves_never_leaves_a_bad_checkpoint(
+    reference: Path, overrides: list[str], tmp_path: Path
+) -> None:
+    """Saving every step makes saves a large share of the time, so kills land mid-save."""
+    every_step = [*overrides, "checkpoint.every_steps=1"]
+    rng = random.Random()
+    for _ in range(3):
+        process = start_steadytrain(
+            "train", TINY_CONFIG, "--nproc", "2", "--run-dir", tmp_path, *as_set_args(every_step)
+        )
+        try:
+            seen = (
+                wait_for_step(tmp_path, 0, process) if (tmp_path / "metrics.jsonl").exists() else 0
+            )
+            wait_for_step(tmp_path, seen + rng.randrange(1, 4), process)
+            os.kill(rng.choice(worker_pids(process)), signal.SIGKILL)
+            process.wait(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+        verify = run_steadytrain("checkpoints", "verify", tmp_path)
+        assert verify.returncode == 0, verify.output  # every visible checkpoint is good
+    resumed = train(tmp_path, every_step)
+    assert resumed.returncode == 0, resumed.output
+    assert final_weights(tmp_path) == final_weights(reference)
+    assert_audit_ok(tmp_path)
+
+
+def corrupt(checkpoint: Path, how: str) -> None:
+    model = checkpoint / "model.safetensors"
+    if how == "flipped byte":
+        data = bytearray(model.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        model.write_bytes(bytes(data))
+    elif how == "truncated":
+        model.write_bytes(model.read_bytes()[:-100])
+    elif how == "missing file":
+        (checkpoint / "optimizer.safetensors").unlink()
+    elif how == "missing manifest":
+        (checkpoint / "manifest.json").unlink()
+
+
+@pytest.mark.parametrize("how", ["flipped byte", "truncated", "missing file", "missing manifest"])
+def test_bad_newest_checkpoint_falls_back_to_previous_good(
+    how: str, reference: Path, overrides: list[str], tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    shutil.rmtree(run_dir / "final")
+    newest = run_dir / "checkpoints" / f"step_{MAX_STEPS:08d}"
+    corrupt(newest, how)
+
+    verify = run_steadytrain("checkpoints", "verify", run_dir)
+    assert verify.returncode == 4 and "PROBLEM" in verify.stdout, verify.output
+
+    resumed = train(run_dir, overrides)
+    assert resumed.returncode == 0, resumed.output
+    rejected = events(run_dir, "checkpoint_rejected")
+    assert rejected and rejected[-1]["checkpoint"] == newest.name, rejected
+    assert events(run_dir, "resume")[-1]["step"] == MAX_STEPS - 4
+    assert final_weights(run_dir) == final_weights(reference)
+    assert_audit_ok(run_dir)
+
+
+def test_planted_pickle_never_runs(reference: Path, overrides: list[str], tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    shutil.rmtree(run_dir / "final")
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    newest = run_dir / "checkpoints" / f"step_{MAX_STEPS:08d}"
+    payload = pickle.dumps(Exploit())
+    (newest / "model.pt").write_bytes(payload)  # a stray pickle beside the real files
+    previous = run_dir / "checkpoints" / f"step_{MAX_STEPS - 4:08d}"
+    # A pickle in place of a real file, with the manifest forged to match it.
+    (previous / "optimizer.safetensors").write_bytes(payload)
+    manifest = json.loads((previous / "manifest.json").read_text())
+    import hashlib
+
+    manifest["files"]["optimizer.safetensors"] = {
+        "size": len(payload),
+        "sha256": hashlib.sha256(payload).hexdigest(),
+    }
+    (previous / "manifest.json").write_text(json.dumps(manifest))
+    shutil.rmtree(newest)
+    shutil.copytree(previous, newest)
+    manifest["step"] = MAX_STEPS
+    (newest / "manifest.json").write_text(json.dumps(manifest))
+
+    resumed = train(run_dir, overrides)
+    assert resumed.returncode == 0, resumed.output
+    assert not marker.exists(), "a pickle from the checkpoint directory was executed"
+    reasons = " ".join(
+        " ".join(event["problems"]) for event in events(run_dir, "checkpoint_rejected")
+    )
+    assert "not a safetensors file" in reasons
+    assert final_weights(run_dir) == final_weights(reference)
+
+
+def test_changed_identity_is_refused_with_the_differences(
+    reference: Path, overrides: list[str], tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    result = train(run_dir, [*overrides, "seed=99", "train.lr=0.001"])
+    assert result.returncode == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.stderr
+    assert "seed: 1234 -> 99" in lines[0] and "train.lr" in lines[0] and "--no-resume" in lines[0]
+
+
+def test_changed_operational_fields_are_accepted_and_logged(
+    reference: Path, overrides: list[str], tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    shutil.rmtree(run_dir / "final")
+    resume_from = run_dir / "checkpoints" / f"step_{MAX_STEPS - 8:08d}"
+    result = train(run_dir, [*overrides, "log.every_steps=2"], "--resume-from", resume_from)
+    assert result.returncode == 0, result.output
+    changes = events(run_dir, "config_changed")[-1]["changes"]
+    assert any(change.startswith("log.every_steps: 1 -> 2") for change in changes), changes
+    assert final_weights(run_dir) == final_weights(reference)
+
+
+@pytest.mark.parametrize(("first", "second"), [(2, 1), (1, 2)])
+def test_resume_with_another_world_size_keeps_exactly_once(
+    first: int, second: int, reference: Path, overrides: list[str], tmp_path: Path
+) -> None:
+    import torch
+
+    first_run = train(tmp_path, overrides, nproc=first)
+    assert first_run.returncode == 0, first_run.output
+    resume_from = tmp_path / "checkpoints" / f"step_{MAX_STEPS - 8:08d}"
+    resumed = train(tmp_path, overrides, "--resume-from", resume_from, nproc=second)
+    assert resumed.returncode == 0, resumed.output
+    assert events(tmp_path, "resume")[-1]["saved_world_size"] == first
+    assert_audit_ok(tmp_path)
+    expected = load_file(reference / "final" / "model.safetensors")
+    for name, tensor in load_file(tmp_path / "final" / "model.safetensors").items():
+        # Another world size sums in another order: equal up to float rounding, not bits.
+        torch.testing.assert_close(tensor, expected[name], rtol=1e-3, atol=1e-4)
+
+
+def test_no_resume_starts_fresh_and_bad_resume_from_is_refused(
+    reference: Path, overrides: list[str], tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    fresh = train(run_dir, overrides, "--no-resume")
+    assert fresh.returncode == 0, fresh.output
+    assert events(run_dir, "train_start")[-1]["step"] == 0
+    assert final_weights(run_dir) == final_weights(reference)
+    assert_audit_ok(run_dir)
+
+    bogus = train(run_dir, overrides, "--resume-from", tmp_path / "nowhere" / "step_00000004")
+    assert bogus.returncode == 2 and "--resume-from" in bogus.stderr, bogus.output
+    assert "Traceback" not in bogus.output
+
+
+def test_retention_keeps_the_newest(reference: Path) -> None:
+    names = sorted(path.name for path in (reference / "checkpoints").iterdir())
+    assert names == [f"step_{step:08d}" for step in (MAX_STEPS - 8, MAX_STEPS - 4, MAX_STEPS)]
+    listing = run_steadytrain("checkpoints", "list", reference)
+    assert listing.returncode == 0 and listing.stdout.count("good") == 3, listing.output
