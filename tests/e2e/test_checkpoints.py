@@ -286,3 +286,51 @@ def test_retention_keeps_the_newest(reference: Path) -> None:
     assert names == [f"step_{step:08d}" for step in (MAX_STEPS - 8, MAX_STEPS - 4, MAX_STEPS)]
     listing = run_steadytrain("checkpoints", "list", reference)
     assert listing.returncode == 0 and listing.stdout.count("good") == 3, listing.output
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A real, small file system: a tmpfs of the given size (needs root, as in CI)."""
+    import subprocess
+
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+
+    def mount(size: str) -> Path:
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        return mount_point
+
+    yield mount
+    subprocess.run(["umount", str(mount_point)], capture_output=True)
+
+
+def test_disk_full_during_save_is_reported_and_training_is_unharmed(
+    small_disk, reference: Path, overrides: list[str], tmp_path: Path
+) -> None:
+    disk = small_disk("6M")
+    run_dir = tmp_path / "run"
+    result = train(run_dir, [*overrides, f"checkpoint.uri={disk}"])
+    assert result.returncode == 0, result.output
+    failures = events(run_dir, "checkpoint_failed")
+    assert failures and "No space left" in failures[0]["reason"], failures
+    assert events(run_dir, "checkpoint_space_low")
+    assert final_weights(run_dir) == final_weights(reference)
+    names = [path.name for path in disk.iterdir()]
+    assert all(not name.startswith(".") for name in names), names  # no staging debris
+    verify = run_steadytrain("checkpoints", "verify", run_dir)
+    assert "BAD" not in verify.stdout and "INCOMPLETE" not in verify.stdout, verify.output
+
+
+def test_preflight_refuses_a_destination_too_small_for_two_checkpoints(
+    small_disk, overrides: list[str], tmp_path: Path
+) -> None:
+    disk = small_disk("1M")
+    result = train(tmp_path / "run", [*overrides, f"checkpoint.uri={disk}"])
+    assert result.returncode == 2, result.output
+    assert "less than two checkpoints" in result.stderr and "Traceback" not in result.output

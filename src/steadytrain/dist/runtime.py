@@ -85,9 +85,17 @@ def stop_runtime() -> None:
         dist.destroy_process_group()
 
 
-def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+def barrier(*, timeout_s: float | None = None) -> None:
+    """Wait for every rank; with ``timeout_s``, give up quietly after that long."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    if timeout_s is None:
         dist.barrier()
+        return
+    try:
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
+    except RuntimeError:
+        pass  # a peer is gone: nothing left to wait for
 
 
 def _choose_device_and_backend(config: Config, *, local_rank: int) -> tuple[torch.device, str]:

@@ -111,6 +111,38 @@ class PeriodicCheckpointer:
         return outcome
 
 
+def check_free_space(storage: CheckpointStorage, parts: Any) -> str | None:
+    """Refuse to start when the destination cannot hold two checkpoints; else maybe warn.
+
+    The size is estimated from the parameters: weights plus two AdamW moments, in their dtype.
+
+    Returns:
+        A warning when fewer than ``keep_last + 1`` checkpoints fit, else None.
+
+    Raises:
+        ConfigError: when fewer than two fit.
+    """
+    free = storage.free_bytes()
+    if free is None:
+        return None
+    parameters = list(parts.model.unwrapped.parameters())
+    estimate = 3 * sum(p.numel() * p.element_size() for p in parameters) + 2**20
+    keep = parts.config.checkpoint.keep_last
+    where = storage.describe("")
+    if free < 2 * estimate:
+        raise ConfigError(
+            f"checkpoint.uri: {where} has {free / 2**20:,.0f} MiB free, less than two "
+            f"checkpoints of about {estimate / 2**20:,.0f} MiB; free space or choose another "
+            "checkpoint.uri"
+        )
+    if free < (keep + 1) * estimate:
+        return (
+            f"{where} has room for only {free // estimate} checkpoints of about "
+            f"{estimate / 2**20:,.0f} MiB (checkpoint.keep_last={keep} needs {keep + 1})"
+        )
+    return None
+
+
 def build_checkpointer(config: Config, storage: CheckpointStorage) -> Checkpointer:
     if config.checkpoint.every_steps == 0:
         return NoCheckpoints()

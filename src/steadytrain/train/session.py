@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,6 +50,7 @@ from steadytrain.train.checkpointing import (
     NoCheckpoints,
     ResumeRequest,
     build_checkpointer,
+    check_free_space,
     open_storage,
     restore_training_state,
 )
@@ -77,6 +79,11 @@ def run_training(config: Config, *, resume: ResumeRequest | None = None) -> FitR
         resumed_from = restore_training_state(
             storage, parts, state, request=resume or ResumeRequest()
         )
+        if config.checkpoint.every_steps:
+            warning = _agreed(lambda: check_free_space(storage, parts), runtime)
+            if warning and runtime.is_main:
+                print(f"steadytrain: warning: {warning}", file=sys.stderr)
+                parts.events.emit("checkpoint_space_low", message=warning)
         parts.checkpointer = build_checkpointer(config, storage)
         parts.ledger = _open_ledger(config, runtime, parts.sampler, start_step=state.step)
         started = time.perf_counter()
@@ -102,6 +109,11 @@ def run_training(config: Config, *, resume: ResumeRequest | None = None) -> FitR
         # Leave together: a rank tearing down gloo while a peer still uses it can abort the peer.
         barrier()
         return result
+    except UserError:
+        # User errors are agreed by every rank, so all are here: leave the group together
+        # (a rank tearing gloo down under a peer can abort that peer).
+        barrier(timeout_s=30.0)
+        raise
     finally:
         stop_runtime()
 
