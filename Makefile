@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
+	rm -rf runs/tiny  # the demo starts fresh each time; your own runs resume instead
 	$(BIN)/steadytrain train examples/tiny.yaml --nproc 2 --run-dir runs/tiny
 	$(BIN)/steadytrain audit runs/tiny
 
