@@ -310,12 +310,68 @@ def small_disk(tmp_path: Path):
     subprocess.run(["umount", str(mount_point)], capture_output=True)
 
 
+def test_preflight_refuses_a_destination_too_small_for_two_checkpoints(
+    small_disk, overrides: list[str], tmp_path: Path
+) -> None:
+    disk = small_disk("1M")
+    result = train(tmp_path / "run", [*overrides, f"checkpoint.uri={disk}"])
+    assert result.returncode == 2, result.output
+    assert "less than two checkpoints" in result.stderr and "Traceback" not in result.output
+
+
+def test_async_saves_are_byte_identical_to_sync_saves(
+    reference: Path, overrides: list[str], tmp_path: Path
+) -> None:
+    result = train(tmp_path, [*overrides, "checkpoint.async_save=true"])
+    assert result.returncode == 0, result.output
+    for checkpoint in sorted((reference / "checkpoints").iterdir()):
+        for path in sorted(checkpoint.iterdir()):
+            if path.name == "manifest.json":
+                continue  # holds the save time and the async_save setting itself
+            twin = tmp_path / "checkpoints" / checkpoint.name / path.name
+            assert twin.read_bytes() == path.read_bytes(), f"{checkpoint.name}/{path.name}"
+    assert final_weights(tmp_path) == final_weights(reference)
+
+
+def test_async_saves_keep_host_memory_bounded(overrides: list[str], tmp_path: Path) -> None:
+    """One snapshot at most is alive: RSS must not grow with the number of saves."""
+    steps = 60
+    every_step = [
+        *overrides,
+        "checkpoint.async_save=true",
+        "checkpoint.every_steps=1",
+        f"train.max_steps={steps}",
+    ]
+    result = train(tmp_path, every_step)
+    assert result.returncode == 0, result.output
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rss = {r["step"]: r["host_rss_mb"] for r in records if "host_rss_mb" in r}
+    early = max(rss[step] for step in range(10, 20))
+    late = max(rss[step] for step in range(steps - 10, steps))
+    snapshot_mb = (
+        sum(
+            path.stat().st_size
+            for path in (tmp_path / "checkpoints" / f"step_{steps:08d}").iterdir()
+        )
+        / 2**20
+    )
+    # 40 more saves happened between the two windows; a leak of even a quarter of a
+    # snapshot per save would add 10 snapshots.
+    assert late - early < 10 * snapshot_mb, (early, late, snapshot_mb)
+    saved = events(tmp_path, "checkpoint_saved")
+    assert len(saved) == steps
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
 def test_disk_full_during_save_is_reported_and_training_is_unharmed(
-    small_disk, reference: Path, overrides: list[str], tmp_path: Path
+    async_save: bool, small_disk, reference: Path, overrides: list[str], tmp_path: Path
 ) -> None:
     disk = small_disk("6M")
     run_dir = tmp_path / "run"
-    result = train(run_dir, [*overrides, f"checkpoint.uri={disk}"])
+    result = train(
+        run_dir,
+        [*overrides, f"checkpoint.uri={disk}", f"checkpoint.async_save={str(async_save).lower()}"],
+    )
     assert result.returncode == 0, result.output
     failures = events(run_dir, "checkpoint_failed")
     assert failures and "No space left" in failures[0]["reason"], failures
@@ -325,12 +381,3 @@ def test_disk_full_during_save_is_reported_and_training_is_unharmed(
     assert all(not name.startswith(".") for name in names), names  # no staging debris
     verify = run_steadytrain("checkpoints", "verify", run_dir)
     assert "BAD" not in verify.stdout and "INCOMPLETE" not in verify.stdout, verify.output
-
-
-def test_preflight_refuses_a_destination_too_small_for_two_checkpoints(
-    small_disk, overrides: list[str], tmp_path: Path
-) -> None:
-    disk = small_disk("1M")
-    result = train(tmp_path / "run", [*overrides, f"checkpoint.uri={disk}"])
-    assert result.returncode == 2, result.output
-    assert "less than two checkpoints" in result.stderr and "Traceback" not in result.output

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+import torch
+
 from steadytrain.checkpoint.codec import (
     join_tensors,
     split_tensors,
@@ -49,21 +51,45 @@ class SaveOutcome:
     pruned: list[str] = field(default_factory=list)
 
 
+@dataclass
+class PartsSnapshot:
+    """Named states copied to host memory: the only part of a save that blocks training."""
+
+    stem: str
+    skeletons: dict[str, Any]
+    tensors: dict[str, dict[str, torch.Tensor]]
+
+    def to_files(self) -> dict[str, bytes]:
+        """``STEM.json`` (skeletons) + one safetensors file per part that has tensors."""
+        files: dict[str, bytes] = {}
+        tensor_files: dict[str, str] = {}
+        for part, tensors in self.tensors.items():
+            if tensors:
+                shared = self.stem == "shared"
+                filename = f"{part}.safetensors" if shared else f"{self.stem}-{part}.safetensors"
+                files[filename] = tensors_to_bytes(tensors)
+                tensor_files[part] = filename
+        document = {
+            "version": STATE_FORMAT_VERSION,
+            "tensor_files": tensor_files,
+            "parts": self.skeletons,
+        }
+        files[f"{self.stem}.json"] = json.dumps(document).encode()
+        return files
+
+
+def snapshot_parts(parts: dict[str, Any], *, stem: str) -> PartsSnapshot:
+    """Copy every tensor of ``parts`` to host memory; the rest becomes a JSON skeleton."""
+    skeletons: dict[str, Any] = {}
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    for part, state in parts.items():
+        skeletons[part], tensors[part] = split_tensors(state)
+    return PartsSnapshot(stem=stem, skeletons=skeletons, tensors=tensors)
+
+
 def encode_parts(parts: dict[str, Any], *, stem: str) -> dict[str, bytes]:
     """Files for a set of named states: ``STEM.json`` (skeleton) + one safetensors per part."""
-    files: dict[str, bytes] = {}
-    skeletons: dict[str, Any] = {}
-    tensor_files: dict[str, str] = {}
-    for part, state in parts.items():
-        skeleton, tensors = split_tensors(state)
-        skeletons[part] = skeleton
-        if tensors:
-            filename = f"{stem}-{part}.safetensors" if stem != "shared" else f"{part}.safetensors"
-            files[filename] = tensors_to_bytes(tensors)
-            tensor_files[part] = filename
-    document = {"version": STATE_FORMAT_VERSION, "tensor_files": tensor_files, "parts": skeletons}
-    files[f"{stem}.json"] = json.dumps(document).encode()
-    return files
+    return snapshot_parts(parts, stem=stem).to_files()
 
 
 def decode_parts(read: Callable[[str], bytes], *, stem: str) -> dict[str, Any]:
@@ -91,6 +117,7 @@ def save_checkpoint(
     files: dict[str, bytes],
     manifest: Manifest,
     events: EventSink,
+    group: Any = None,
 ) -> SaveOutcome:
     """Write this rank's ``files`` and commit the checkpoint if every rank succeeded.
 
@@ -98,7 +125,7 @@ def save_checkpoint(
     the outcome and as an event, never raised: training goes on, nothing is committed.
     """
     name = checkpoint_name(step)
-    token = broadcast_from_main(uuid.uuid4().hex[:8])  # collective: one staging name
+    token = broadcast_from_main(uuid.uuid4().hex[:8], group=group)  # collective
     error: str | None = None
     entries: dict[str, FileEntry] = {}
     location = ""
@@ -110,7 +137,7 @@ def save_checkpoint(
     except (StorageError, OSError) as caught:
         error = f"rank {rank}: {caught}"
     # Agreement: the checkpoint is committed only if every rank's part is durable.
-    reports = gather_from_all((error, entries))  # collective
+    reports = gather_from_all((error, entries), group=group)  # collective
     errors = [report_error for report_error, _ in reports if report_error]
     committed = False
     if rank == 0:
@@ -124,7 +151,7 @@ def save_checkpoint(
             )
         else:
             events.emit("checkpoint_failed", step=step, reason=error)
-    committed, error = broadcast_from_main((committed, error))  # collective
+    committed, error = broadcast_from_main((committed, error), group=group)  # collective
     return SaveOutcome(step=step, committed=committed, location=storage.describe(name), error=error)
 
 

@@ -126,6 +126,9 @@ class CheckpointConfig(_Section):
     keep_last: int = operational_field(
         3, description="Keep the newest K checkpoints; older ones are deleted.", ge=1
     )
+    async_save: bool = operational_field(
+        False, description="Write checkpoints in the background; training blocks only to copy."
+    )
     keep_every: int = operational_field(
         0, description="Also keep every checkpoint whose step is a multiple of M (0: none).", ge=0
     )

@@ -8,6 +8,7 @@ from steadytrain.dist.agree import (
     gather_from_all,
     max_across_ranks,
     mean_across_ranks,
+    side_group,
 )
 from steadytrain.dist.parallel import GradSyncClock, ParallelModel
 from steadytrain.dist.runtime import (
@@ -43,6 +44,7 @@ __all__ = [
     "rank_seed",
     "restore_rng_state",
     "seed_all",
+    "side_group",
     "start_runtime",
     "stop_runtime",
     "under_torchrun",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -35,12 +35,12 @@ def max_across_ranks(values: torch.Tensor) -> torch.Tensor:
     return reduced
 
 
-def broadcast_from_main(value: T) -> T:
-    """Rank 0's ``value`` on every rank (a collective: all must call)."""
+def broadcast_from_main(value: T, *, group: Any = None) -> T:
+    """Rank 0's ``value`` on every rank of ``group`` (a collective: all must call)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return value
     holder = [value]
-    dist.broadcast_object_list(holder, src=0)
+    dist.broadcast_object_list(holder, src=0, group=group)
     return holder[0]
 
 
@@ -60,10 +60,22 @@ def first_failure(message: str | None) -> tuple[int, str] | None:
     return None
 
 
-def gather_from_all(value: T) -> list[T]:
+def gather_from_all(value: T, *, group: Any = None) -> list[T]:
     """Every rank's ``value``, in rank order, on every rank (a collective: all must call)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return [value]
     gathered: list[T] = [value] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
+    dist.all_gather_object(gathered, value, group=group)
     return gathered
+
+
+def side_group() -> Any:
+    """A second gloo group, for collectives issued from a background thread.
+
+    Collectives on one group must be issued in the same order on every rank; a background
+    thread (e.g. an async checkpoint commit) gets its own group so it never interleaves with
+    the training loop's. A collective: every rank must create it, in the same order.
+    """
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    return dist.new_group(backend="gloo")

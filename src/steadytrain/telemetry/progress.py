@@ -8,6 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from steadytrain.telemetry.resources import host_rss_bytes
 from steadytrain.telemetry.timers import PHASES
 
 
@@ -42,6 +43,7 @@ def interval_record(
         record[f"{name}_s"] = stats.phase_seconds[name] / steps
     # Communication cost: the share of step time with a gradient all-reduce in flight.
     record["grad_sync_share"] = record["grad_sync_s"] / step_time if step_time > 0 else 0.0
+    record["host_rss_mb"] = host_rss_bytes() / 2**20
     return record
 
 

@@ -11,7 +11,7 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -22,13 +22,12 @@ from steadytrain.checkpoint import (
     Manifest,
     SaveOutcome,
     decode_parts,
-    encode_parts,
     find_restorable,
-    prune_checkpoints,
     rank_stem,
     save_checkpoint,
     verify_checkpoint,
 )
+from steadytrain.checkpoint.protocol import PartsSnapshot, snapshot_parts
 from steadytrain.config import (
     Config,
     ConfigError,
@@ -52,19 +51,6 @@ class CheckpointRefused(UserError):
     """The chosen checkpoint cannot be restored into this run."""
 
 
-class Checkpointer(Protocol):
-    """What the loop needs: a chance to save after each committed step."""
-
-    def after_step(self, parts: Any, state: TrainState, *, final: bool) -> SaveOutcome | None: ...
-
-
-class NoCheckpoints:
-    """Checkpointing off (``checkpoint.every_steps: 0``)."""
-
-    def after_step(self, parts: Any, state: TrainState, *, final: bool) -> SaveOutcome | None:
-        return None
-
-
 @dataclass
 class ResumeRequest:
     """How ``train`` was asked to resume: automatically, from a given path, or not at all."""
@@ -82,33 +68,6 @@ def open_storage(config: Config) -> CheckpointStorage:
             "support yet; use a local or shared-file-system path"
         )
     return LocalStorage(Path(uri.removeprefix("file://")).expanduser())
-
-
-class PeriodicCheckpointer:
-    """Saves every ``checkpoint.every_steps`` steps and at the end, then prunes old ones."""
-
-    def __init__(self, storage: CheckpointStorage, config: Config) -> None:
-        self.storage = storage
-        self.config = config
-        self.last_committed_step: int | None = None
-
-    def after_step(self, parts: Any, state: TrainState, *, final: bool) -> SaveOutcome | None:
-        every = self.config.checkpoint.every_steps
-        due = state.step % every == 0 or (final and self.config.checkpoint.at_end)
-        if not due or state.step == self.last_committed_step:
-            return None
-        outcome = save_training_state(self.storage, parts, state)
-        if outcome.committed:
-            self.last_committed_step = state.step
-            if parts.runtime.is_main:
-                pruned = prune_checkpoints(
-                    self.storage,
-                    keep_last=self.config.checkpoint.keep_last,
-                    keep_every=self.config.checkpoint.keep_every,
-                    newest_good=Path(outcome.location).name,
-                )
-                outcome.pruned = pruned
-        return outcome
 
 
 def check_free_space(storage: CheckpointStorage, parts: Any) -> str | None:
@@ -143,17 +102,20 @@ def check_free_space(storage: CheckpointStorage, parts: Any) -> str | None:
     return None
 
 
-def build_checkpointer(config: Config, storage: CheckpointStorage) -> Checkpointer:
-    if config.checkpoint.every_steps == 0:
-        return NoCheckpoints()
-    return PeriodicCheckpointer(storage, config)
+@dataclass
+class TrainingSnapshot:
+    """One rank's share of a checkpoint, copied to host memory at a step boundary."""
+
+    step: int
+    rank: int
+    parts: list[PartsSnapshot]
+    manifest: Manifest
 
 
-def save_training_state(storage: CheckpointStorage, parts: Any, state: TrainState) -> SaveOutcome:
-    """Snapshot everything that must survive a restart and commit it (a collective)."""
-    started = time.perf_counter()
+def snapshot_training_state(parts: Any, state: TrainState) -> TrainingSnapshot:
+    """Copy everything that must survive a restart to host memory (the blocking part)."""
     runtime = parts.runtime
-    files: dict[str, bytes] = {}
+    snapshots = []
     if runtime.is_main:
         # Replicated under DDP: rank 0's copy is everyone's.
         shared = {
@@ -163,18 +125,40 @@ def save_training_state(storage: CheckpointStorage, parts: Any, state: TrainStat
             "sampler": parts.sampler.state_dict(),
             "train": state.state_dict(),
         }
-        files.update(encode_parts(shared, stem="shared"))
-    files.update(encode_parts({"rng": capture_rng_state()}, stem=rank_stem(runtime.rank)))
-    outcome = save_checkpoint(
-        storage,
+        snapshots.append(snapshot_parts(shared, stem="shared"))
+    snapshots.append(snapshot_parts({"rng": capture_rng_state()}, stem=rank_stem(runtime.rank)))
+    return TrainingSnapshot(
         step=state.step,
         rank=runtime.rank,
-        files=files,
+        parts=snapshots,
         manifest=_manifest(
             parts.config, runtime.world_size, parts.layout.global_batch_size, step=state.step
         ),
-        events=parts.events,
     )
+
+
+def write_snapshot(
+    storage: CheckpointStorage, snapshot: TrainingSnapshot, *, events: Any, group: Any = None
+) -> SaveOutcome:
+    """Serialize and commit a snapshot (a collective on ``group``)."""
+    files: dict[str, bytes] = {}
+    for part in snapshot.parts:
+        files.update(part.to_files())
+    return save_checkpoint(
+        storage,
+        step=snapshot.step,
+        rank=snapshot.rank,
+        files=files,
+        manifest=snapshot.manifest,
+        events=events,
+        group=group,
+    )
+
+
+def save_training_state(storage: CheckpointStorage, parts: Any, state: TrainState) -> SaveOutcome:
+    """Snapshot and commit synchronously (a collective)."""
+    started = time.perf_counter()
+    outcome = write_snapshot(storage, snapshot_training_state(parts, state), events=parts.events)
     outcome.seconds_blocked = time.perf_counter() - started
     return outcome
 

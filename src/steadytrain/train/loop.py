@@ -28,7 +28,7 @@ from steadytrain.telemetry import (
     PhaseTimer,
     interval_record,
 )
-from steadytrain.train.checkpointing import Checkpointer
+from steadytrain.train.checkpointer import Checkpointer
 from steadytrain.train.state import TrainState
 
 
@@ -108,6 +108,10 @@ def fit(parts: TrainingParts, state: TrainState) -> FitResult:
             interval, interval_loss = IntervalStats(), torch.zeros_like(interval_loss)
         if config.train.eval_every and state.step % config.train.eval_every == 0:
             result.val_loss = evaluate(parts, state)
+    with timer.phase("checkpoint"):
+        save = parts.checkpointer.finish()  # a background save still in flight
+    if save is not None:
+        result.last_save = save
     if parts.val_batches and (result.val_loss is None or config.train.eval_every == 0):
         result.val_loss = evaluate(parts, state)
     return result

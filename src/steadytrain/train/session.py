@@ -46,10 +46,9 @@ from steadytrain.dist import (
 )
 from steadytrain.model import build_model, resolve_loss_fn
 from steadytrain.telemetry import ConsoleProgress, EventLog, JsonlSink, NullSink, PhaseTimer
+from steadytrain.train.checkpointer import NoCheckpoints, build_checkpointer
 from steadytrain.train.checkpointing import (
-    NoCheckpoints,
     ResumeRequest,
-    build_checkpointer,
     check_free_space,
     open_storage,
     restore_training_state,
@@ -84,7 +83,7 @@ def run_training(config: Config, *, resume: ResumeRequest | None = None) -> FitR
             if warning and runtime.is_main:
                 print(f"steadytrain: warning: {warning}", file=sys.stderr)
                 parts.events.emit("checkpoint_space_low", message=warning)
-        parts.checkpointer = build_checkpointer(config, storage)
+        parts.checkpointer = build_checkpointer(config, storage, is_main=runtime.is_main)
         parts.ledger = _open_ledger(config, runtime, parts.sampler, start_step=state.step)
         started = time.perf_counter()
         if runtime.is_main:
