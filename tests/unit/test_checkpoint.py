@@ -723,10 +723,14 @@ def test_open_storage_defaults_to_the_run_dir(tmp_path: Path) -> None:
     )
 
 
-def test_open_storage_refuses_object_stores(tmp_path: Path) -> None:
-    config = load_config(TINY_YAML, overrides=["checkpoint.uri=s3://bucket/checkpoints"])
-    with pytest.raises(ConfigError, match="object store"):
-        open_storage(config)
+def test_open_storage_opens_object_stores_and_refuses_unknown_ones(tmp_path: Path) -> None:
+    from steadytrain.checkpoint.object_store import ObjectStorage
+
+    config = load_config(TINY_YAML, overrides=["checkpoint.uri=memory://bucket/checkpoints"])
+    assert isinstance(open_storage(config), ObjectStorage)
+    unknown = load_config(TINY_YAML, overrides=["checkpoint.uri=nosuchproto://bucket/x"])
+    with pytest.raises(ConfigError, match=r"checkpoint\.uri"):
+        open_storage(unknown)
 
 
 def test_a_storage_root_that_does_not_exist_yet_lists_nothing(tmp_path: Path) -> None:

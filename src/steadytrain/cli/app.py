@@ -58,8 +58,8 @@ def train(
     ] = None,
     overrides: SetOpt = None,
     resume_from: Annotated[
-        Path | None,
-        typer.Option("--resume-from", help="Resume from this checkpoint directory."),
+        str | None,
+        typer.Option("--resume-from", help="Resume from this checkpoint (path or URL)."),
     ] = None,
     no_resume: Annotated[
         bool, typer.Option("--no-resume", help="Start fresh even if checkpoints exist.")
@@ -80,7 +80,7 @@ def train(
             typer.echo(f"steadytrain: {line}")
         worker_args = ["train", str(config_path), *_passthrough(overrides, run_dir)]
         if resume_from is not None:
-            worker_args += ["--resume-from", str(resume_from.resolve())]
+            worker_args += ["--resume-from", resume_from]
         if no_resume:
             worker_args.append("--no-resume")
         raise typer.Exit(launch_local_workers(nproc=nproc, worker_args=worker_args))

@@ -30,6 +30,8 @@ from steadytrain.config.models import (
     ModelConfig,
     TrainConfig,
     batch_layout,
+    redact_secrets,
+    usable_storage_options,
 )
 
 __all__ = [
@@ -58,4 +60,6 @@ __all__ = [
     "identity_fingerprint",
     "load_config",
     "operational_fields",
+    "redact_secrets",
+    "usable_storage_options",
 ]

@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from steadytrain.config.errors import ConfigError
-from steadytrain.config.models import Config
+from steadytrain.config.models import Config, redact_secrets
 
 
 def load_config(path: str | Path | None, *, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -43,8 +43,25 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
 
 
 def dump_config(config: Config) -> str:
-    """The resolved config as YAML, loadable again with ``load_config``."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML, loadable again with ``load_config``; secrets redacted."""
+    return yaml.safe_dump(_dump_redacted(config), sort_keys=False)
+
+
+def _dump_redacted(config: BaseModel) -> dict[str, Any]:
+    dumped: dict[str, Any] = {}
+    for name, field in type(config).model_fields.items():
+        value = getattr(config, name)
+        if isinstance(value, BaseModel):
+            dumped[name] = _dump_redacted(value)
+        elif _is_secret(field.json_schema_extra):
+            dumped[name] = redact_secrets(_jsonable(value))
+        else:
+            dumped[name] = _jsonable(value)
+    return dumped
+
+
+def _is_secret(extra: Any) -> bool:
+    return isinstance(extra, dict) and bool(extra.get("secret"))
 
 
 def identity_fields(config: BaseModel) -> dict[str, Any]:
@@ -67,7 +84,7 @@ def _fields(config: BaseModel, *, identity: bool, prefix: str) -> dict[str, Any]
             continue
         extra = field.json_schema_extra
         is_identity = isinstance(extra, dict) and bool(extra.get("identity"))
-        if is_identity == identity:
+        if is_identity == identity and not _is_secret(extra):  # secrets are never recorded
             found[dotted] = _jsonable(value)
     return found
 

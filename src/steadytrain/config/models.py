@@ -30,6 +30,35 @@ def operational_field(default: Any = ..., *, description: str, **constraints: An
     return Field(default, description=description, **constraints)
 
 
+REDACTED = "<redacted>"
+SECRET_KEY_PARTS = ("key", "secret", "token", "password", "credential", "session")
+
+
+def redact_secrets(value: Any) -> Any:
+    """``value`` with every entry whose name looks secret replaced by ``<redacted>``."""
+    if isinstance(value, dict):
+        return {
+            name: REDACTED
+            if any(part in str(name).lower() for part in SECRET_KEY_PARTS)
+            else redact_secrets(entry)
+            for name, entry in value.items()
+        }
+    if isinstance(value, list):
+        return [redact_secrets(entry) for entry in value]
+    return value
+
+
+def usable_storage_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Storage options minus redacted entries (read back from a saved config.yaml), so the
+    environment's credentials apply instead."""
+    usable: dict[str, Any] = {}
+    for name, entry in options.items():
+        if entry == REDACTED:
+            continue
+        usable[name] = usable_storage_options(entry) if isinstance(entry, dict) else entry
+    return usable
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
@@ -122,6 +151,15 @@ class CheckpointConfig(_Section):
     )
     uri: str | None = operational_field(
         None, description="Where checkpoints go: a local path (None: RUN_DIR/checkpoints)."
+    )
+    storage_options: dict[str, Any] = operational_field(
+        {},
+        description="fsspec options for checkpoint.uri (e.g. {client_kwargs: {endpoint_url: "
+        "...}}); secrets here are redacted from every file steadytrain writes.",
+        json_schema_extra={"secret": True},
+    )
+    max_attempts: int = operational_field(
+        5, description="Tries per storage operation before a transient error is final.", ge=1
     )
     keep_last: int = operational_field(
         3, description="Keep the newest K checkpoints; older ones are deleted.", ge=1

@@ -27,6 +27,7 @@ from steadytrain.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
+from steadytrain.checkpoint.object_store import ObjectStorage, redact_url
 from steadytrain.checkpoint.protocol import PartsSnapshot, snapshot_parts
 from steadytrain.config import (
     Config,
@@ -36,6 +37,7 @@ from steadytrain.config import (
     identity_fields,
     identity_fingerprint,
     operational_fields,
+    usable_storage_options,
 )
 from steadytrain.dist import (
     broadcast_from_main,
@@ -56,18 +58,34 @@ class ResumeRequest:
     """How ``train`` was asked to resume: automatically, from a given path, or not at all."""
 
     enabled: bool = True
-    from_path: Path | None = None
+    from_path: str | None = None
 
 
 def open_storage(config: Config) -> CheckpointStorage:
-    """The storage named by ``checkpoint.uri`` (default ``RUN_DIR/checkpoints``)."""
-    uri = config.checkpoint.uri or str(Path(config.run_dir) / "checkpoints")
-    if "://" in uri and not uri.startswith("file://"):
-        raise ConfigError(
-            f"checkpoint.uri: {uri!r} names an object store, which this version does not "
-            "support yet; use a local or shared-file-system path"
+    """The storage named by ``checkpoint.uri`` (default ``RUN_DIR/checkpoints``).
+
+    Raises:
+        ConfigError: when the object store's fsspec driver is missing or rejects the URL.
+    """
+    return _storage_at(config.checkpoint.uri or str(Path(config.run_dir) / "checkpoints"), config)
+
+
+def _storage_at(uri: str, config: Config) -> CheckpointStorage:
+    if "://" not in uri or uri.startswith("file://"):
+        return LocalStorage(Path(uri.removeprefix("file://")).expanduser().resolve())
+    try:
+        return ObjectStorage(
+            uri,
+            storage_options=usable_storage_options(config.checkpoint.storage_options),
+            max_attempts=config.checkpoint.max_attempts,
         )
-    return LocalStorage(Path(uri.removeprefix("file://")).expanduser())
+    except ImportError as error:
+        raise ConfigError(
+            f"checkpoint.uri: {redact_url(uri)} needs an fsspec driver that is not installed "
+            f"({error}); install it, e.g. pip install 'steadytrain[s3]'"
+        ) from None
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"checkpoint.uri: {redact_url(uri)} is not usable ({error})") from None
 
 
 def check_free_space(storage: CheckpointStorage, parts: Any) -> str | None:
@@ -178,8 +196,8 @@ def restore_training_state(
         return None
     source, only = storage, None
     if request.from_path is not None:
-        path = request.from_path.expanduser().resolve()
-        source, only = LocalStorage(path.parent), path.name
+        parent, _, only = request.from_path.rstrip("/").rpartition("/")
+        source = _storage_at(parent or ".", config)
     choice: tuple[str, str] | None = None  # (name, manifest json)
     error: str | None = None
     if runtime.is_main:

@@ -1,0 +1,149 @@
+"""Checkpoints in an object store (``s3://bucket/prefix`` and any other fsspec URL).
+
+Object stores have no atomic rename, so the manifest is the commit: every file of a checkpoint
+is uploaded first, and ``manifest.json`` last. A prefix without a manifest (an upload cut short)
+is never listed as good, and a checkpoint is deleted manifest-first so a half-deleted one never
+looks committed. Transient errors (timeouts, throttling, 5xx) are retried with exponential
+backoff; permanent ones (no such bucket, access denied) fail at once. Credentials come from the
+standard environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL`` …),
+the provider's config files, or ``checkpoint.storage_options``; none of them is ever written to
+a manifest, a log, an event or the saved config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from steadytrain.checkpoint.manifest import MANIFEST_NAME, step_of
+from steadytrain.checkpoint.storage import READ_CHUNK_BYTES, StorageError
+
+T = TypeVar("T")
+PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+class TransientStorageError(StorageError):
+    """A storage error worth retrying."""
+
+
+def redact_url(url: str) -> str:
+    """``url`` without any user:password part."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+class ObjectStorage:
+    """``CheckpointStorage`` over an fsspec file system (S3, GCS, Azure, …)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        storage_options: dict[str, Any] | None = None,
+        max_attempts: int = 5,
+        first_backoff_s: float = 0.5,
+    ) -> None:
+        import fsspec
+
+        self.url = url.rstrip("/")
+        self._fs, self._root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+        self._root = self._root.rstrip("/")
+        self._max_attempts = max_attempts
+        self._first_backoff_s = first_backoff_s
+
+    def staging_location(self, name: str, *, token: str) -> str:
+        location = f"{self._root}/{name}"
+        # Re-saving a step (its old copy was rejected): uncommit the old one before any upload.
+        manifest = f"{location}/{MANIFEST_NAME}"
+        if self._retry(lambda: self._fs.exists(manifest)):
+            self._retry(lambda: self._fs.rm(manifest))
+        return location
+
+    def write_file(self, location: str, filename: str, data: bytes) -> None:
+        path = f"{location}/{filename}"
+        self._retry(lambda: self._fs.pipe_file(path, data))
+
+    def commit(self, location: str, name: str, manifest: bytes) -> None:
+        self.write_file(location, MANIFEST_NAME, manifest)  # the manifest is the commit
+
+    def discard(self, location: str) -> None:
+        # Best effort: a prefix without a manifest is never taken for a checkpoint.
+        with contextlib.suppress(Exception):
+            self._fs.rm(location, recursive=True)
+
+    def checkpoint_names(self) -> list[str]:
+        try:
+            entries = self._retry(lambda: self._fs.ls(self._root, detail=False, refresh=True))
+        except StorageError as error:
+            if isinstance(error.__cause__, FileNotFoundError):
+                return []
+            raise
+        names = [str(entry).rstrip("/").rsplit("/", 1)[-1] for entry in entries]
+        steps = {name: step for name in names if (step := step_of(name)) is not None}
+        return sorted(steps, key=steps.__getitem__)
+
+    def read_file(self, name: str, filename: str) -> bytes:
+        path = f"{self._root}/{name}/{filename}"
+        return self._retry(lambda: self._fs.cat_file(path))
+
+    def read_chunks(self, name: str, filename: str) -> Iterator[bytes]:
+        path = f"{self._root}/{name}/{filename}"
+        with self._retry(lambda: self._fs.open(path, "rb", block_size=READ_CHUNK_BYTES)) as handle:
+            while chunk := handle.read(READ_CHUNK_BYTES):
+                yield chunk
+
+    def file_size(self, name: str, filename: str) -> int | None:
+        path = f"{self._root}/{name}/{filename}"
+        try:
+            info = self._retry(lambda: self._fs.info(path, refresh=True))
+        except StorageError as error:
+            if isinstance(error.__cause__, FileNotFoundError):
+                return None
+            raise
+        return int(info["size"])
+
+    def delete(self, name: str) -> None:
+        location = f"{self._root}/{name}"
+        manifest = f"{location}/{MANIFEST_NAME}"
+        if self._retry(lambda: self._fs.exists(manifest)):
+            self._retry(lambda: self._fs.rm(manifest))  # uncommit first
+        self.discard(location)
+
+    def remove_leftovers(self) -> list[str]:
+        # Called at start, with no save in flight: a step prefix without a manifest is an
+        # upload cut short by a crash.
+        leftovers = [
+            name for name in self.checkpoint_names() if self.file_size(name, MANIFEST_NAME) is None
+        ]
+        for name in leftovers:
+            self.discard(f"{self._root}/{name}")
+        return leftovers
+
+    def free_bytes(self) -> int | None:
+        return None  # object stores do not run out in a way we can ask about
+
+    def describe(self, name: str) -> str:
+        return redact_url(f"{self.url}/{name}" if name else self.url)
+
+    def _retry(self, operation: Callable[[], T]) -> T:
+        delay = self._first_backoff_s
+        for attempt in range(1, self._max_attempts + 1):
+            try:
+                return operation()
+            except PERMANENT_ERRORS as error:
+                raise StorageError(f"{type(error).__name__}: {error}") from error
+            except Exception as error:
+                if attempt == self._max_attempts:
+                    raise StorageError(
+                        f"gave up after {attempt} attempts: {type(error).__name__}: {error}"
+                    ) from error
+                time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
