@@ -36,11 +36,21 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_steadytrain(*args: str | Path, timeout: float = 240, cwd: Path | None = None) -> CliResult:
+def run_steadytrain(
+    *args: str | Path,
+    timeout: float = 240,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> CliResult:
     """Run ``steadytrain ARGS`` exactly as a user would, from the installed entry point."""
     command = [str(Path(sys.executable).parent / "steadytrain"), *map(str, args)]
     completed = subprocess.run(
-        command, capture_output=True, text=True, timeout=timeout, env=cli_env(), cwd=cwd or REPO
+        command,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=cli_env(**(env or {})),
+        cwd=cwd or REPO,
     )
     return CliResult(completed.returncode, completed.stdout, completed.stderr)
 
@@ -65,11 +75,18 @@ def as_set_args(overrides: list[str]) -> list[str]:
     return [arg for override in overrides for arg in ("--set", override)]
 
 
-def start_steadytrain(*args: str | Path) -> subprocess.Popen[str]:
-    """Start ``steadytrain ARGS`` in the background (to kill it), output to pipes."""
+def start_steadytrain(
+    *args: str | Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """Start ``steadytrain ARGS`` in the background (to kill it); output goes to pipes."""
     command = [str(Path(sys.executable).parent / "steadytrain"), *map(str, args)]
     return subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=REPO
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=cli_env(**(env or {})),
+        cwd=REPO,
     )
 
 

@@ -1,0 +1,303 @@
+"""Checkpoints in an S3-protocol object store: a real moto server on loopback, started here.
+
+Credentials and the endpoint come from the standard AWS environment variables, as users set
+them; a fault-injecting HTTP proxy in front of the server returns real 503 SlowDown errors.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.e2e.test_checkpoints import MAX_STEPS, checkpoint_overrides, events, final_weights
+from tests.helpers import (
+    TINY_CONFIG,
+    as_set_args,
+    run_steadytrain,
+    start_steadytrain,
+    wait_for_step,
+    worker_pids,
+)
+
+pytestmark = pytest.mark.slow
+SECRET = "s3cr3t-" + uuid.uuid4().hex
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> str:
+    """A moto S3 server on loopback for this module."""
+    moto_server = Path(sys.executable).with_name("moto_server")
+    port = free_port()
+    server = subprocess.Popen(
+        [str(moto_server), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        server.kill()
+        pytest.fail("moto server did not start")
+    yield f"http://127.0.0.1:{port}"
+    server.terminate()
+    server.wait(timeout=10)
+
+
+def aws_env(endpoint: str) -> dict[str, str]:
+    return {
+        "AWS_ACCESS_KEY_ID": "steadytrain-test",
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+
+
+def s3fs_for(endpoint: str):
+    import s3fs
+
+    return s3fs.S3FileSystem(
+        key="steadytrain-test", secret=SECRET, client_kwargs={"endpoint_url": endpoint}
+    )
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_endpoint: str) -> str:
+    name = f"ckpt-{uuid.uuid4().hex[:8]}"
+    s3fs_for(s3_endpoint).mkdir(name)
+    return name
+
+
+@pytest.fixture(scope="module")
+def overrides(text_corpus: Path, data_cache: Path) -> list[str]:
+    return checkpoint_overrides(text_corpus, data_cache)
+
+
+def train_s3(run_dir: Path, overrides: list[str], uri: str, endpoint: str, *extra: str):
+    return run_steadytrain(
+        "train",
+        TINY_CONFIG,
+        "--nproc",
+        "2",
+        "--run-dir",
+        run_dir,
+        *extra,
+        *as_set_args([*overrides, f"checkpoint.uri={uri}"]),
+        env=aws_env(endpoint),
+    )
+
+
+@pytest.fixture(scope="module")
+def s3_reference(tmp_path_factory, overrides, bucket, s3_endpoint) -> tuple[Path, str]:
+    run_dir = tmp_path_factory.mktemp("s3-reference")
+    uri = f"s3://{bucket}/reference"
+    result = train_s3(run_dir, overrides, uri, s3_endpoint)
+    assert result.returncode == 0, result.output
+    return run_dir, uri
+
+
+def copy_run(reference: tuple[Path, str], tmp_path: Path, endpoint: str) -> tuple[Path, str]:
+    """A copy of the reference run dir and of its checkpoint prefix, minus final weights."""
+    run_dir, uri = reference
+    copy_dir = tmp_path / "run"
+    shutil.copytree(run_dir, copy_dir)
+    shutil.rmtree(copy_dir / "final")
+    copy_uri = f"{uri}-copy-{uuid.uuid4().hex[:6]}"
+    s3fs_for(endpoint).copy(
+        uri.removeprefix("s3://"), copy_uri.removeprefix("s3://"), recursive=True
+    )
+    saved = yaml.safe_load((copy_dir / "config.yaml").read_text())
+    saved["checkpoint"]["uri"] = copy_uri  # as the copy's own training run would have saved
+    (copy_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    return copy_dir, copy_uri
+
+
+def test_kill9_resume_through_s3_is_bit_identical(
+    s3_reference, overrides, bucket, s3_endpoint, tmp_path: Path
+) -> None:
+    uri = f"s3://{bucket}/killed"
+    process = start_steadytrain(
+        "train",
+        TINY_CONFIG,
+        "--nproc",
+        "2",
+        "--run-dir",
+        tmp_path,
+        *as_set_args([*overrides, f"checkpoint.uri={uri}"]),
+        env=aws_env(s3_endpoint),
+    )
+    try:
+        wait_for_step(tmp_path, MAX_STEPS // 2 + 1, process)
+        os.kill(worker_pids(process)[-1], signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    resumed = train_s3(tmp_path, overrides, uri, s3_endpoint)
+    assert resumed.returncode == 0, resumed.output
+    assert events(tmp_path, "resume")[-1]["checkpoint"].startswith(uri)
+    assert final_weights(tmp_path) == final_weights(s3_reference[0])
+    audit = run_steadytrain("audit", tmp_path)
+    assert audit.returncode == 0, audit.output
+
+
+def test_corrupt_newest_object_falls_back(s3_reference, overrides, s3_endpoint, tmp_path):
+    run_dir, uri = copy_run(s3_reference, tmp_path, s3_endpoint)
+    fs = s3fs_for(s3_endpoint)
+    newest = f"{uri.removeprefix('s3://')}/step_{MAX_STEPS:08d}/model.safetensors"
+    data = bytearray(fs.cat(newest))
+    data[len(data) // 2] ^= 0xFF
+    fs.pipe(newest, bytes(data))
+
+    verify = run_steadytrain("checkpoints", "verify", run_dir, env=aws_env(s3_endpoint))
+    assert verify.returncode == 4 and "checksum mismatch" in verify.stdout, verify.output
+    resumed = train_s3(run_dir, overrides, uri, s3_endpoint)
+    assert resumed.returncode == 0, resumed.output
+    assert events(run_dir, "checkpoint_rejected")[-1]["checkpoint"] == f"step_{MAX_STEPS:08d}"
+    assert events(run_dir, "resume")[-1]["step"] == MAX_STEPS - 4
+    assert final_weights(run_dir) == final_weights(s3_reference[0])
+
+
+def test_partial_upload_is_never_visible_as_committed(
+    s3_reference, overrides, s3_endpoint, tmp_path
+) -> None:
+    run_dir, uri = copy_run(s3_reference, tmp_path, s3_endpoint)
+    fs = s3fs_for(s3_endpoint)
+    prefix = uri.removeprefix("s3://")
+    # A newer save that died after uploading some files: no manifest.
+    fs.pipe(f"{prefix}/step_{MAX_STEPS + 4:08d}/model.safetensors", b"\0" * 1000)
+    listing = run_steadytrain("checkpoints", "list", run_dir, env=aws_env(s3_endpoint))
+    assert f"step_{MAX_STEPS + 4:08d}  INCOMPLETE" in listing.stdout, listing.output
+    # Resuming picks the newest committed checkpoint (the run is already complete there).
+    resumed = train_s3(run_dir, overrides, uri, s3_endpoint)
+    assert resumed.returncode == 0, resumed.output
+    assert events(run_dir, "resume")[-1]["step"] == MAX_STEPS
+    assert not fs.exists(f"{prefix}/step_{MAX_STEPS + 4:08d}")  # cleaned at start
+    assert final_weights(run_dir) == final_weights(s3_reference[0])
+
+
+def test_credentials_never_written(s3_reference, overrides, s3_endpoint, tmp_path) -> None:
+    run_dir, uri = copy_run(s3_reference, tmp_path, s3_endpoint)
+    options = f"{{key: steadytrain-test, secret: {SECRET}}}"
+    resumed = train_s3(
+        run_dir,
+        [*overrides, f"checkpoint.storage_options={options}"],
+        uri,
+        s3_endpoint,
+        "--no-resume",
+    )
+    assert resumed.returncode == 0, resumed.output
+    assert SECRET not in resumed.output
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+    fs = s3fs_for(s3_endpoint)
+    for key in fs.find(uri.removeprefix("s3://")):
+        assert SECRET.encode() not in fs.cat(key), key
+
+
+def test_missing_bucket_is_reported_and_training_goes_on(overrides, s3_endpoint, tmp_path):
+    result = train_s3(tmp_path, overrides, "s3://no-such-bucket-here/run", s3_endpoint)
+    assert result.returncode == 0, result.output
+    failures = events(tmp_path, "checkpoint_failed")
+    assert (failures and "NoSuchBucket" in failures[0]["reason"]) or "not exist" in str(failures)
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+class SlowDownProxy:
+    """An HTTP proxy in front of the S3 server answering every ``period``-th request with a
+    real 503 SlowDown, the throttling error S3 sends under load."""
+
+    def __init__(self, upstream: str, *, period: int) -> None:
+        host, port = upstream.removeprefix("http://").split(":")
+        self.injected = 0
+        proxy = self
+        count = {"n": 0}
+        lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive and "Expect: 100-continue", like S3
+
+            def log_message(self, *args: object) -> None:
+                return None
+
+            def _relay(self) -> None:
+                with lock:
+                    count["n"] += 1
+                    fail = count["n"] % period == 0
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if fail:
+                    proxy.injected += 1
+                    error = (
+                        b"<Error><Code>SlowDown</Code><Message>Reduce your rate</Message></Error>"
+                    )
+                    self.send_response(503)
+                    self.send_header("Content-Length", str(len(error)))
+                    self.end_headers()
+                    self.wfile.write(error)
+                    return
+                upstream_connection = http.client.HTTPConnection(host, int(port), timeout=30)
+                headers = {
+                    name: value
+                    for name, value in self.headers.items()
+                    if name.lower() not in {"expect", "connection"}
+                }
+                upstream_connection.request(self.command, self.path, body=body, headers=headers)
+                response = upstream_connection.getresponse()
+                payload = response.read()
+                self.send_response(response.status)
+                for name, value in response.getheaders():
+                    if name.lower() not in {"transfer-encoding", "connection", "content-length"}:
+                        self.send_header(name, value)
+                length = response.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(payload)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(payload)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _relay
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def test_transient_errors_are_retried(s3_reference, overrides, bucket, s3_endpoint, tmp_path):
+    proxy = SlowDownProxy(s3_endpoint, period=4)
+    try:
+        uri = f"s3://{bucket}/throttled"
+        result = train_s3(tmp_path, overrides, uri, proxy.url)
+    finally:
+        proxy.close()
+    assert result.returncode == 0, result.output
+    assert proxy.injected > 10, proxy.injected
+    assert not events(tmp_path, "checkpoint_failed")
+    verify = run_steadytrain("checkpoints", "verify", tmp_path, env=aws_env(s3_endpoint))
+    assert verify.returncode == 0, verify.output
+    assert final_weights(tmp_path) == final_weights(s3_reference[0])
