@@ -69,12 +69,12 @@ def train(
 
     With checkpoints in the run directory, the same command resumes from the newest good one.
     """
+    if resume_from is not None and no_resume:
+        raise ConfigError("--resume-from and --no-resume contradict each other; pick one")
+    config = _load(config_path, overrides, run_dir)  # before importing torch: fast errors
     from steadytrain.dist import exit_with_launcher, launch_local_workers, under_torchrun
     from steadytrain.train import ResumeRequest, preflight, run_training
 
-    if resume_from is not None and no_resume:
-        raise ConfigError("--resume-from and --no-resume contradict each other; pick one")
-    config = _load(config_path, overrides, run_dir)
     if nproc is not None and not under_torchrun():
         for line in preflight(config, world_size=nproc, prepare_corpus=True):
             typer.echo(f"steadytrain: {line}")
@@ -99,10 +99,10 @@ def validate(
     overrides: SetOpt = None,
 ) -> None:
     """Check a config (and its overrides) for a world size without training."""
+    config = _load(config_path, overrides, None)
     from steadytrain.dist import world_size_from_env
     from steadytrain.train import preflight
 
-    config = _load(config_path, overrides, None)
     world_size = nproc or world_size_from_env()
     for line in preflight(config, world_size=world_size, prepare_corpus=False):
         typer.echo(line)
