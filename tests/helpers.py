@@ -7,6 +7,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "examples" / "tiny.yaml"
@@ -118,3 +119,16 @@ def worker_pids(launcher: subprocess.Popen[str]) -> list[int]:
     """The worker processes that ``--nproc`` started (children of the launcher)."""
     children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children")
     return [int(pid) for pid in children.read_text().split()]
+
+
+class RecordingEvents:
+    """An event sink (a Protocol boundary) that remembers what was emitted."""
+
+    def __init__(self) -> None:
+        self.emitted: list[tuple[str, dict[str, Any]]] = []
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        self.emitted.append((kind, fields))
+
+    def of_kind(self, kind: str) -> list[dict[str, Any]]:
+        return [fields for emitted_kind, fields in self.emitted if emitted_kind == kind]

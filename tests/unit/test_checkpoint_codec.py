@@ -29,22 +29,6 @@ from steadytrain.checkpoint.codec import (
 from steadytrain.dist import capture_rng_state, restore_rng_state
 from steadytrain.train.optim import WarmupCosine
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-TINY_YAML = REPO_ROOT / "examples" / "tiny.yaml"
-
-
-class RecordingEvents:
-    """An event sink (a Protocol boundary) that remembers what was emitted."""
-
-    def __init__(self) -> None:
-        self.emitted: list[tuple[str, dict[str, Any]]] = []
-
-    def emit(self, kind: str, **fields: Any) -> None:
-        self.emitted.append((kind, fields))
-
-    def of_kind(self, kind: str) -> list[dict[str, Any]]:
-        return [fields for emitted_kind, fields in self.emitted if emitted_kind == kind]
-
 
 def assert_identical(actual: Any, expected: Any, path: str = "state") -> None:
     """Same structure, same types, same keys in the same order, bit-identical tensors.

@@ -41,23 +41,7 @@ from steadytrain.config import (
 )
 from steadytrain.train.checkpointing import open_storage
 from steadytrain.train.inspection import inspect_checkpoints
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-TINY_YAML = REPO_ROOT / "examples" / "tiny.yaml"
-
-
-class RecordingEvents:
-    """An event sink (a Protocol boundary) that remembers what was emitted."""
-
-    def __init__(self) -> None:
-        self.emitted: list[tuple[str, dict[str, Any]]] = []
-
-    def emit(self, kind: str, **fields: Any) -> None:
-        self.emitted.append((kind, fields))
-
-    def of_kind(self, kind: str) -> list[dict[str, Any]]:
-        return [fields for emitted_kind, fields in self.emitted if emitted_kind == kind]
-
+from tests.helpers import TINY_CONFIG, RecordingEvents
 
 # --- manifest ----------------------------------------------------------------------------------
 
@@ -363,7 +347,7 @@ def config_manifest(config: Config, step: int) -> Manifest:
 def make_run_dir(run_dir: Path, run_dir_setting: str | None = None) -> Config:
     """A run directory as ``train`` leaves it: config.yaml plus checkpoints."""
     setting = run_dir_setting or str(run_dir)
-    config = load_config(TINY_YAML, overrides=[f"run_dir={json.dumps(setting)}"])
+    config = load_config(TINY_CONFIG, overrides=[f"run_dir={json.dumps(setting)}"])
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(dump_config(config))
     return config
@@ -377,7 +361,7 @@ def test_inspect_checkpoints_reports_good_corrupt_foreign_and_uncommitted(
     storage = open_storage(config)
     for step in (2, 4, 6):
         save(storage, step, manifest=config_manifest(config, step))
-    other_seed = load_config(TINY_YAML, overrides=[f"run_dir={run_dir}", "seed=99"])
+    other_seed = load_config(TINY_CONFIG, overrides=[f"run_dir={run_dir}", "seed=99"])
     save(storage, 8, manifest=config_manifest(other_seed, 8))
     save(storage, 10, manifest=config_manifest(config, 10))
     checkpoints = run_dir / "checkpoints"
@@ -419,13 +403,13 @@ def test_inspect_checkpoints_needs_a_run_dir(tmp_path: Path) -> None:
 
 
 def test_open_storage_defaults_to_the_run_dir(tmp_path: Path) -> None:
-    config = load_config(TINY_YAML, overrides=[f"run_dir={tmp_path}"])
+    config = load_config(TINY_CONFIG, overrides=[f"run_dir={tmp_path}"])
     storage = open_storage(config)
     assert isinstance(storage, LocalStorage)
     assert storage.root == tmp_path / "checkpoints"
 
     uri = f"file://{tmp_path / 'elsewhere'}"
-    config = load_config(TINY_YAML, overrides=[f"run_dir={tmp_path}", f"checkpoint.uri={uri}"])
+    config = load_config(TINY_CONFIG, overrides=[f"run_dir={tmp_path}", f"checkpoint.uri={uri}"])
     assert open_storage(config).describe("step_00000001") == str(
         tmp_path / "elsewhere" / "step_00000001"
     )
@@ -434,9 +418,9 @@ def test_open_storage_defaults_to_the_run_dir(tmp_path: Path) -> None:
 def test_open_storage_opens_object_stores_and_refuses_unknown_ones(tmp_path: Path) -> None:
     from steadytrain.checkpoint.object_store import ObjectStorage
 
-    config = load_config(TINY_YAML, overrides=["checkpoint.uri=memory://bucket/checkpoints"])
+    config = load_config(TINY_CONFIG, overrides=["checkpoint.uri=memory://bucket/checkpoints"])
     assert isinstance(open_storage(config), ObjectStorage)
-    unknown = load_config(TINY_YAML, overrides=["checkpoint.uri=nosuchproto://bucket/x"])
+    unknown = load_config(TINY_CONFIG, overrides=["checkpoint.uri=nosuchproto://bucket/x"])
     with pytest.raises(ConfigError, match=r"checkpoint\.uri"):
         open_storage(unknown)
 

@@ -13,15 +13,7 @@ from steadytrain.checkpoint.protocol import encode_parts
 from steadytrain.checkpoint.storage import StorageError
 from steadytrain.config import dump_config, load_config, operational_fields
 from steadytrain.config.models import REDACTED, redact_secrets, usable_storage_options
-from tests.helpers import TINY_CONFIG
-
-
-class Events:
-    def __init__(self) -> None:
-        self.seen: list[tuple[str, dict]] = []
-
-    def emit(self, kind: str, **fields: object) -> None:
-        self.seen.append((kind, fields))
+from tests.helpers import TINY_CONFIG, RecordingEvents
 
 
 def manifest(step: int) -> Manifest:
@@ -41,7 +33,7 @@ def storage() -> ObjectStorage:
     return ObjectStorage(f"memory://bucket-{uuid.uuid4().hex[:6]}/run", first_backoff_s=0.0)
 
 
-def save(storage: ObjectStorage, step: int, events: Events) -> None:
+def save(storage: ObjectStorage, step: int, events: RecordingEvents) -> None:
     files = encode_parts({"model": {"w": torch.full((4,), float(step))}}, stem="shared")
     outcome = save_checkpoint(
         storage, step=step, rank=0, files=files, manifest=manifest(step), events=events
@@ -50,7 +42,7 @@ def save(storage: ObjectStorage, step: int, events: Events) -> None:
 
 
 def test_save_verify_and_list(storage: ObjectStorage) -> None:
-    events = Events()
+    events = RecordingEvents()
     save(storage, 4, events)
     save(storage, 8, events)
     assert storage.checkpoint_names() == ["step_00000004", "step_00000008"]
@@ -60,26 +52,26 @@ def test_save_verify_and_list(storage: ObjectStorage) -> None:
 
 
 def test_an_upload_cut_short_is_never_restorable_and_is_cleaned(storage: ObjectStorage) -> None:
-    events = Events()
+    events = RecordingEvents()
     save(storage, 4, events)
     location = storage.staging_location("step_00000008", token="t")
     storage.write_file(location, "model.safetensors", b"partial upload")  # no manifest
     found = find_restorable(storage, events=events, emit=True)
     assert found is not None and found[0] == "step_00000004"
-    assert events.seen[-1][0] == "checkpoint_rejected"
+    assert events.emitted[-1][0] == "checkpoint_rejected"
     assert storage.remove_leftovers() == ["step_00000008"]
     assert storage.checkpoint_names() == ["step_00000004"]
 
 
 def test_resaving_a_step_uncommits_the_old_copy_first(storage: ObjectStorage) -> None:
-    events = Events()
+    events = RecordingEvents()
     save(storage, 4, events)
     storage.staging_location("step_00000004", token="again")
     assert storage.file_size("step_00000004", "manifest.json") is None
 
 
 def test_delete_removes_the_manifest_first(storage: ObjectStorage) -> None:
-    events = Events()
+    events = RecordingEvents()
     save(storage, 4, events)
     storage.delete("step_00000004")
     assert storage.checkpoint_names() == []

@@ -173,14 +173,6 @@ def write_snapshot(
     )
 
 
-def save_training_state(storage: CheckpointStorage, parts: Any, state: TrainState) -> SaveOutcome:
-    """Snapshot and commit synchronously (a collective)."""
-    started = time.perf_counter()
-    outcome = write_snapshot(storage, snapshot_training_state(parts, state), events=parts.events)
-    outcome.seconds_blocked = time.perf_counter() - started
-    return outcome
-
-
 def restore_training_state(
     storage: CheckpointStorage, parts: Any, state: TrainState, *, request: ResumeRequest
 ) -> str | None:
