@@ -50,11 +50,7 @@ def first_failure(message: str | None) -> tuple[int, str] | None:
     Lets every rank learn that setup failed somewhere, so none walks into a later collective
     that the failed rank will never join.
     """
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return (0, message) if message is not None else None
-    gathered: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, message)
-    for rank, gathered_message in enumerate(gathered):
+    for rank, gathered_message in enumerate(gather_from_all(message)):
         if gathered_message is not None:
             return rank, gathered_message
     return None
