@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from steadytrain.checkpoint.manifest import checksum_of
 from tests.helpers import (
     TINY_CONFIG,
     as_set_args,
@@ -198,11 +199,9 @@ def test_planted_pickle_never_runs(reference: Path, overrides: list[str], tmp_pa
     # A pickle in place of a real file, with the manifest forged to match it.
     (previous / "optimizer.safetensors").write_bytes(payload)
     manifest = json.loads((previous / "manifest.json").read_text())
-    import hashlib
-
     manifest["files"]["optimizer.safetensors"] = {
         "size": len(payload),
-        "sha256": hashlib.sha256(payload).hexdigest(),
+        "checksum": checksum_of([payload]),
     }
     (previous / "manifest.json").write_text(json.dumps(manifest))
     shutil.rmtree(newest)

@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from safetensors import SafetensorError
 from torch import nn
 
 from steadytrain.checkpoint import (
@@ -20,12 +19,8 @@ from steadytrain.checkpoint import (
     encode_parts,
     rank_stem,
 )
-from steadytrain.checkpoint.codec import (
-    join_tensors,
-    split_tensors,
-    tensors_from_bytes,
-    tensors_to_bytes,
-)
+from steadytrain.checkpoint.codec import join_tensors, split_tensors
+from steadytrain.checkpoint.tensorfile import TensorFileError, tensor_file, tensors_from_bytes
 from steadytrain.dist import capture_rng_state, restore_rng_state
 from steadytrain.train.optim import WarmupCosine
 
@@ -59,7 +54,8 @@ def round_trip(state: Any) -> Any:
     """What loading sees: the skeleton through JSON text, the tensors through safetensors."""
     skeleton, tensors = split_tensors(state)
     text = json.dumps(skeleton)
-    return join_tensors(json.loads(text), tensors_from_bytes(tensors_to_bytes(tensors)))
+    data = b"".join(tensor_file(tensors).chunks())
+    return join_tensors(json.loads(text), tensors_from_bytes(data))
 
 
 def small_model() -> nn.Module:
@@ -297,13 +293,13 @@ def test_decoding_never_unpickles(tmp_path: Path) -> None:
 
     assert set(decode_parts(read, stem="shared")) == {"model", "optimizer"}  # model.pt ignored
     (directory / "optimizer.safetensors").write_bytes(payload)  # a tensor file swapped
-    with pytest.raises(SafetensorError):
+    with pytest.raises(TensorFileError):
         decode_parts(read, stem="shared")
     (directory / "optimizer.safetensors").write_bytes(files["optimizer.safetensors"])
     document = json.loads(read("shared.json"))
     document["tensor_files"]["model"] = "model.pt"  # the JSON itself points at the pickle
     (directory / "shared.json").write_text(json.dumps(document))
-    with pytest.raises(SafetensorError):
+    with pytest.raises(TensorFileError, match="not a safetensors file"):
         decode_parts(read, stem="shared")
 
     assert not marker.exists()

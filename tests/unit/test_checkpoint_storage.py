@@ -5,6 +5,7 @@ Single process: the collectives in ``checkpoint.protocol`` are no-ops without a 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import torch
 
 from steadytrain.checkpoint import (
     MANIFEST_NAME,
+    CorruptCheckpoint,
     FileEntry,
     LocalStorage,
     Manifest,
@@ -25,11 +27,12 @@ from steadytrain.checkpoint import (
     find_restorable,
     prune_checkpoints,
     rank_stem,
+    read_parts,
     save_checkpoint,
     step_of,
     verify_checkpoint,
 )
-from steadytrain.checkpoint.manifest import sha256_of
+from steadytrain.checkpoint.manifest import checksum_of
 from steadytrain.config import (
     Config,
     ConfigError,
@@ -61,7 +64,7 @@ def make_manifest(step: int, *, identity: dict[str, Any] | None = None) -> Manif
 
 def test_manifest_json_round_trip() -> None:
     manifest = make_manifest(12)
-    manifest.files = {"model.safetensors": FileEntry(size=10, sha256=sha256_of(b"x"))}
+    manifest.files = {"model.safetensors": FileEntry(size=10, checksum=checksum_of([b"x"]))}
     assert Manifest.from_json(manifest.to_json()) == manifest
 
 
@@ -75,13 +78,27 @@ def manifest_payload() -> dict[str, Any]:
         ("{not json", "not valid JSON"),
         ("[1, 2]", "not a steadytrain checkpoint manifest"),
         (json.dumps({**manifest_payload(), "format": "other"}), "not a steadytrain"),
-        (json.dumps({**manifest_payload(), "version": 2}), "unsupported manifest version"),
+        (json.dumps({**manifest_payload(), "version": 99}), "unsupported manifest version"),
         (json.dumps({k: v for k, v in manifest_payload().items() if k != "step"}), "missing"),
         (json.dumps({**manifest_payload(), "files": ["a"]}), "malformed"),
         (json.dumps({**manifest_payload(), "files": {"a": {"size": "big"}}}), "malformed"),
         (json.dumps({**manifest_payload(), "step": None}), "malformed"),
+        (
+            json.dumps({**manifest_payload(), "files": {"a": {"size": 1, "checksum": "md5:00"}}}),
+            "unknown checksum algorithm",
+        ),
     ],
-    ids=["garbage", "list", "format", "version", "no-step", "files-list", "bad-entry", "null"],
+    ids=[
+        "garbage",
+        "list",
+        "format",
+        "version",
+        "no-step",
+        "files-list",
+        "bad-entry",
+        "null",
+        "unknown-checksum",
+    ],
 )
 def test_bad_manifests_raise_manifest_error(text: str, problem: str) -> None:
     with pytest.raises(ManifestError, match=problem):
@@ -149,7 +166,8 @@ def test_save_commits_a_manifest_that_lists_every_file(tmp_path: Path) -> None:
     for filename, entry in manifest.files.items():
         data = (directory / filename).read_bytes()
         assert data == files[filename]
-        assert (entry.size, entry.sha256) == (len(data), sha256_of(data))
+        assert (entry.size, entry.checksum) == (len(data), checksum_of([data]))
+        assert entry.checksum.startswith("xxh3-128:")
     assert sorted(p.name for p in directory.iterdir()) == sorted([*files, MANIFEST_NAME])
     assert debris(storage.root) == []
     assert storage.checkpoint_names() == ["step_00000005"]
@@ -159,9 +177,9 @@ def test_save_commits_a_manifest_that_lists_every_file(tmp_path: Path) -> None:
     ]
 
 
-def flip_byte(path: Path) -> None:
+def flip_byte(path: Path, *, at: int | None = None) -> None:
     data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
+    data[len(data) // 2 if at is None else at] ^= 0xFF
     path.write_bytes(bytes(data))
 
 
@@ -232,6 +250,118 @@ def test_find_restorable_falls_back_past_bad_checkpoints(tmp_path: Path) -> None
     quiet = RecordingEvents()
     assert find_restorable(storage, events=quiet, emit=False) == found
     assert quiet.emitted == []
+
+
+def test_read_parts_reads_each_file_once_into_tensors_of_their_own(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    save(storage, 6)
+    name = "step_00000006"
+    manifest, _ = verify_checkpoint(storage, name)
+    assert manifest is not None
+
+    shared = read_parts(storage, name, manifest, stem="shared")
+
+    weight = shared["model"]["weight"]
+    assert torch.equal(weight, torch.arange(12.0).reshape(3, 4) + 6)
+    assert weight.untyped_storage().nbytes() == weight.nbytes  # not a view of a file buffer
+    assert shared["train"] == {"version": 1, "step": 6}
+    rng = read_parts(storage, name, manifest, stem=rank_stem(0))["rng"]
+    assert rng["torch_cpu"].tolist() == [6]
+
+
+READ_CORRUPTIONS = {
+    "flipped data byte": (
+        lambda d: flip_last_byte(d / "model.safetensors"),
+        "model.safetensors: checksum mismatch",
+    ),
+    "flipped header byte": (
+        lambda d: flip_byte(d / "model.safetensors", at=12),
+        "model.safetensors",
+    ),
+    "truncated": (lambda d: truncate(d / "model.safetensors"), "shorter than"),
+    "grown": (lambda d: append(d / "model.safetensors"), "longer than"),
+    "missing": (lambda d: (d / "model.safetensors").unlink(), "model.safetensors"),
+    "document changed": (
+        lambda d: (d / "shared.json").write_text((d / "shared.json").read_text() + " "),
+        "shared.json: checksum mismatch",
+    ),
+}
+
+
+def flip_last_byte(path: Path) -> None:
+    flip_byte(path, at=path.stat().st_size - 1)
+
+
+def append(path: Path) -> None:
+    with open(path, "ab") as handle:
+        handle.write(b"\0")
+
+
+@pytest.mark.parametrize("corruption", READ_CORRUPTIONS)
+def test_read_parts_refuses_what_does_not_match_the_manifest(
+    tmp_path: Path, corruption: str
+) -> None:
+    storage = LocalStorage(tmp_path)
+    save(storage, 6)
+    name = "step_00000006"
+    manifest, _ = verify_checkpoint(storage, name)
+    assert manifest is not None
+    corrupt, problem = READ_CORRUPTIONS[corruption]
+
+    corrupt(tmp_path / name)
+
+    with pytest.raises(CorruptCheckpoint, match=problem):
+        read_parts(storage, name, manifest, stem="shared")
+
+
+def test_read_parts_refuses_a_file_the_manifest_does_not_list(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    save(storage, 6)
+    manifest, _ = verify_checkpoint(storage, "step_00000006")
+    assert manifest is not None
+    del manifest.files["model.safetensors"]
+    with pytest.raises(CorruptCheckpoint, match=r"model\.safetensors: not listed"):
+        read_parts(storage, "step_00000006", manifest, stem="shared")
+
+
+def test_version_1_manifests_with_sha256_still_verify_and_load(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    save(storage, 6)
+    directory = tmp_path / "step_00000006"
+    payload = json.loads((directory / MANIFEST_NAME).read_text())
+    payload["version"] = 1
+    payload["files"] = {
+        filename: {
+            "size": entry["size"],
+            "sha256": hashlib.sha256((directory / filename).read_bytes()).hexdigest(),
+        }
+        for filename, entry in payload["files"].items()
+    }
+    (directory / MANIFEST_NAME).write_text(json.dumps(payload))
+
+    manifest, problems = verify_checkpoint(storage, "step_00000006")
+    assert manifest is not None and problems == []
+    assert manifest.files["model.safetensors"].checksum.startswith("sha256:")
+    shared = read_parts(storage, "step_00000006", manifest, stem="shared")
+    assert torch.equal(shared["model"]["weight"], torch.arange(12.0).reshape(3, 4) + 6)
+    flip_last_byte(directory / "model.safetensors")
+    assert "checksum mismatch" in verify_checkpoint(storage, "step_00000006")[1][0]
+
+
+def test_find_restorable_without_checksums_reads_headers_only(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    for step in (1, 2, 3):
+        save(storage, step)
+    flip_last_byte(tmp_path / "step_00000003" / "model.safetensors")
+    events = RecordingEvents()
+
+    quick = find_restorable(storage, events=events, emit=True, checksums=False)
+    assert quick is not None and quick[0] == "step_00000003"  # found later, by read_parts
+    older = find_restorable(storage, events=events, emit=True, checksums=False, older_than=3)
+    assert older is not None and older[0] == "step_00000002"
+    assert events.emitted == []
+    full = find_restorable(storage, events=events, emit=True)
+    assert full is not None and full[0] == "step_00000002"
 
 
 def test_a_save_that_cannot_create_its_staging_commits_nothing(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import torch
 from steadytrain.checkpoint import Manifest, find_restorable, save_checkpoint, verify_checkpoint
 from steadytrain.checkpoint.object_store import ObjectStorage, redact_url
 from steadytrain.checkpoint.protocol import encode_parts
-from steadytrain.checkpoint.storage import StorageError
+from steadytrain.checkpoint.storage import BytesPayload, StorageError
 from steadytrain.config import dump_config, load_config, operational_fields
 from steadytrain.config.models import REDACTED, redact_secrets, usable_storage_options
 from tests.helpers import TINY_CONFIG, RecordingEvents
@@ -55,7 +55,7 @@ def test_an_upload_cut_short_is_never_restorable_and_is_cleaned(storage: ObjectS
     events = RecordingEvents()
     save(storage, 4, events)
     location = storage.staging_location("step_00000008", token="t")
-    storage.write_file(location, "model.safetensors", b"partial upload")  # no manifest
+    storage.write_file(location, "model.safetensors", BytesPayload(b"partial upload"))
     found = find_restorable(storage, events=events, emit=True)
     assert found is not None and found[0] == "step_00000004"
     assert events.emitted[-1][0] == "checkpoint_rejected"

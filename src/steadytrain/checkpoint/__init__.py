@@ -9,24 +9,35 @@ from steadytrain.checkpoint.manifest import (
     step_of,
 )
 from steadytrain.checkpoint.protocol import (
+    CorruptCheckpoint,
     SaveOutcome,
     decode_parts,
     encode_parts,
     find_restorable,
     prune_checkpoints,
     rank_stem,
+    read_parts,
     save_checkpoint,
     verify_checkpoint,
 )
-from steadytrain.checkpoint.storage import CheckpointStorage, LocalStorage, StorageError
+from steadytrain.checkpoint.storage import (
+    BytesPayload,
+    CheckpointStorage,
+    LocalStorage,
+    Payload,
+    StorageError,
+)
 
 __all__ = [
     "MANIFEST_NAME",
+    "BytesPayload",
     "CheckpointStorage",
+    "CorruptCheckpoint",
     "FileEntry",
     "LocalStorage",
     "Manifest",
     "ManifestError",
+    "Payload",
     "SaveOutcome",
     "StorageError",
     "checkpoint_name",
@@ -35,6 +46,7 @@ __all__ = [
     "find_restorable",
     "prune_checkpoints",
     "rank_stem",
+    "read_parts",
     "save_checkpoint",
     "step_of",
     "verify_checkpoint",

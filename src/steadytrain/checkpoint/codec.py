@@ -1,8 +1,9 @@
-"""Turn training state into safetensors + JSON and back, so loading never unpickles.
+"""Turn training state into tensors + JSON and back, so loading never unpickles.
 
-Tensors go to safetensors files; everything else (optimizer hyper-parameters, scheduler and
-sampler state, counters, Python/NumPy RNG states) goes to JSON. Nested state dicts are
-flattened with dotted keys and a JSON "skeleton" that records where each tensor goes.
+Tensors go to safetensors files (``tensorfile``); everything else (optimizer
+hyper-parameters, scheduler and sampler state, counters, Python/NumPy RNG states) goes to
+JSON. Nested state dicts are flattened with dotted keys and a JSON "skeleton" that records
+where each tensor goes.
 """
 
 from __future__ import annotations
@@ -11,16 +12,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 TENSOR_MARK = "__tensor__"
 
 
-def split_tensors(state: Any, *, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
+def split_tensors(
+    state: Any, *, prefix: str = "", copy: bool = True
+) -> tuple[Any, dict[str, torch.Tensor]]:
     """Replace every tensor in a nested dict/list structure by a reference.
 
-    Returns the JSON-able skeleton and the tensors by dotted key.
+    Returns the JSON-able skeleton and the tensors by dotted key, in host memory: copies
+    (a snapshot that stays as it is while training goes on), or with ``copy=False`` the
+    CPU tensors themselves (device tensors are always copied to the host).
     """
     tensors: dict[str, torch.Tensor] = {}
 
@@ -28,9 +31,7 @@ def split_tensors(state: Any, *, prefix: str = "") -> tuple[Any, dict[str, torch
         if isinstance(value, torch.Tensor):
             if key in tensors:
                 raise ValueError(f"two tensors map to the checkpoint key {key!r}; rename one")
-            # A copy: tied weights share storage (safetensors refuses that), and the snapshot
-            # must not change if training goes on while it is written.
-            tensors[key] = value.detach().to("cpu", copy=True).contiguous()
+            tensors[key] = value.detach().to("cpu", copy=copy)
             return {TENSOR_MARK: key}
         if isinstance(value, dict):
             return {
@@ -73,14 +74,6 @@ def join_tensors(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(skeleton, list):
         return [join_tensors(v, tensors) for v in skeleton]
     return skeleton
-
-
-def tensors_to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
-    return save_safetensors(tensors)
-
-
-def tensors_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
-    return load_safetensors(data)
 
 
 def _key_to_json(key: Any) -> Any:

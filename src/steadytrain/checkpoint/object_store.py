@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from steadytrain.checkpoint.manifest import MANIFEST_NAME, step_of
-from steadytrain.checkpoint.storage import READ_CHUNK_BYTES, StorageError
+from steadytrain.checkpoint.storage import READ_CHUNK_BYTES, BytesPayload, Payload, StorageError
 
 T = TypeVar("T")
+UPLOAD_PART_BYTES = 64 * 2**20  # multipart uploads buffer one part at a time
 PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-
-
-class TransientStorageError(StorageError):
-    """A storage error worth retrying."""
 
 
 def redact_url(url: str) -> str:
@@ -66,12 +63,29 @@ class ObjectStorage:
             self._retry(lambda: self._fs.rm(manifest))
         return location
 
-    def write_file(self, location: str, filename: str, data: bytes) -> None:
+    def write_file(self, location: str, filename: str, payload: Payload) -> None:
         path = f"{location}/{filename}"
-        self._retry(lambda: self._fs.pipe_file(path, data))
+        if payload.size <= UPLOAD_PART_BYTES:
+            data = b"".join(payload.chunks())
+            self._retry(lambda: self._fs.pipe_file(path, data))
+        else:
+            self._retry(lambda: self._upload(path, payload))
+
+    def _upload(self, path: str, payload: Payload) -> None:
+        """Stream a large payload as a multipart upload; a failed one is aborted, not completed."""
+        handle = self._fs.open(path, "wb", block_size=UPLOAD_PART_BYTES)
+        try:
+            for chunk in payload.chunks():
+                handle.write(chunk)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                handle.discard()
+            raise
+        handle.close()
 
     def commit(self, location: str, name: str, manifest: bytes) -> None:
-        self.write_file(location, MANIFEST_NAME, manifest)  # the manifest is the commit
+        # The manifest is the commit.
+        self.write_file(location, MANIFEST_NAME, BytesPayload(manifest))
 
     def discard(self, location: str) -> None:
         # Best effort: a prefix without a manifest is never taken for a checkpoint.
@@ -92,6 +106,32 @@ class ObjectStorage:
     def read_file(self, name: str, filename: str) -> bytes:
         path = f"{self._root}/{name}/{filename}"
         return self._retry(lambda: self._fs.cat_file(path))
+
+    def read_range(self, name: str, filename: str, start: int, length: int) -> bytes:
+        path = f"{self._root}/{name}/{filename}"
+        return self._retry(lambda: self._fs.cat_file(path, start=start, end=start + length))
+
+    def read_into(
+        self, name: str, filename: str, buffers: Sequence[memoryview], *, offset: int = 0
+    ) -> None:
+        path = f"{self._root}/{name}/{filename}"
+        self._retry(lambda: self._read_into(path, buffers, offset))
+
+    def _read_into(self, path: str, buffers: Sequence[memoryview], offset: int) -> None:
+        """One attempt; a retry starts over and overwrites what an earlier one filled."""
+        expected = offset + sum(len(buffer) for buffer in buffers)
+        with self._fs.open(path, "rb", block_size=READ_CHUNK_BYTES) as handle:
+            if handle.size != expected:
+                raise StorageError(f"{path}: {handle.size} bytes, its manifest says {expected}")
+            handle.seek(offset)
+            for buffer in buffers:
+                filled = 0
+                while filled < len(buffer):
+                    data = handle.read(min(READ_CHUNK_BYTES, len(buffer) - filled))
+                    if not data:
+                        raise StorageError(f"{path}: shorter than its manifest says")
+                    buffer[filled : filled + len(data)] = data
+                    filled += len(data)
 
     def read_chunks(self, name: str, filename: str) -> Iterator[bytes]:
         path = f"{self._root}/{name}/{filename}"
@@ -137,6 +177,8 @@ class ObjectStorage:
         for attempt in range(1, self._max_attempts + 1):
             try:
                 return operation()
+            except StorageError:
+                raise  # already a verdict (e.g. a size that does not match)
             except PERMANENT_ERRORS as error:
                 raise StorageError(f"{type(error).__name__}: {error}") from error
             except Exception as error:

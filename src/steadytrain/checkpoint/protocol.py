@@ -7,38 +7,48 @@ make the checkpoint visible. A failed part on any rank means nothing is committe
 
 from __future__ import annotations
 
-import hashlib
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
 
-from steadytrain.checkpoint.codec import (
-    join_tensors,
-    split_tensors,
-    tensors_from_bytes,
-    tensors_to_bytes,
-)
+from steadytrain.checkpoint.codec import join_tensors, split_tensors
 from steadytrain.checkpoint.manifest import (
     MANIFEST_NAME,
     FileEntry,
     Manifest,
     ManifestError,
     checkpoint_name,
-    sha256_of,
+    checksum_matches,
+    checksum_of,
     step_of,
 )
-from steadytrain.checkpoint.storage import CheckpointStorage, StorageError
+from steadytrain.checkpoint.storage import BytesPayload, CheckpointStorage, Payload, StorageError
+from steadytrain.checkpoint.tensorfile import (
+    TensorFileError,
+    byte_view,
+    empty_tensors,
+    header_size,
+    parse_header,
+    tensor_file,
+    tensors_from_bytes,
+)
 from steadytrain.dist import broadcast_from_main, gather_from_all
 
 STATE_FORMAT_VERSION = 1
+TENSOR_SUFFIX = ".safetensors"
+HEAD_BYTES = 64 * 2**10  # read first: enough for the header of a file of many tensors
 
 
 class EventSink(Protocol):
     def emit(self, kind: str, **fields: Any) -> None: ...
+
+
+class CorruptCheckpoint(Exception):
+    """A file of a checkpoint did not read back as written (one line: which and why)."""
 
 
 @dataclass
@@ -53,56 +63,140 @@ class SaveOutcome:
 
 @dataclass
 class PartsSnapshot:
-    """Named states copied to host memory: the only part of a save that blocks training."""
+    """Named states whose tensors are in host memory, ready to be written."""
 
     stem: str
     skeletons: dict[str, Any]
     tensors: dict[str, dict[str, torch.Tensor]]
 
-    def to_files(self) -> dict[str, bytes]:
-        """``STEM.json`` (skeletons) + one safetensors file per part that has tensors."""
-        files: dict[str, bytes] = {}
+    def to_files(self) -> dict[str, Payload]:
+        """``STEM.json`` (skeletons) + one safetensors file per part that has tensors.
+
+        The safetensors payloads stream the snapshot's tensors; nothing is serialized ahead.
+        """
+        files: dict[str, Payload] = {}
         tensor_files: dict[str, str] = {}
         for part, tensors in self.tensors.items():
             if tensors:
                 shared = self.stem == "shared"
-                filename = f"{part}.safetensors" if shared else f"{self.stem}-{part}.safetensors"
-                files[filename] = tensors_to_bytes(tensors)
+                filename = (
+                    f"{part}{TENSOR_SUFFIX}" if shared else f"{self.stem}-{part}{TENSOR_SUFFIX}"
+                )
+                files[filename] = tensor_file(tensors)
                 tensor_files[part] = filename
         document = {
             "version": STATE_FORMAT_VERSION,
             "tensor_files": tensor_files,
             "parts": self.skeletons,
         }
-        files[f"{self.stem}.json"] = json.dumps(document).encode()
+        files[f"{self.stem}.json"] = BytesPayload(json.dumps(document).encode())
         return files
 
 
-def snapshot_parts(parts: dict[str, Any], *, stem: str) -> PartsSnapshot:
-    """Copy every tensor of ``parts`` to host memory; the rest becomes a JSON skeleton."""
+def snapshot_parts(parts: dict[str, Any], *, stem: str, copy: bool = True) -> PartsSnapshot:
+    """Every tensor of ``parts`` in host memory; the rest becomes a JSON skeleton.
+
+    ``copy=False`` keeps CPU tensors as they are (no copy): only for a save that finishes
+    before training changes them again.
+    """
     skeletons: dict[str, Any] = {}
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     for part, state in parts.items():
-        skeletons[part], tensors[part] = split_tensors(state)
+        skeletons[part], tensors[part] = split_tensors(state, copy=copy)
     return PartsSnapshot(stem=stem, skeletons=skeletons, tensors=tensors)
 
 
 def encode_parts(parts: dict[str, Any], *, stem: str) -> dict[str, bytes]:
-    """Files for a set of named states: ``STEM.json`` (skeleton) + one safetensors per part."""
-    return snapshot_parts(parts, stem=stem).to_files()
+    """The files of ``snapshot_parts(...).to_files()`` as bytes (for tests and tools)."""
+    return {
+        filename: b"".join(payload.chunks())
+        for filename, payload in snapshot_parts(parts, stem=stem).to_files().items()
+    }
 
 
-def decode_parts(read: Callable[[str], bytes], *, stem: str) -> dict[str, Any]:
-    """Inverse of ``encode_parts``: JSON and safetensors only, never pickle."""
+def decode_parts(
+    read: Callable[[str], bytes],
+    *,
+    stem: str,
+    read_tensor_file: Callable[[str], dict[str, torch.Tensor]] | None = None,
+) -> dict[str, Any]:
+    """Inverse of ``encode_parts``: JSON and safetensors only, never pickle.
+
+    ``read(filename)`` returns a file's bytes; ``read_tensor_file(filename)`` (default: parse
+    what ``read`` returns) a safetensors file's tensors.
+
+    Raises:
+        ManifestError: the state document is not one this version reads.
+        TensorFileError: a tensor file is malformed, or the document names another file type.
+    """
     document = json.loads(read(f"{stem}.json"))
-    if document.get("version") != STATE_FORMAT_VERSION:
-        raise ManifestError(f"{stem}.json: unsupported state version {document.get('version')!r}")
+    if not isinstance(document, dict) or document.get("version") != STATE_FORMAT_VERSION:
+        version = document.get("version") if isinstance(document, dict) else None
+        raise ManifestError(f"{stem}.json: unsupported state version {version!r}")
+    tensors_of = read_tensor_file or (lambda filename: tensors_from_bytes(read(filename)))
     decoded = {}
     for part, skeleton in document["parts"].items():
         filename = document["tensor_files"].get(part)
-        tensors = tensors_from_bytes(read(filename)) if filename else {}
+        tensors = {}
+        if filename is not None:
+            if not (isinstance(filename, str) and filename.endswith(TENSOR_SUFFIX)):
+                raise TensorFileError(f"{stem}.json names {filename!r}, not a safetensors file")
+            tensors = tensors_of(filename)
         decoded[part] = join_tensors(skeleton, tensors)
     return decoded
+
+
+def read_parts(
+    storage: CheckpointStorage, name: str, manifest: Manifest, *, stem: str
+) -> dict[str, Any]:
+    """Read one stem's files once each, check them against the manifest, and decode them.
+
+    A safetensors file's data goes straight from storage into the tensors that are returned,
+    and its checksum is computed from them: verifying costs no second read.
+
+    Raises:
+        CorruptCheckpoint: a file is missing, unlisted, of another size or checksum, or
+            malformed.
+    """
+
+    def entry_of(filename: str) -> FileEntry:
+        entry = manifest.files.get(filename)
+        if entry is None:
+            raise CorruptCheckpoint(f"{filename}: not listed in the manifest")
+        return entry
+
+    def read_document(filename: str) -> bytes:
+        entry = entry_of(filename)
+        try:
+            data = storage.read_file(name, filename)
+        except OSError as error:
+            raise CorruptCheckpoint(f"{filename}: {error}") from None
+        if len(data) != entry.size or not checksum_matches(entry.checksum, [data]):
+            raise CorruptCheckpoint(f"{filename}: checksum mismatch (corrupted)")
+        return data
+
+    def read_tensor_file(filename: str) -> dict[str, torch.Tensor]:
+        entry = entry_of(filename)
+        try:
+            head = storage.read_range(name, filename, 0, HEAD_BYTES)
+            length = header_size(head, entry.size)
+            if len(head) < 8 + length:
+                head = storage.read_range(name, filename, 0, 8 + length)
+            head = head[: 8 + length]
+            entries, data_start = parse_header(head, entry.size)
+            tensors = empty_tensors(entries)
+            views = [byte_view(tensor) for tensor in tensors.values()]
+            storage.read_into(name, filename, views, offset=data_start)
+        except (OSError, TensorFileError) as error:
+            raise CorruptCheckpoint(f"{filename}: {error}") from None
+        if not checksum_matches(entry.checksum, [head, *views]):
+            raise CorruptCheckpoint(f"{filename}: checksum mismatch (corrupted)")
+        return tensors
+
+    try:
+        return decode_parts(read_document, stem=stem, read_tensor_file=read_tensor_file)
+    except (ManifestError, TensorFileError, ValueError, KeyError, TypeError) as error:
+        raise CorruptCheckpoint(f"{stem}: {error}") from None
 
 
 def rank_stem(rank: int) -> str:
@@ -114,7 +208,7 @@ def save_checkpoint(
     *,
     step: int,
     rank: int,
-    files: dict[str, bytes],
+    files: Mapping[str, Payload | bytes],
     manifest: Manifest,
     events: EventSink,
     group: Any = None,
@@ -122,7 +216,8 @@ def save_checkpoint(
     """Write this rank's ``files`` and commit the checkpoint if every rank succeeded.
 
     A collective: every rank must call it for the same step. Storage errors are reported in
-    the outcome and as an event, never raised: training goes on, nothing is committed.
+    the outcome and as an event, never raised: training goes on, nothing is committed. Each
+    file's checksum is taken from the same memory it was written from.
     """
     name = checkpoint_name(step)
     token = broadcast_from_main(uuid.uuid4().hex[:8], group=group)  # collective
@@ -132,8 +227,9 @@ def save_checkpoint(
     try:
         location = storage.staging_location(name, token=token)
         for filename, data in files.items():
-            storage.write_file(location, filename, data)
-            entries[filename] = FileEntry(size=len(data), sha256=sha256_of(data))
+            payload = BytesPayload(data) if isinstance(data, bytes) else data
+            storage.write_file(location, filename, payload)
+            entries[filename] = FileEntry(size=payload.size, checksum=checksum_of(payload.chunks()))
     except (StorageError, OSError) as caught:
         error = f"rank {rank}: {caught}"
     # Agreement: the checkpoint is committed only if every rank's part is durable.
@@ -177,8 +273,15 @@ def _commit(
     return True, None
 
 
-def verify_checkpoint(storage: CheckpointStorage, name: str) -> tuple[Manifest | None, list[str]]:
-    """Check completeness and checksums; returns the manifest (if readable) and problems."""
+def verify_checkpoint(
+    storage: CheckpointStorage, name: str, *, checksums: bool = True
+) -> tuple[Manifest | None, list[str]]:
+    """Check completeness, formats and (unless ``checksums=False``) checksums.
+
+    Returns the manifest (if readable) and the problems found. Without checksums only the
+    manifest, the file sizes and the safetensors headers are read: what a resume checks
+    before ``read_parts`` verifies the checksums during its one read of the data.
+    """
     if storage.file_size(name, MANIFEST_NAME) is None:
         return None, ["no manifest.json: the save never committed"]
     try:
@@ -194,7 +297,9 @@ def verify_checkpoint(storage: CheckpointStorage, name: str) -> tuple[Manifest |
             problems.append(f"{filename}: missing")
         elif size != entry.size:
             problems.append(f"{filename}: {size} bytes, manifest says {entry.size}")
-        elif _sha256_streamed(storage, name, filename) != entry.sha256:
+        elif checksums and not checksum_matches(
+            entry.checksum, storage.read_chunks(name, filename)
+        ):
             problems.append(f"{filename}: checksum mismatch (corrupted)")
         elif (problem := _format_problem(storage, name, filename, size)) is not None:
             problems.append(f"{filename}: {problem}")
@@ -202,10 +307,10 @@ def verify_checkpoint(storage: CheckpointStorage, name: str) -> tuple[Manifest |
 
 
 def _format_problem(storage: CheckpointStorage, name: str, filename: str, size: int) -> str | None:
-    """Cheap structural check, so a file that is not what its name says is never loaded.
+    """Structural check, so a file that is not what its name says is never loaded.
 
-    safetensors: an 8-byte header length, a JSON header whose offsets fit the file. JSON:
-    parses. Anything else is not part of our format.
+    safetensors: a header that describes the file exactly. JSON: parses. Anything else is
+    not part of the format.
     """
     if filename.endswith(".json"):
         try:
@@ -213,33 +318,34 @@ def _format_problem(storage: CheckpointStorage, name: str, filename: str, size: 
         except (ValueError, UnicodeDecodeError):
             return "not valid JSON"
         return None
-    if not filename.endswith(".safetensors"):
+    if not filename.endswith(TENSOR_SUFFIX):
         return "unexpected file type (only .safetensors and .json are loaded)"
-    head = next(storage.read_chunks(name, filename), b"")
-    if len(head) < 8:
-        return "not a safetensors file (too short)"
-    header_size = int.from_bytes(head[:8], "little")
-    if header_size <= 0 or 8 + header_size > size:
-        return "not a safetensors file (bad header length)"
-    header_bytes = head[8 : 8 + header_size]
-    if len(header_bytes) < header_size:
-        header_bytes = storage.read_file(name, filename)[8 : 8 + header_size]
+    head = storage.read_range(name, filename, 0, HEAD_BYTES)
     try:
-        header = json.loads(header_bytes)
-        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
-    except (ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError):
-        return "not a safetensors file (unreadable header)"
-    if max(ends, default=0) != size - 8 - header_size:
-        return "not a safetensors file (offsets do not match the size)"
+        if len(head) < 8 + (length := header_size(head, size)):
+            head = storage.read_range(name, filename, 0, 8 + length)
+        parse_header(head, size)
+    except TensorFileError as error:
+        return str(error)
     return None
 
 
 def find_restorable(
-    storage: CheckpointStorage, *, events: EventSink, emit: bool
+    storage: CheckpointStorage,
+    *,
+    events: EventSink,
+    emit: bool,
+    checksums: bool = True,
+    older_than: int | None = None,
 ) -> tuple[str, Manifest] | None:
-    """The newest checkpoint that verifies; newer ones that do not are reported as events."""
+    """The newest checkpoint (before step ``older_than``, if given) that verifies.
+
+    Newer ones that do not verify are reported as ``checkpoint_rejected`` events when ``emit``.
+    """
     for name in reversed(storage.checkpoint_names()):
-        manifest, problems = verify_checkpoint(storage, name)
+        if older_than is not None and (step_of(name) or 0) >= older_than:
+            continue
+        manifest, problems = verify_checkpoint(storage, name, checksums=checksums)
         if manifest is not None and not problems:
             return name, manifest
         if emit:
@@ -267,10 +373,3 @@ def prune_checkpoints(
     for name in doomed:
         storage.delete(name)
     return doomed
-
-
-def _sha256_streamed(storage: CheckpointStorage, name: str, filename: str) -> str:
-    digest = hashlib.sha256()
-    for chunk in storage.read_chunks(name, filename):
-        digest.update(chunk)
-    return digest.hexdigest()

@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -24,13 +25,36 @@ class StorageError(OSError):
     """A storage operation failed (disk full, permission, network)."""
 
 
+class Payload(Protocol):
+    """A file's bytes, produced in chunks; ``chunks()`` starts over each time it is called."""
+
+    @property
+    def size(self) -> int: ...
+
+    def chunks(self) -> Iterator[memoryview]: ...
+
+
+@dataclass(frozen=True)
+class BytesPayload:
+    """A payload that is already one ``bytes`` (JSON documents, the manifest)."""
+
+    data: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def chunks(self) -> Iterator[memoryview]:
+        yield memoryview(self.data)
+
+
 class CheckpointStorage(Protocol):
     def staging_location(self, name: str, *, token: str) -> str:
         """Where the files of checkpoint ``name`` are written before commit."""
         ...
 
-    def write_file(self, location: str, filename: str, data: bytes) -> None:
-        """Write ``data`` durably (it survives a crash once this returns)."""
+    def write_file(self, location: str, filename: str, payload: Payload) -> None:
+        """Write ``payload`` durably (it survives a crash once this returns)."""
         ...
 
     def commit(self, location: str, name: str, manifest: bytes) -> None:
@@ -46,6 +70,20 @@ class CheckpointStorage(Protocol):
         ...
 
     def read_file(self, name: str, filename: str) -> bytes: ...
+
+    def read_range(self, name: str, filename: str, start: int, length: int) -> bytes:
+        """Up to ``length`` bytes from ``start`` (fewer at the end of the file)."""
+        ...
+
+    def read_into(
+        self, name: str, filename: str, buffers: Sequence[memoryview], *, offset: int = 0
+    ) -> None:
+        """Fill ``buffers`` in order with the file's bytes from ``offset`` to its very end.
+
+        Raises:
+            StorageError: when the file is shorter or longer than that.
+        """
+        ...
 
     def read_chunks(self, name: str, filename: str) -> Iterator[bytes]: ...
 
@@ -82,19 +120,16 @@ class LocalStorage:
             raise StorageError(f"cannot create {staging}: {error}") from error
         return str(staging)
 
-    def write_file(self, location: str, filename: str, data: bytes) -> None:
+    def write_file(self, location: str, filename: str, payload: Payload) -> None:
         path = Path(location) / filename
         try:
-            with open(path, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
+            write_durably(path, payload)
         except OSError as error:
             raise StorageError(f"cannot write {path}: {error}") from error
 
     def commit(self, location: str, name: str, manifest: bytes) -> None:
         staging, final = Path(location), self.root / name
-        self.write_file(location, MANIFEST_NAME, manifest)
+        self.write_file(location, MANIFEST_NAME, BytesPayload(manifest))
         try:
             _fsync_directory(staging)
             if final.exists():
@@ -125,6 +160,26 @@ class LocalStorage:
 
     def read_file(self, name: str, filename: str) -> bytes:
         return (self.root / name / filename).read_bytes()
+
+    def read_range(self, name: str, filename: str, start: int, length: int) -> bytes:
+        with open(self.root / name / filename, "rb", buffering=0) as handle:
+            return os.pread(handle.fileno(), length, start)
+
+    def read_into(
+        self, name: str, filename: str, buffers: Sequence[memoryview], *, offset: int = 0
+    ) -> None:
+        path = self.root / name / filename
+        with open(path, "rb", buffering=0) as handle:
+            handle.seek(offset)
+            for buffer in buffers:
+                filled = 0
+                while filled < len(buffer):
+                    count = handle.readinto(buffer[filled : filled + READ_CHUNK_BYTES])
+                    if not count:
+                        raise StorageError(f"{path}: shorter than its manifest says")
+                    filled += count
+            if handle.read(1):
+                raise StorageError(f"{path}: longer than its manifest says")
 
     def read_chunks(self, name: str, filename: str) -> Iterator[bytes]:
         with open(self.root / name / filename, "rb") as handle:
@@ -164,6 +219,15 @@ class LocalStorage:
 
     def describe(self, name: str) -> str:
         return str(self.root / name)
+
+
+def write_durably(path: Path, payload: Payload) -> None:
+    """Write ``payload`` to ``path`` chunk by chunk (unbuffered) and fsync it."""
+    with open(path, "wb", buffering=0) as handle:
+        for chunk in payload.chunks():
+            while chunk:
+                chunk = chunk[handle.write(chunk) :]
+        os.fsync(handle.fileno())
 
 
 def _fsync_directory(path: Path) -> None:

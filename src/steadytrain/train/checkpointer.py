@@ -70,7 +70,9 @@ class PeriodicCheckpointer:
         started = time.perf_counter()
         self._events = parts.events
         completed = self.finish()  # at most one in flight
-        snapshot = snapshot_training_state(parts, state)
+        # A synchronous save writes from the live tensors (training waits for it); an async
+        # one needs its own copy.
+        snapshot = snapshot_training_state(parts, state, copy=self._executor is not None)
         blocked = time.perf_counter() - started
         if self._executor is None:
             return self._write(snapshot, blocked)

@@ -18,17 +18,20 @@ import torch
 import steadytrain
 from steadytrain.checkpoint import (
     CheckpointStorage,
+    CorruptCheckpoint,
     LocalStorage,
     Manifest,
     SaveOutcome,
-    decode_parts,
     find_restorable,
     rank_stem,
+    read_parts,
     save_checkpoint,
+    step_of,
     verify_checkpoint,
 )
 from steadytrain.checkpoint.object_store import ObjectStorage, redact_url
 from steadytrain.checkpoint.protocol import PartsSnapshot, snapshot_parts
+from steadytrain.checkpoint.storage import Payload
 from steadytrain.config import (
     Config,
     ConfigError,
@@ -42,6 +45,7 @@ from steadytrain.config import (
 from steadytrain.dist import (
     broadcast_from_main,
     capture_rng_state,
+    first_failure,
     rank_seed,
     restore_rng_state,
     seed_all,
@@ -122,7 +126,7 @@ def check_free_space(storage: CheckpointStorage, parts: Any) -> str | None:
 
 @dataclass
 class TrainingSnapshot:
-    """One rank's share of a checkpoint, copied to host memory at a step boundary."""
+    """One rank's share of a checkpoint, in host memory at a step boundary."""
 
     step: int
     rank: int
@@ -130,8 +134,12 @@ class TrainingSnapshot:
     manifest: Manifest
 
 
-def snapshot_training_state(parts: Any, state: TrainState) -> TrainingSnapshot:
-    """Copy everything that must survive a restart to host memory (the blocking part)."""
+def snapshot_training_state(parts: Any, state: TrainState, *, copy: bool) -> TrainingSnapshot:
+    """Everything that must survive a restart, in host memory (the blocking part of a save).
+
+    ``copy=True`` (async saves) copies every tensor, so training may go on while it is
+    written; ``copy=False`` (synchronous saves) writes CPU tensors from where they are.
+    """
     runtime = parts.runtime
     snapshots = []
     if runtime.is_main:
@@ -143,8 +151,9 @@ def snapshot_training_state(parts: Any, state: TrainState) -> TrainingSnapshot:
             "sampler": parts.sampler.state_dict(),
             "train": state.state_dict(),
         }
-        snapshots.append(snapshot_parts(shared, stem="shared"))
-    snapshots.append(snapshot_parts({"rng": capture_rng_state()}, stem=rank_stem(runtime.rank)))
+        snapshots.append(snapshot_parts(shared, stem="shared", copy=copy))
+    rng = {"rng": capture_rng_state()}
+    snapshots.append(snapshot_parts(rng, stem=rank_stem(runtime.rank), copy=copy))
     return TrainingSnapshot(
         step=state.step,
         rank=runtime.rank,
@@ -158,8 +167,8 @@ def snapshot_training_state(parts: Any, state: TrainState) -> TrainingSnapshot:
 def write_snapshot(
     storage: CheckpointStorage, snapshot: TrainingSnapshot, *, events: Any, group: Any = None
 ) -> SaveOutcome:
-    """Serialize and commit a snapshot (a collective on ``group``)."""
-    files: dict[str, bytes] = {}
+    """Write and commit a snapshot (a collective on ``group``)."""
+    files: dict[str, Payload] = {}
     for part in snapshot.parts:
         files.update(part.to_files())
     return save_checkpoint(
@@ -178,42 +187,51 @@ def restore_training_state(
 ) -> str | None:
     """Load the newest good checkpoint (or the requested one) into the parts (a collective).
 
+    Rank 0 picks the newest checkpoint whose manifest, sizes and headers check out; every rank
+    then reads its files once, verifying checksums as it goes. Only when every rank read
+    everything intact is any state applied; otherwise the checkpoint is reported and the next
+    older one is tried.
+
     Returns the restored checkpoint's location, or None when training starts fresh.
 
     Raises:
         CheckpointRefused: the requested checkpoint is bad, or the identity differs.
     """
-    runtime, config = parts.runtime, parts.config
+    runtime = parts.runtime
     if not request.enabled:
         return None
     source, only = storage, None
     if request.from_path is not None:
         parent, _, only = request.from_path.rstrip("/").rpartition("/")
-        source = _storage_at(parent or ".", config)
-    choice: tuple[str, str] | None = None  # (name, manifest json)
-    error: str | None = None
+        source = _storage_at(parent or ".", parts.config)
     if runtime.is_main:
         storage.remove_leftovers()
-        try:
-            choice = _choose(source, only=only, events=parts.events)
-        except CheckpointRefused as refused:
-            error = str(refused)
-    choice, error = broadcast_from_main((choice, error))  # collective: one choice for all
-    if error is not None:
-        raise CheckpointRefused(error, reported_elsewhere=not runtime.is_main)
-    if choice is None:
-        return None
-    name, manifest_json = choice
-    manifest = Manifest.from_json(manifest_json)
-    location = source.describe(name)
-    _check_compatible(manifest, config, location=location, parts=parts)
-    shared = decode_parts(lambda filename: source.read_file(name, filename), stem="shared")
-    parts.model.unwrapped.load_state_dict(shared["model"])
-    parts.optimizer.load_state_dict(shared["optimizer"])
-    parts.scheduler.load_state_dict(shared["scheduler"])
-    parts.sampler.load_state_dict(shared["sampler"])
-    state.load_state_dict(shared["train"])
-    _restore_rng(source, name, manifest, parts, state)
+    older_than: int | None = None
+    while True:
+        name, manifest = _agree_on_candidate(source, only=only, older_than=older_than, parts=parts)
+        if name is None or manifest is None:
+            return None
+        location = source.describe(name)
+        _check_compatible(manifest, parts.config, location=location, parts=parts)
+        loaded, problem = _read_checkpoint(source, name, manifest, parts)
+        failure = first_failure(problem)  # collective: apply only what every rank read intact
+        if failure is None:
+            _apply(loaded, manifest, parts, state)
+            break
+        rank, problem = failure
+        if only is not None:
+            raise CheckpointRefused(
+                f"--resume-from {location}: rank {rank} could not read it ({problem})",
+                reported_elsewhere=not runtime.is_main,
+            )
+        if runtime.is_main:
+            parts.events.emit(
+                "checkpoint_rejected",
+                checkpoint=name,
+                problems=[f"rank {rank}: {problem}"],
+                action="falling back to an older checkpoint",
+            )
+        older_than = step_of(name)
     if runtime.is_main:
         parts.events.emit(
             "resume",
@@ -225,9 +243,30 @@ def restore_training_state(
     return location
 
 
-def _choose(source: CheckpointStorage, *, only: str | None, events: Any) -> tuple[str, str] | None:
+def _agree_on_candidate(
+    source: CheckpointStorage, *, only: str | None, older_than: int | None, parts: Any
+) -> tuple[str | None, Manifest | None]:
+    """Rank 0's choice of the next checkpoint to try, on every rank (a collective)."""
+    choice: tuple[str, str] | None = None  # (name, manifest json)
+    error: str | None = None
+    if parts.runtime.is_main:
+        try:
+            choice = _choose(source, only=only, older_than=older_than, events=parts.events)
+        except CheckpointRefused as refused:
+            error = str(refused)
+    choice, error = broadcast_from_main((choice, error))
+    if error is not None:
+        raise CheckpointRefused(error, reported_elsewhere=not parts.runtime.is_main)
+    if choice is None:
+        return None, None
+    return choice[0], Manifest.from_json(choice[1])
+
+
+def _choose(
+    source: CheckpointStorage, *, only: str | None, older_than: int | None, events: Any
+) -> tuple[str, str] | None:
     if only is not None:
-        manifest, problems = verify_checkpoint(source, only)
+        manifest, problems = verify_checkpoint(source, only, checksums=False)
         if manifest is None or problems:
             raise CheckpointRefused(
                 f"--resume-from {source.describe(only)}: not a good checkpoint "
@@ -235,11 +274,54 @@ def _choose(source: CheckpointStorage, *, only: str | None, events: Any) -> tupl
                 "reports as good"
             )
         return only, manifest.to_json()
-    found = find_restorable(source, events=events, emit=True)
+    found = find_restorable(
+        source, events=events, emit=True, checksums=False, older_than=older_than
+    )
     if found is None:
         return None
     name, manifest = found
     return name, manifest.to_json()
+
+
+def _read_checkpoint(
+    source: CheckpointStorage, name: str, manifest: Manifest, parts: Any
+) -> tuple[dict[str, Any], str | None]:
+    """This rank's share of a checkpoint, read once and checked: the shared state, and its
+    own RNG states when the world size is unchanged. Returns what was read, or the problem."""
+    runtime = parts.runtime
+    loaded: dict[str, Any] = {}
+    try:
+        loaded["shared"] = read_parts(source, name, manifest, stem="shared")
+        if manifest.world_size == runtime.world_size:
+            stem = rank_stem(runtime.rank)
+            rank_parts = read_parts(source, name, manifest, stem=stem)
+            if "rng" not in rank_parts:
+                return {}, f"{stem}.json: no RNG state"
+            loaded["rng"] = rank_parts["rng"]
+    except CorruptCheckpoint as corrupt:
+        return {}, str(corrupt)
+    return loaded, None
+
+
+def _apply(loaded: dict[str, Any], manifest: Manifest, parts: Any, state: TrainState) -> None:
+    shared = loaded["shared"]
+    parts.model.unwrapped.load_state_dict(shared["model"])
+    parts.optimizer.load_state_dict(shared["optimizer"])
+    parts.scheduler.load_state_dict(shared["scheduler"])
+    parts.sampler.load_state_dict(shared["sampler"])
+    state.load_state_dict(shared["train"])
+    if "rng" in loaded:
+        restore_rng_state(loaded["rng"])
+        return
+    # Per-rank streams cannot be mapped onto another world size: reseed reproducibly.
+    seed_all(rank_seed(parts.config.seed + state.step, rank=parts.runtime.rank))
+    if parts.runtime.is_main:
+        parts.events.emit(
+            "rng_reseeded",
+            reason="world size changed",
+            saved_world_size=manifest.world_size,
+            world_size=parts.runtime.world_size,
+        )
 
 
 def _check_compatible(manifest: Manifest, config: Config, *, location: str, parts: Any) -> None:
@@ -262,26 +344,6 @@ def _check_compatible(manifest: Manifest, config: Config, *, location: str, part
         changed = identity_differences(manifest.operational, operational_fields(config))
         if changed:
             parts.events.emit("config_changed", checkpoint=location, changes=changed)
-
-
-def _restore_rng(
-    source: CheckpointStorage, name: str, manifest: Manifest, parts: Any, state: TrainState
-) -> None:
-    runtime = parts.runtime
-    if manifest.world_size == runtime.world_size:
-        stem = rank_stem(runtime.rank)
-        rank_state = decode_parts(lambda filename: source.read_file(name, filename), stem=stem)
-        restore_rng_state(rank_state["rng"])
-        return
-    # Per-rank streams cannot be mapped onto another world size: reseed reproducibly.
-    seed_all(rank_seed(parts.config.seed + state.step, rank=runtime.rank))
-    if runtime.is_main:
-        parts.events.emit(
-            "rng_reseeded",
-            reason="world size changed",
-            saved_world_size=manifest.world_size,
-            world_size=runtime.world_size,
-        )
 
 
 def _manifest(config: Config, world_size: int, global_batch_size: int, *, step: int) -> Manifest:

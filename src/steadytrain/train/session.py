@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from safetensors.torch import save_file
 
 import steadytrain
+from steadytrain.checkpoint.storage import write_durably
+from steadytrain.checkpoint.tensorfile import tensor_file
 from steadytrain.config import (
     Config,
     UserError,
@@ -186,16 +187,16 @@ def build_parts(config: Config, runtime: Runtime) -> TrainingParts:
 
 
 def save_final_weights(model: torch.nn.Module, run_dir: Path) -> Path:
-    """Write ``RUN_DIR/final/model.safetensors`` durably: temp file, fsync, rename."""
+    """Write ``RUN_DIR/final/model.safetensors`` durably: temp file, fsync, rename.
+
+    A plain safetensors file (``format: pt`` metadata, as Hugging Face tools expect); tied
+    weights are written under each of their names.
+    """
     target = run_dir / FINAL_WEIGHTS
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    tensors = {
-        name: value.detach().cpu().contiguous() for name, value in model.state_dict().items()
-    }
-    save_file(tensors, str(staging), metadata={"format": "pt"})
-    with open(staging, "rb") as handle:
-        os.fsync(handle.fileno())
+    tensors = {name: value.detach().cpu() for name, value in model.state_dict().items()}
+    write_durably(staging, tensor_file(tensors, metadata={"format": "pt"}))
     os.replace(staging, target)
     return target
 
