@@ -6,7 +6,6 @@ The disk's own bandwidth, steadytrain's save and restore through the real protoc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -24,8 +23,9 @@ import numpy as np
 import torch
 
 from overhead import machine_cpu_ticks, run_logged
-from steadytrain.checkpoint import LocalStorage, Manifest, decode_parts, save_checkpoint
+from steadytrain.checkpoint import LocalStorage, Manifest, Payload, read_parts, save_checkpoint
 from steadytrain.checkpoint import verify_checkpoint as verify_steadytrain_checkpoint
+from steadytrain.checkpoint.manifest import checksum_of
 from steadytrain.checkpoint.protocol import snapshot_parts
 from steadytrain.config import TrainConfig
 from steadytrain.dist import capture_rng_state
@@ -242,21 +242,31 @@ def benchmark_manifest(step: int) -> Manifest:
 
 
 def steadytrain_save(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, storage: LocalStorage, *, step: int
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    storage: LocalStorage,
+    *,
+    step: int,
+    copy: bool = False,
 ) -> dict[str, Any]:
-    """One save through the real protocol; the time of each stage and of the whole."""
+    """One save through the real protocol, as the checkpointer does it; times of the stages.
+
+    ``copy=False`` is a synchronous save (written from the live tensors); ``copy=True`` first
+    takes the host-memory snapshot an async save takes.
+    """
     started = time.perf_counter()
     snapshots = [
         snapshot_parts(
-            {"model": model.state_dict(), "optimizer": optimizer.state_dict()}, stem="shared"
+            {"model": model.state_dict(), "optimizer": optimizer.state_dict()},
+            stem="shared",
+            copy=copy,
         ),
-        snapshot_parts({"rng": capture_rng_state()}, stem="rank-00000"),
+        snapshot_parts({"rng": capture_rng_state()}, stem="rank-00000", copy=copy),
     ]
-    snapshot_done = time.perf_counter()
-    files: dict[str, bytes] = {}
+    files: dict[str, Payload] = {}
     for snapshot in snapshots:
         files.update(snapshot.to_files())
-    serialize_done = time.perf_counter()
+    snapshot_done = time.perf_counter()
     events = EventRecorder()
     outcome = save_checkpoint(
         storage, step=step, rank=0, files=files, manifest=benchmark_manifest(step), events=events
@@ -264,11 +274,11 @@ def steadytrain_save(
     finished = time.perf_counter()
     if not outcome.committed:
         sys.exit(f"checkpoint_io: the save was not committed: {outcome.error}")
-    # The profile: hashing alone, on the same bytes, to split save_checkpoint's time.
+    # The profile: checksums alone, on the same payloads, to split save_checkpoint's time.
     hash_started = time.perf_counter()
-    for data in files.values():
-        hashlib.sha256(data).hexdigest()
-    sha256_s = time.perf_counter() - hash_started
+    for payload in files.values():
+        checksum_of(payload.chunks())
+    checksum_s = time.perf_counter() - hash_started
     num_bytes = sum(path.stat().st_size for path in files_in(Path(outcome.location)))
     total_s = finished - started
     return {
@@ -276,9 +286,8 @@ def steadytrain_save(
         "seconds": total_s,
         "gbps": num_bytes / total_s / GB,
         "snapshot_s": snapshot_done - started,
-        "serialize_s": serialize_done - snapshot_done,
-        "sha256_s": sha256_s,
-        "write_fsync_commit_s": finished - serialize_done - sha256_s,
+        "checksum_s": checksum_s,
+        "write_fsync_commit_s": finished - snapshot_done - checksum_s,
         "location": outcome.location,
     }
 
@@ -290,18 +299,10 @@ def steadytrain_restore(
     source: torch.nn.Module,
     prepare: Callable[[], None] = no_preparation,
 ) -> dict[str, Any]:
-    """Verify, load, and the whole resume path, each starting from a cold page cache."""
+    """The resume path and ``checkpoints verify``, each from a cold page cache."""
     storage, name = LocalStorage(location.parent), location.name
     paths = files_in(location)
     num_bytes = sum(path.stat().st_size for path in paths)
-
-    drop_from_cache(paths)
-    prepare()
-    started = time.perf_counter()
-    manifest, problems = verify_steadytrain_checkpoint(storage, name)
-    verify_s = time.perf_counter() - started
-    if manifest is None or problems:
-        sys.exit(f"checkpoint_io: the checkpoint does not verify: {problems}")
 
     drop_from_cache(paths)
     prepare()
@@ -311,45 +312,40 @@ def steadytrain_restore(
     drop_from_cache(paths)
     prepare()
     started = time.perf_counter()
-    verify_steadytrain_checkpoint(storage, name)
-    resumed = load_steadytrain(storage, name, model=model)
-    resume_s = time.perf_counter() - started
+    manifest, problems = verify_steadytrain_checkpoint(storage, name)
+    verify_s = time.perf_counter() - started
+    if manifest is None or problems:
+        sys.exit(f"checkpoint_io: the checkpoint does not verify: {problems}")
     return {
         "bytes": num_bytes,
         "verify_s": verify_s,
         "verify_gbps": num_bytes / verify_s / GB,
-        "load_s": load["seconds"],
         "load_gbps": num_bytes / load["seconds"] / GB,
-        "load_read_s": load["read_s"],
-        "load_state_dict_s": load["load_state_dict_s"],
-        "resume_s": resume_s,
-        "resume_gbps": num_bytes / resume_s / GB,
-        "resume_load_s": resumed["seconds"],
+        **load,
     }
 
 
 def load_steadytrain(storage: LocalStorage, name: str, *, model: torch.nn.Module) -> dict[str, Any]:
-    """``decode_parts`` + ``load_state_dict`` into ``model`` and a fresh AdamW, as on resume."""
+    """What ``restore_training_state`` does on one rank: check the manifest, sizes and headers,
+    read every file once with its checksum, then ``load_state_dict`` into ``model`` and a
+    fresh AdamW."""
     optimizer = build_optimizer(model, TrainConfig())
-    read_seconds = [0.0]
-
-    def read(filename: str) -> bytes:
-        started = time.perf_counter()
-        data = storage.read_file(name, filename)
-        read_seconds[0] += time.perf_counter() - started
-        return data
-
     started = time.perf_counter()
-    shared = decode_parts(read, stem="shared")
-    decode_parts(read, stem="rank-00000")
-    decoded = time.perf_counter()
+    manifest, problems = verify_steadytrain_checkpoint(storage, name, checksums=False)
+    if manifest is None or problems:
+        sys.exit(f"checkpoint_io: the checkpoint does not check out: {problems}")
+    checked = time.perf_counter()
+    shared = read_parts(storage, name, manifest, stem="shared")
+    read_parts(storage, name, manifest, stem="rank-00000")
+    read_done = time.perf_counter()
     model.load_state_dict(shared["model"])
     optimizer.load_state_dict(shared["optimizer"])
     finished = time.perf_counter()
     return {
         "seconds": finished - started,
-        "read_s": read_seconds[0],
-        "load_state_dict_s": finished - decoded,
+        "check_s": checked - started,
+        "read_s": read_done - checked,
+        "load_state_dict_s": finished - read_done,
         "optimizer": optimizer,
     }
 

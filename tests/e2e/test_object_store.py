@@ -20,11 +20,22 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from steadytrain.checkpoint import (
+    Manifest,
+    StorageError,
+    read_parts,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from steadytrain.checkpoint.object_store import ObjectStorage
+from steadytrain.checkpoint.protocol import snapshot_parts
 from tests.e2e.test_checkpoints import MAX_STEPS, checkpoint_overrides, events, final_weights
 from tests.helpers import (
     TINY_CONFIG,
+    RecordingEvents,
     as_set_args,
     run_steadytrain,
     start_steadytrain,
@@ -179,6 +190,62 @@ def test_corrupt_newest_object_falls_back(s3_reference, overrides, s3_endpoint, 
     assert events(run_dir, "checkpoint_rejected")[-1]["checkpoint"] == f"step_{MAX_STEPS:08d}"
     assert events(run_dir, "resume")[-1]["step"] == MAX_STEPS - 4
     assert final_weights(run_dir) == final_weights(s3_reference[0])
+
+
+def test_large_files_stream_as_multipart_uploads_and_failed_ones_are_aborted(
+    bucket: str, s3_endpoint: str
+) -> None:
+    options = {
+        "key": "steadytrain-test",
+        "secret": SECRET,
+        "client_kwargs": {"endpoint_url": s3_endpoint},
+    }
+    storage = ObjectStorage(
+        f"s3://{bucket}/multipart-{uuid.uuid4().hex[:6]}",
+        storage_options=options,
+        first_backoff_s=0.0,
+        max_attempts=2,
+        upload_part_bytes=5 * 2**20,  # S3's smallest part: 12 MiB of weights make 3 parts
+    )
+    weight = torch.randn(3 * 2**20)
+    snapshot = snapshot_parts({"model": {"weight": weight}}, stem="shared", copy=False)
+    outcome = save_checkpoint(
+        storage,
+        step=1,
+        rank=0,
+        files=snapshot.to_files(),
+        manifest=Manifest(
+            step=1,
+            time=0.0,
+            identity_fingerprint="f",
+            identity={},
+            world_size=1,
+            global_batch_size=1,
+            versions={},
+        ),
+        events=RecordingEvents(),
+    )
+    assert outcome.committed, outcome.error
+    manifest, problems = verify_checkpoint(storage, "step_00000001")
+    assert manifest is not None and problems == []
+    restored = read_parts(storage, "step_00000001", manifest, stem="shared")
+    assert torch.equal(restored["model"]["weight"], weight)
+
+    class Interrupted:
+        """A payload whose source fails after two parts went up."""
+
+        size = 12 * 2**20
+
+        def chunks(self):
+            yield memoryview(bytes(11 * 2**20))
+            raise ConnectionError("connection reset while uploading")
+
+    location = storage.staging_location("step_00000002", token="t")
+    with pytest.raises(StorageError, match="gave up after 2 attempts"):
+        storage.write_file(location, "model.safetensors", Interrupted())
+    assert storage.file_size("step_00000002", "model.safetensors") is None
+    uploads = s3fs_for(s3_endpoint).call_s3("list_multipart_uploads", Bucket=bucket)
+    assert not uploads.get("Uploads"), "an aborted upload was left behind"
 
 
 def test_partial_upload_is_never_visible_as_committed(

@@ -46,6 +46,7 @@ class ObjectStorage:
         storage_options: dict[str, Any] | None = None,
         max_attempts: int = 5,
         first_backoff_s: float = 0.5,
+        upload_part_bytes: int = UPLOAD_PART_BYTES,
     ) -> None:
         import fsspec
 
@@ -54,6 +55,7 @@ class ObjectStorage:
         self._root = self._root.rstrip("/")
         self._max_attempts = max_attempts
         self._first_backoff_s = first_backoff_s
+        self._part_bytes = upload_part_bytes
 
     def staging_location(self, name: str, *, token: str) -> str:
         location = f"{self._root}/{name}"
@@ -65,7 +67,7 @@ class ObjectStorage:
 
     def write_file(self, location: str, filename: str, payload: Payload) -> None:
         path = f"{location}/{filename}"
-        if payload.size <= UPLOAD_PART_BYTES:
+        if payload.size <= self._part_bytes:
             data = b"".join(payload.chunks())
             self._retry(lambda: self._fs.pipe_file(path, data))
         else:
@@ -73,13 +75,14 @@ class ObjectStorage:
 
     def _upload(self, path: str, payload: Payload) -> None:
         """Stream a large payload as a multipart upload; a failed one is aborted, not completed."""
-        handle = self._fs.open(path, "wb", block_size=UPLOAD_PART_BYTES)
+        handle = self._fs.open(path, "wb", block_size=self._part_bytes)
         try:
             for chunk in payload.chunks():
                 handle.write(chunk)
         except BaseException:
             with contextlib.suppress(Exception):
-                handle.discard()
+                handle.discard()  # aborts the multipart upload
+            handle.closed = True  # so that closing (or collecting) it never completes it
             raise
         handle.close()
 
