@@ -105,12 +105,31 @@ def step_of(name: str) -> int | None:
     return int(digits) if digits.isascii() and digits.isdigit() else None
 
 
+class Checksum:
+    """A running checksum: ``update`` with the bytes in order, then ``value``."""
+
+    def __init__(self, algorithm: str = CHECKSUM_ALGORITHM) -> None:
+        self.algorithm = algorithm
+        self._digest = _HASHERS[algorithm]()
+
+    @classmethod
+    def like(cls, expected: str) -> Checksum:
+        """A checksum with the algorithm that ``expected`` (``"ALGORITHM:HEX"``) names."""
+        return cls(expected.partition(":")[0])
+
+    def update(self, data: Any) -> None:
+        self._digest.update(data)
+
+    def value(self) -> str:
+        return f"{self.algorithm}:{self._digest.hexdigest()}"
+
+
 def checksum_of(chunks: Iterable[Any], algorithm: str = CHECKSUM_ALGORITHM) -> str:
     """``"ALGORITHM:HEX"`` of the bytes in ``chunks`` (bytes-like objects, in order)."""
-    digest = _HASHERS[algorithm]()
+    checksum = Checksum(algorithm)
     for chunk in chunks:
-        digest.update(chunk)
-    return f"{algorithm}:{digest.hexdigest()}"
+        checksum.update(chunk)
+    return checksum.value()
 
 
 def checksum_matches(expected: str, chunks: Iterable[Any]) -> bool:

@@ -115,10 +115,20 @@ class ObjectStorage:
         return self._retry(lambda: self._fs.cat_file(path, start=start, end=start + length))
 
     def read_into(
-        self, name: str, filename: str, buffers: Sequence[memoryview], *, offset: int = 0
+        self,
+        name: str,
+        filename: str,
+        buffers: Sequence[memoryview],
+        *,
+        offset: int = 0,
+        on_data: Callable[[memoryview], None] | None = None,
     ) -> None:
         path = f"{self._root}/{name}/{filename}"
         self._retry(lambda: self._read_into(path, buffers, offset))
+        # Only now: a retried download starts over, and ``on_data`` sees each byte once.
+        if on_data is not None:
+            for buffer in buffers:
+                on_data(buffer)
 
     def _read_into(self, path: str, buffers: Sequence[memoryview], offset: int) -> None:
         """One attempt; a retry starts over and overwrites what an earlier one filled."""

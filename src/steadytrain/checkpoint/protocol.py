@@ -18,6 +18,7 @@ import torch
 from steadytrain.checkpoint.codec import join_tensors, split_tensors
 from steadytrain.checkpoint.manifest import (
     MANIFEST_NAME,
+    Checksum,
     FileEntry,
     Manifest,
     ManifestError,
@@ -185,11 +186,13 @@ def read_parts(
             head = head[: 8 + length]
             entries, data_start = parse_header(head, entry.size)
             tensors = empty_tensors(entries)
+            checksum = Checksum.like(entry.checksum)
+            checksum.update(head)
             views = [byte_view(tensor) for tensor in tensors.values()]
-            storage.read_into(name, filename, views, offset=data_start)
+            storage.read_into(name, filename, views, offset=data_start, on_data=checksum.update)
         except (OSError, TensorFileError) as error:
             raise CorruptCheckpoint(f"{filename}: {error}") from None
-        if not checksum_matches(entry.checksum, [head, *views]):
+        if checksum.value() != entry.checksum:
             raise CorruptCheckpoint(f"{filename}: checksum mismatch (corrupted)")
         return tensors
 

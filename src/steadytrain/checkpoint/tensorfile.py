@@ -9,7 +9,7 @@ Writing streams each tensor's memory straight to storage: no serialized copy of 
 file is built, and tied tensors (one storage, two keys) are simply written twice. Reading
 parses the header strictly, allocates every tensor once, and lets storage read the data
 straight into them (``empty_tensors`` + ``byte_view``): one copy, from the file into the
-tensor that is returned, as with ``torch.load``.
+tensors that are returned, as with ``torch.load``.
 """
 
 from __future__ import annotations
