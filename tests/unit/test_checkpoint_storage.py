@@ -32,6 +32,7 @@ from steadytrain.checkpoint import (
     step_of,
     verify_checkpoint,
 )
+from steadytrain.checkpoint import storage as storage_module
 from steadytrain.checkpoint.manifest import checksum_of
 from steadytrain.config import (
     Config,
@@ -362,6 +363,28 @@ def test_find_restorable_without_checksums_reads_headers_only(tmp_path: Path) ->
     assert events.emitted == []
     full = find_restorable(storage, events=events, emit=True)
     assert full is not None and full[0] == "step_00000002"
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["one-thread", "threads"])
+def test_read_into_fills_buffers_and_reports_data_in_file_order(
+    tmp_path: Path, parallel: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if parallel:
+        monkeypatch.setattr(storage_module, "PARALLEL_READ_BYTES", 0)
+    data = bytes(range(256)) * (20 * 2**20 // 256 + 7)  # three pieces and a bit
+    (tmp_path / "step_00000001").mkdir()
+    (tmp_path / "step_00000001" / "blob").write_bytes(b"HEAD" + data)
+    buffers = [memoryview(bytearray(n)) for n in (5, 9 * 2**20, len(data) - 9 * 2**20 - 5)]
+    seen: list[bytes] = []
+
+    LocalStorage(tmp_path).read_into(
+        "step_00000001", "blob", buffers, offset=4, on_data=lambda view: seen.append(bytes(view))
+    )
+
+    assert b"".join(bytes(buffer) for buffer in buffers) == data
+    assert b"".join(seen) == data
+    assert max(len(piece) for piece in seen) <= storage_module.READ_CHUNK_BYTES
+    assert LocalStorage(tmp_path).read_range("step_00000001", "blob", 2, 4) == b"AD\x00\x01"
 
 
 def test_a_save_that_cannot_create_its_staging_commits_nothing(tmp_path: Path) -> None:

@@ -63,6 +63,32 @@ def test_an_upload_cut_short_is_never_restorable_and_is_cleaned(storage: ObjectS
     assert storage.checkpoint_names() == ["step_00000004"]
 
 
+def test_read_into_reports_data_once_after_a_retried_download(storage: ObjectStorage) -> None:
+    storage.write_file(f"{storage._root}/step_00000001", "blob", BytesPayload(b"HEAD0123456789"))
+    attempts = {"count": 0}
+    read_once = storage._read_into
+
+    def flaky(path: str, buffers: list[memoryview], offset: int) -> None:
+        attempts["count"] += 1
+        read_once(path, buffers, offset)
+        if attempts["count"] == 1:
+            raise ConnectionError("reset after the data arrived")
+
+    storage._read_into = flaky  # type: ignore[method-assign]
+    buffers = [memoryview(bytearray(4)), memoryview(bytearray(6))]
+    seen: list[bytes] = []
+
+    storage.read_into(
+        "step_00000001", "blob", buffers, offset=4, on_data=lambda v: seen.append(bytes(v))
+    )
+
+    assert attempts["count"] == 2
+    assert [bytes(buffer) for buffer in buffers] == [b"0123", b"456789"]
+    assert seen == [b"0123", b"456789"]  # each byte once, despite two downloads
+    with pytest.raises(StorageError, match="its manifest says 9"):
+        storage.read_into("step_00000001", "blob", [memoryview(bytearray(5))], offset=4)
+
+
 def test_resaving_a_step_uncommits_the_old_copy_first(storage: ObjectStorage) -> None:
     events = RecordingEvents()
     save(storage, 4, events)
