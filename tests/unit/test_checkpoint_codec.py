@@ -20,6 +20,7 @@ from steadytrain.checkpoint import (
     rank_stem,
 )
 from steadytrain.checkpoint.codec import join_tensors, split_tensors
+from steadytrain.checkpoint.protocol import snapshot_parts
 from steadytrain.checkpoint.tensorfile import TensorFileError, tensor_file, tensors_from_bytes
 from steadytrain.dist import capture_rng_state, restore_rng_state
 from steadytrain.train.optim import WarmupCosine
@@ -303,3 +304,23 @@ def test_decoding_never_unpickles(tmp_path: Path) -> None:
         decode_parts(read, stem="shared")
 
     assert not marker.exists()
+
+
+def test_snapshots_copy_into_the_previous_snapshot_and_sync_ones_copy_nothing() -> None:
+    model = small_model()
+    optimizer = adamw_for(model)
+    train_steps(model, optimizer, num_steps=1)
+
+    first = snapshot_parts({"model": model.state_dict()}, stem="shared")
+    weight = first.tensors["model"]["0.weight"]
+    assert weight.data_ptr() != model[0].weight.data_ptr()  # a copy, training may go on
+    train_steps(model, optimizer, num_steps=1)
+    second = snapshot_parts({"model": model.state_dict()}, stem="shared", reuse=first)
+
+    assert second.tensors["model"]["0.weight"].data_ptr() == weight.data_ptr()  # no new memory
+    assert_identical(second.tensors["model"], dict(model.state_dict()))
+    grown = snapshot_parts({"model": {"0.weight": torch.zeros(9, 4)}}, stem="shared", reuse=second)
+    assert grown.tensors["model"]["0.weight"].data_ptr() != weight.data_ptr()  # shape changed
+
+    live = snapshot_parts({"model": model.state_dict()}, stem="shared", copy=False)
+    assert live.tensors["model"]["0.weight"].data_ptr() == model[0].weight.data_ptr()

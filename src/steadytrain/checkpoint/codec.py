@@ -8,6 +8,7 @@ where each tensor goes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -17,13 +18,19 @@ TENSOR_MARK = "__tensor__"
 
 
 def split_tensors(
-    state: Any, *, prefix: str = "", copy: bool = True
+    state: Any,
+    *,
+    prefix: str = "",
+    copy: bool = True,
+    reuse: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[Any, dict[str, torch.Tensor]]:
     """Replace every tensor in a nested dict/list structure by a reference.
 
     Returns the JSON-able skeleton and the tensors by dotted key, in host memory: copies
     (a snapshot that stays as it is while training goes on), or with ``copy=False`` the
-    CPU tensors themselves (device tensors are always copied to the host).
+    CPU tensors themselves (device tensors are always copied to the host). A copy goes into
+    the tensor of the same key, dtype and shape in ``reuse`` (an earlier snapshot no longer
+    needed) when there is one, so repeated snapshots allocate no new memory.
     """
     tensors: dict[str, torch.Tensor] = {}
 
@@ -31,7 +38,7 @@ def split_tensors(
         if isinstance(value, torch.Tensor):
             if key in tensors:
                 raise ValueError(f"two tensors map to the checkpoint key {key!r}; rename one")
-            tensors[key] = value.detach().to("cpu", copy=copy)
+            tensors[key] = _host_copy(value.detach(), (reuse or {}).get(key), copy=copy)
             return {TENSOR_MARK: key}
         if isinstance(value, dict):
             return {
@@ -56,6 +63,18 @@ def split_tensors(
         raise TypeError(f"cannot checkpoint a value of type {type(value).__name__} at {key!r}")
 
     return walk(state, prefix), tensors
+
+
+def _host_copy(value: torch.Tensor, spare: torch.Tensor | None, *, copy: bool) -> torch.Tensor:
+    if not copy and value.device.type == "cpu":
+        return value
+    if (
+        spare is not None
+        and (spare.dtype, spare.shape) == (value.dtype, value.shape)
+        and spare.is_contiguous()
+    ):
+        return spare.copy_(value)
+    return value.to("cpu", copy=True, memory_format=torch.contiguous_format)
 
 
 def join_tensors(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:

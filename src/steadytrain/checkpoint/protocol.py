@@ -94,16 +94,24 @@ class PartsSnapshot:
         return files
 
 
-def snapshot_parts(parts: dict[str, Any], *, stem: str, copy: bool = True) -> PartsSnapshot:
+def snapshot_parts(
+    parts: dict[str, Any],
+    *,
+    stem: str,
+    copy: bool = True,
+    reuse: PartsSnapshot | None = None,
+) -> PartsSnapshot:
     """Every tensor of ``parts`` in host memory; the rest becomes a JSON skeleton.
 
     ``copy=False`` keeps CPU tensors as they are (no copy): only for a save that finishes
-    before training changes them again.
+    before training changes them again. ``reuse``: an earlier snapshot whose write is done;
+    its tensors receive the copies where key, dtype and shape match.
     """
     skeletons: dict[str, Any] = {}
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     for part, state in parts.items():
-        skeletons[part], tensors[part] = split_tensors(state, copy=copy)
+        spare = reuse.tensors.get(part) if reuse is not None else None
+        skeletons[part], tensors[part] = split_tensors(state, copy=copy, reuse=spare)
     return PartsSnapshot(stem=stem, skeletons=skeletons, tensors=tensors)
 
 

@@ -44,9 +44,10 @@ class PeriodicCheckpointer:
     """Saves every ``checkpoint.every_steps`` steps and at the end, then prunes old ones.
 
     With ``checkpoint.async_save`` training blocks only for the host-memory snapshot; a
-    background thread serializes, writes and commits it, with its collectives on a group of
-    its own. At most one save is in flight: the next one first waits for it, which bounds
-    host memory to one snapshot.
+    background thread writes and commits it, with its collectives on a group of its own. At
+    most one save is in flight: the next one first waits for it, which bounds host memory to
+    one snapshot, and copies into that snapshot's memory, so saves after the first allocate
+    nothing.
     """
 
     def __init__(self, storage: CheckpointStorage, config: Config, *, is_main: bool) -> None:
@@ -57,6 +58,7 @@ class PeriodicCheckpointer:
         self._executor: ThreadPoolExecutor | None = None
         self._group: Any = None
         self._in_flight: Future[SaveOutcome] | None = None
+        self._spare: TrainingSnapshot | None = None  # the last async snapshot, written
         self._events: Any = None
         if config.checkpoint.async_save:
             self._group = side_group()  # collective: every rank builds its checkpointer
@@ -72,10 +74,12 @@ class PeriodicCheckpointer:
         completed = self.finish()  # at most one in flight
         # A synchronous save writes from the live tensors (training waits for it); an async
         # one needs its own copy.
-        snapshot = snapshot_training_state(parts, state, copy=self._executor is not None)
+        asynchronous = self._executor is not None
+        snapshot = snapshot_training_state(parts, state, copy=asynchronous, reuse=self._spare)
         blocked = time.perf_counter() - started
         if self._executor is None:
             return self._write(snapshot, blocked)
+        self._spare = snapshot  # reused only after finish(): its write is done by then
         self._in_flight = self._executor.submit(self._write, snapshot, blocked)
         return completed
 

@@ -134,12 +134,16 @@ class TrainingSnapshot:
     manifest: Manifest
 
 
-def snapshot_training_state(parts: Any, state: TrainState, *, copy: bool) -> TrainingSnapshot:
+def snapshot_training_state(
+    parts: Any, state: TrainState, *, copy: bool, reuse: TrainingSnapshot | None = None
+) -> TrainingSnapshot:
     """Everything that must survive a restart, in host memory (the blocking part of a save).
 
     ``copy=True`` (async saves) copies every tensor, so training may go on while it is
-    written; ``copy=False`` (synchronous saves) writes CPU tensors from where they are.
+    written, into the tensors of ``reuse`` (the previous snapshot, written already) where
+    they match; ``copy=False`` (synchronous saves) writes CPU tensors from where they are.
     """
+    spares = {part.stem: part for part in reuse.parts} if reuse is not None else {}
     runtime = parts.runtime
     snapshots = []
     if runtime.is_main:
@@ -151,9 +155,12 @@ def snapshot_training_state(parts: Any, state: TrainState, *, copy: bool) -> Tra
             "sampler": parts.sampler.state_dict(),
             "train": state.state_dict(),
         }
-        snapshots.append(snapshot_parts(shared, stem="shared", copy=copy))
+        snapshots.append(
+            snapshot_parts(shared, stem="shared", copy=copy, reuse=spares.get("shared"))
+        )
     rng = {"rng": capture_rng_state()}
-    snapshots.append(snapshot_parts(rng, stem=rank_stem(runtime.rank), copy=copy))
+    stem = rank_stem(runtime.rank)
+    snapshots.append(snapshot_parts(rng, stem=stem, copy=copy, reuse=spares.get(stem)))
     return TrainingSnapshot(
         step=state.step,
         rank=runtime.rank,
