@@ -158,9 +158,23 @@ def corrupt(checkpoint: Path, how: str) -> None:
         (checkpoint / "optimizer.safetensors").unlink()
     elif how == "missing manifest":
         (checkpoint / "manifest.json").unlink()
+    elif how == "flipped byte only rank 1 reads":
+        rng = checkpoint / "rank-00001-rng.safetensors"
+        data = bytearray(rng.read_bytes())
+        data[-1] ^= 0xFF
+        rng.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("how", ["flipped byte", "truncated", "missing file", "missing manifest"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "flipped byte",
+        "truncated",
+        "missing file",
+        "missing manifest",
+        "flipped byte only rank 1 reads",
+    ],
+)
 def test_bad_newest_checkpoint_falls_back_to_previous_good(
     how: str, reference: Path, overrides: list[str], tmp_path: Path
 ) -> None:
@@ -177,6 +191,10 @@ def test_bad_newest_checkpoint_falls_back_to_previous_good(
     assert resumed.returncode == 0, resumed.output
     rejected = events(run_dir, "checkpoint_rejected")
     assert rejected and rejected[-1]["checkpoint"] == newest.name, rejected
+    if how.startswith("flipped byte"):  # found while reading, by the rank that read it
+        rank = 1 if "rank 1" in how else 0
+        assert rejected[-1]["problems"][0].startswith(f"rank {rank}: "), rejected
+        assert "checksum mismatch" in rejected[-1]["problems"][0], rejected
     assert events(run_dir, "resume")[-1]["step"] == MAX_STEPS - 4
     assert final_weights(run_dir) == final_weights(reference)
     assert_audit_ok(run_dir)
