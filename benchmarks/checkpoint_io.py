@@ -466,7 +466,7 @@ def print_verdicts(summary: dict[str, Any]) -> None:
     )
     load = medians["load_profile_s"]
     print(
-        f"load profile (median s of {load['seconds']:.3f}): check manifest + headers "
+        f"load profile (median s of {load['seconds']:.3f}): check manifest + sizes "
         f"{load['check_s']:.3f}, read + checksum {load['read_s']:.3f}, load_state_dict "
         f"{load['load_state_dict_s']:.3f}; verify {load['verify_s']:.3f}"
     )

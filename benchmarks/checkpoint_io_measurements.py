@@ -326,12 +326,12 @@ def steadytrain_restore(
 
 
 def load_steadytrain(storage: LocalStorage, name: str, *, model: torch.nn.Module) -> dict[str, Any]:
-    """What ``restore_training_state`` does on one rank: check the manifest, sizes and headers,
-    read every file once with its checksum, then ``load_state_dict`` into ``model`` and a
-    fresh AdamW."""
+    """What ``restore_training_state`` does on one rank: check the manifest and sizes, read
+    every file once (format and checksum checked), then ``load_state_dict`` into ``model`` and
+    a fresh AdamW."""
     optimizer = build_optimizer(model, TrainConfig())
     started = time.perf_counter()
-    manifest, problems = verify_steadytrain_checkpoint(storage, name, checksums=False)
+    manifest, problems = verify_steadytrain_checkpoint(storage, name, read_files=False)
     if manifest is None or problems:
         sys.exit(f"checkpoint_io: the checkpoint does not check out: {problems}")
     checked = time.perf_counter()

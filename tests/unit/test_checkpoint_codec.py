@@ -20,7 +20,7 @@ from steadytrain.checkpoint import (
     rank_stem,
 )
 from steadytrain.checkpoint.codec import join_tensors, split_tensors
-from steadytrain.checkpoint.protocol import snapshot_parts
+from steadytrain.checkpoint.protocol import host_buffers_like, snapshot_parts
 from steadytrain.checkpoint.tensorfile import TensorFileError, tensor_file, tensors_from_bytes
 from steadytrain.dist import capture_rng_state, restore_rng_state
 from steadytrain.train.optim import WarmupCosine
@@ -324,3 +324,18 @@ def test_snapshots_copy_into_the_previous_snapshot_and_sync_ones_copy_nothing() 
 
     live = snapshot_parts({"model": model.state_dict()}, stem="shared", copy=False)
     assert live.tensors["model"]["0.weight"].data_ptr() == model[0].weight.data_ptr()
+
+
+def test_host_memory_staged_from_a_template_takes_the_first_snapshot() -> None:
+    model = small_model()
+    state = {"model": model.state_dict()}
+    template = snapshot_parts(state, stem="shared", copy=False, host=False)
+    assert template.tensors["model"]["0.weight"].data_ptr() == model[0].weight.data_ptr()
+
+    staged = host_buffers_like(template)
+    buffer = staged.tensors["model"]["0.weight"]
+    assert buffer.data_ptr() != model[0].weight.data_ptr() and not buffer.any()
+
+    snapshot = snapshot_parts(state, stem="shared", reuse=staged)
+    assert snapshot.tensors["model"]["0.weight"].data_ptr() == buffer.data_ptr()
+    assert_identical(snapshot.tensors["model"], dict(model.state_dict()))

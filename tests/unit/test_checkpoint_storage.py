@@ -349,16 +349,16 @@ def test_version_1_manifests_with_sha256_still_verify_and_load(tmp_path: Path) -
     assert "checksum mismatch" in verify_checkpoint(storage, "step_00000006")[1][0]
 
 
-def test_find_restorable_without_checksums_reads_headers_only(tmp_path: Path) -> None:
+def test_find_restorable_without_reading_files_checks_manifests_and_sizes(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path)
     for step in (1, 2, 3):
         save(storage, step)
     flip_last_byte(tmp_path / "step_00000003" / "model.safetensors")
     events = RecordingEvents()
 
-    quick = find_restorable(storage, events=events, emit=True, checksums=False)
+    quick = find_restorable(storage, events=events, emit=True, read_files=False)
     assert quick is not None and quick[0] == "step_00000003"  # found later, by read_parts
-    older = find_restorable(storage, events=events, emit=True, checksums=False, older_than=3)
+    older = find_restorable(storage, events=events, emit=True, read_files=False, older_than=3)
     assert older is not None and older[0] == "step_00000002"
     assert events.emitted == []
     full = find_restorable(storage, events=events, emit=True)

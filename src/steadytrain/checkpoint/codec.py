@@ -23,6 +23,7 @@ def split_tensors(
     prefix: str = "",
     copy: bool = True,
     reuse: Mapping[str, torch.Tensor] | None = None,
+    host: bool = True,
 ) -> tuple[Any, dict[str, torch.Tensor]]:
     """Replace every tensor in a nested dict/list structure by a reference.
 
@@ -30,7 +31,9 @@ def split_tensors(
     (a snapshot that stays as it is while training goes on), or with ``copy=False`` the
     CPU tensors themselves (device tensors are always copied to the host). A copy goes into
     the tensor of the same key, dtype and shape in ``reuse`` (an earlier snapshot no longer
-    needed) when there is one, so repeated snapshots allocate no new memory.
+    needed) when there is one, so repeated snapshots allocate no new memory. ``host=False``
+    (with ``copy=False``) leaves every tensor where it is: only its key, shape and dtype are
+    wanted.
     """
     tensors: dict[str, torch.Tensor] = {}
 
@@ -38,7 +41,8 @@ def split_tensors(
         if isinstance(value, torch.Tensor):
             if key in tensors:
                 raise ValueError(f"two tensors map to the checkpoint key {key!r}; rename one")
-            tensors[key] = _host_copy(value.detach(), (reuse or {}).get(key), copy=copy)
+            spare = (reuse or {}).get(key)
+            tensors[key] = _host_copy(value.detach(), spare, copy=copy, host=host)
             return {TENSOR_MARK: key}
         if isinstance(value, dict):
             return {
@@ -65,8 +69,10 @@ def split_tensors(
     return walk(state, prefix), tensors
 
 
-def _host_copy(value: torch.Tensor, spare: torch.Tensor | None, *, copy: bool) -> torch.Tensor:
-    if not copy and value.device.type == "cpu":
+def _host_copy(
+    value: torch.Tensor, spare: torch.Tensor | None, *, copy: bool, host: bool
+) -> torch.Tensor:
+    if not copy and (value.device.type == "cpu" or not host):
         return value
     if (
         spare is not None

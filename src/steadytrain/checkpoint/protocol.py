@@ -100,19 +100,34 @@ def snapshot_parts(
     stem: str,
     copy: bool = True,
     reuse: PartsSnapshot | None = None,
+    host: bool = True,
 ) -> PartsSnapshot:
     """Every tensor of ``parts`` in host memory; the rest becomes a JSON skeleton.
 
     ``copy=False`` keeps CPU tensors as they are (no copy): only for a save that finishes
     before training changes them again. ``reuse``: an earlier snapshot whose write is done;
-    its tensors receive the copies where key, dtype and shape match.
+    its tensors receive the copies where key, dtype and shape match. ``host=False`` (with
+    ``copy=False``): a template, tensors left where they are.
     """
     skeletons: dict[str, Any] = {}
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     for part, state in parts.items():
         spare = reuse.tensors.get(part) if reuse is not None else None
-        skeletons[part], tensors[part] = split_tensors(state, copy=copy, reuse=spare)
+        skeletons[part], tensors[part] = split_tensors(state, copy=copy, reuse=spare, host=host)
     return PartsSnapshot(stem=stem, skeletons=skeletons, tensors=tensors)
+
+
+def host_buffers_like(template: PartsSnapshot) -> PartsSnapshot:
+    """Host memory for a snapshot shaped like ``template``, allocated and touched now.
+
+    Passed as ``reuse`` to the next ``snapshot_parts``, it takes the copies without a page
+    fault: a first async save need not allocate while training waits.
+    """
+    tensors = {
+        part: {key: torch.zeros(t.shape, dtype=t.dtype) for key, t in part_tensors.items()}
+        for part, part_tensors in template.tensors.items()
+    }
+    return PartsSnapshot(stem=template.stem, skeletons={}, tensors=tensors)
 
 
 def encode_parts(parts: dict[str, Any], *, stem: str) -> dict[str, bytes]:
@@ -285,13 +300,13 @@ def _commit(
 
 
 def verify_checkpoint(
-    storage: CheckpointStorage, name: str, *, checksums: bool = True
+    storage: CheckpointStorage, name: str, *, read_files: bool = True
 ) -> tuple[Manifest | None, list[str]]:
-    """Check completeness, formats and (unless ``checksums=False``) checksums.
+    """Check completeness, and (unless ``read_files=False``) every file's checksum and format.
 
-    Returns the manifest (if readable) and the problems found. Without checksums only the
-    manifest, the file sizes and the safetensors headers are read: what a resume checks
-    before ``read_parts`` verifies the checksums during its one read of the data.
+    Returns the manifest (if readable) and the problems found. ``read_files=False`` reads the
+    manifest and the files' sizes only: what a resume checks before ``read_parts`` checks
+    formats and checksums during its one read of the data.
     """
     if storage.file_size(name, MANIFEST_NAME) is None:
         return None, ["no manifest.json: the save never committed"]
@@ -308,9 +323,9 @@ def verify_checkpoint(
             problems.append(f"{filename}: missing")
         elif size != entry.size:
             problems.append(f"{filename}: {size} bytes, manifest says {entry.size}")
-        elif checksums and not checksum_matches(
-            entry.checksum, storage.read_chunks(name, filename)
-        ):
+        elif not read_files:
+            continue
+        elif not checksum_matches(entry.checksum, storage.read_chunks(name, filename)):
             problems.append(f"{filename}: checksum mismatch (corrupted)")
         elif (problem := _format_problem(storage, name, filename, size)) is not None:
             problems.append(f"{filename}: {problem}")
@@ -346,7 +361,7 @@ def find_restorable(
     *,
     events: EventSink,
     emit: bool,
-    checksums: bool = True,
+    read_files: bool = True,
     older_than: int | None = None,
 ) -> tuple[str, Manifest] | None:
     """The newest checkpoint (before step ``older_than``, if given) that verifies.
@@ -356,7 +371,7 @@ def find_restorable(
     for name in reversed(storage.checkpoint_names()):
         if older_than is not None and (step_of(name) or 0) >= older_than:
             continue
-        manifest, problems = verify_checkpoint(storage, name, checksums=checksums)
+        manifest, problems = verify_checkpoint(storage, name, read_files=read_files)
         if manifest is not None and not problems:
             return name, manifest
         if emit:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from steadytrain.checkpoint import CheckpointStorage, SaveOutcome, prune_checkpoints
+from steadytrain.checkpoint.protocol import PartsSnapshot, host_buffers_like
 from steadytrain.config import Config
 from steadytrain.dist import side_group
 from steadytrain.train.checkpointing import (
@@ -46,8 +47,8 @@ class PeriodicCheckpointer:
     With ``checkpoint.async_save`` training blocks only for the host-memory snapshot; a
     background thread writes and commits it, with its collectives on a group of its own. At
     most one save is in flight: the next one first waits for it, which bounds host memory to
-    one snapshot, and copies into that snapshot's memory, so saves after the first allocate
-    nothing.
+    one snapshot, and copies into that snapshot's memory. That memory is allocated once, by
+    the background thread after the first step, so no save allocates while training waits.
     """
 
     def __init__(self, storage: CheckpointStorage, config: Config, *, is_main: bool) -> None:
@@ -58,7 +59,8 @@ class PeriodicCheckpointer:
         self._executor: ThreadPoolExecutor | None = None
         self._group: Any = None
         self._in_flight: Future[SaveOutcome] | None = None
-        self._spare: TrainingSnapshot | None = None  # the last async snapshot, written
+        self._spare: list[PartsSnapshot] | None = None  # host memory for the next snapshot
+        self._staging: Future[list[PartsSnapshot]] | None = None
         self._events: Any = None
         if config.checkpoint.async_save:
             self._group = side_group()  # collective: every rank builds its checkpointer
@@ -68,10 +70,14 @@ class PeriodicCheckpointer:
         every = self.config.checkpoint.every_steps
         due = state.step % every == 0 or (final and self.config.checkpoint.at_end)
         if not due or state.step == self.last_committed_step:
+            if self._executor is not None and self._spare is None and self._staging is None:
+                self._stage_host_memory(parts, state)
             return None
         started = time.perf_counter()
         self._events = parts.events
         completed = self.finish()  # at most one in flight
+        if self._staging is not None:
+            self._spare, self._staging = self._staging.result(), None
         # A synchronous save writes from the live tensors (training waits for it); an async
         # one needs its own copy.
         asynchronous = self._executor is not None
@@ -79,9 +85,20 @@ class PeriodicCheckpointer:
         blocked = time.perf_counter() - started
         if self._executor is None:
             return self._write(snapshot, blocked)
-        self._spare = snapshot  # reused only after finish(): its write is done by then
+        self._spare = snapshot.parts  # reused only after finish(): its write is done by then
         self._in_flight = self._executor.submit(self._write, snapshot, blocked)
         return completed
+
+    def _stage_host_memory(self, parts: Any, state: TrainState) -> None:
+        """Have the background thread allocate (and touch) the first snapshot's host memory.
+
+        The template only names each tensor's key, shape and dtype; nothing is copied.
+        """
+        assert self._executor is not None
+        template = snapshot_training_state(parts, state, copy=False, host=False)
+        self._staging = self._executor.submit(
+            lambda: [host_buffers_like(part) for part in template.parts]
+        )
 
     def finish(self) -> SaveOutcome | None:
         if self._in_flight is None:

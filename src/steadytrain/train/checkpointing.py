@@ -135,15 +135,22 @@ class TrainingSnapshot:
 
 
 def snapshot_training_state(
-    parts: Any, state: TrainState, *, copy: bool, reuse: TrainingSnapshot | None = None
+    parts: Any,
+    state: TrainState,
+    *,
+    copy: bool,
+    reuse: list[PartsSnapshot] | None = None,
+    host: bool = True,
 ) -> TrainingSnapshot:
     """Everything that must survive a restart, in host memory (the blocking part of a save).
 
     ``copy=True`` (async saves) copies every tensor, so training may go on while it is
-    written, into the tensors of ``reuse`` (the previous snapshot, written already) where
-    they match; ``copy=False`` (synchronous saves) writes CPU tensors from where they are.
+    written, into the tensors of ``reuse`` (the previous snapshot's parts, written already,
+    or ``host_buffers_like`` them) where they match; ``copy=False`` (synchronous saves) writes
+    CPU tensors from where they are. ``host=False`` with ``copy=False``: a template of the
+    snapshot's layout, nothing copied.
     """
-    spares = {part.stem: part for part in reuse.parts} if reuse is not None else {}
+    spares = {part.stem: part for part in reuse or []}
     runtime = parts.runtime
     snapshots = []
     if runtime.is_main:
@@ -156,11 +163,11 @@ def snapshot_training_state(
             "train": state.state_dict(),
         }
         snapshots.append(
-            snapshot_parts(shared, stem="shared", copy=copy, reuse=spares.get("shared"))
+            snapshot_parts(shared, stem="shared", copy=copy, reuse=spares.get("shared"), host=host)
         )
     rng = {"rng": capture_rng_state()}
     stem = rank_stem(runtime.rank)
-    snapshots.append(snapshot_parts(rng, stem=stem, copy=copy, reuse=spares.get(stem)))
+    snapshots.append(snapshot_parts(rng, stem=stem, copy=copy, reuse=spares.get(stem), host=host))
     return TrainingSnapshot(
         step=state.step,
         rank=runtime.rank,
@@ -194,8 +201,8 @@ def restore_training_state(
 ) -> str | None:
     """Load the newest good checkpoint (or the requested one) into the parts (a collective).
 
-    Rank 0 picks the newest checkpoint whose manifest, sizes and headers check out; every rank
-    then reads its files once, verifying checksums as it goes. Only when every rank read
+    Rank 0 picks the newest checkpoint whose manifest and file sizes check out; every rank
+    then reads its files once, checking formats and checksums as it goes. Only when every rank read
     everything intact is any state applied; otherwise the checkpoint is reported and the next
     older one is tried.
 
@@ -273,7 +280,7 @@ def _choose(
     source: CheckpointStorage, *, only: str | None, older_than: int | None, events: Any
 ) -> tuple[str, str] | None:
     if only is not None:
-        manifest, problems = verify_checkpoint(source, only, checksums=False)
+        manifest, problems = verify_checkpoint(source, only, read_files=False)
         if manifest is None or problems:
             raise CheckpointRefused(
                 f"--resume-from {source.describe(only)}: not a good checkpoint "
@@ -282,7 +289,7 @@ def _choose(
             )
         return only, manifest.to_json()
     found = find_restorable(
-        source, events=events, emit=True, checksums=False, older_than=older_than
+        source, events=events, emit=True, read_files=False, older_than=older_than
     )
     if found is None:
         return None
