@@ -5,8 +5,10 @@ Single process: the collectives in ``checkpoint.protocol`` are no-ops without a 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -323,6 +325,55 @@ def test_read_parts_refuses_a_file_the_manifest_does_not_list(tmp_path: Path) ->
     del manifest.files["model.safetensors"]
     with pytest.raises(CorruptCheckpoint, match=r"model\.safetensors: not listed"):
         read_parts(storage, "step_00000006", manifest, stem="shared")
+
+
+def test_read_parts_lets_storage_errors_that_are_not_corruption_through(tmp_path: Path) -> None:
+    class FailingDisk(LocalStorage):
+        def read_into(self, *args: Any, **kwargs: Any) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+
+    save(LocalStorage(tmp_path), 6)
+    storage = FailingDisk(tmp_path)
+    manifest, _ = verify_checkpoint(storage, "step_00000006", read_files=False)
+    assert manifest is not None
+
+    with pytest.raises(OSError, match="Input/output error") as raised:
+        read_parts(storage, "step_00000006", manifest, stem="shared")
+    assert not isinstance(raised.value, CorruptCheckpoint)
+
+
+def test_a_rank_whose_files_cannot_be_prepared_fails_the_save_for_all(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    events = RecordingEvents()
+
+    outcome = save_checkpoint(
+        storage,
+        step=3,
+        rank=0,
+        files={},
+        manifest=make_manifest(3),
+        events=events,
+        failure="model: dtype torch.complex128 cannot be checkpointed",
+    )
+
+    assert not outcome.committed
+    assert outcome.error == "rank 0: model: dtype torch.complex128 cannot be checkpointed"
+    assert storage.checkpoint_names() == [] and debris(tmp_path) == []
+
+
+def test_a_payload_that_fails_midway_commits_nothing(tmp_path: Path) -> None:
+    class Broken:
+        size = 10
+
+        def chunks(self) -> Iterator[memoryview]:
+            yield memoryview(b"12345")
+            raise RuntimeError("tensor freed under the writer")
+
+    storage = LocalStorage(tmp_path)
+    outcome = save(storage, 4, files={**state_files(4), "model.safetensors": Broken()})  # type: ignore[dict-item]
+
+    assert not outcome.committed and "tensor freed under the writer" in (outcome.error or "")
+    assert storage.checkpoint_names() == [] and debris(tmp_path) == []
 
 
 def test_version_1_manifests_with_sha256_still_verify_and_load(tmp_path: Path) -> None:

@@ -168,6 +168,10 @@ def test_large_files_read_into_one_mapping_as_separate_exact_storages() -> None:
     assert_same(restored, tensors)
     for tensor in restored.values():
         assert tensor.untyped_storage().nbytes() == tensor.nbytes
+    big = restored["big"]
+    for small in ("half", "scalar"):  # not in the mapping: keeping one never keeps it alive
+        address = restored[small].data_ptr()
+        assert not big.data_ptr() - 2**21 <= address < big.data_ptr() + big.nbytes + 2**21
     restored["big"].zero_()  # the tensors do not overlap
     assert_same({"half": restored["half"]}, {"half": tensors["half"]})
     assert restored["scalar"].item() == 5

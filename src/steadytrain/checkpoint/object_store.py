@@ -19,7 +19,13 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from steadytrain.checkpoint.manifest import MANIFEST_NAME, step_of
-from steadytrain.checkpoint.storage import READ_CHUNK_BYTES, BytesPayload, Payload, StorageError
+from steadytrain.checkpoint.storage import (
+    READ_CHUNK_BYTES,
+    BytesPayload,
+    Payload,
+    SizeMismatch,
+    StorageError,
+)
 
 T = TypeVar("T")
 UPLOAD_PART_BYTES = 64 * 2**20  # multipart uploads buffer one part at a time
@@ -79,12 +85,13 @@ class ObjectStorage:
         try:
             for chunk in payload.chunks():
                 handle.write(chunk)
+            handle.close()  # uploads the last part and completes the upload
         except BaseException:
             with contextlib.suppress(Exception):
                 handle.discard()  # aborts the multipart upload
-            handle.closed = True  # so that closing (or collecting) it never completes it
+            with contextlib.suppress(AttributeError):
+                handle.closed = True  # so that collecting it never completes the upload
             raise
-        handle.close()
 
     def commit(self, location: str, name: str, manifest: bytes) -> None:
         # The manifest is the commit.
@@ -135,14 +142,14 @@ class ObjectStorage:
         expected = offset + sum(len(buffer) for buffer in buffers)
         with self._fs.open(path, "rb", block_size=READ_CHUNK_BYTES) as handle:
             if handle.size != expected:
-                raise StorageError(f"{path}: {handle.size} bytes, its manifest says {expected}")
+                raise SizeMismatch(f"{path}: {handle.size} bytes, its manifest says {expected}")
             handle.seek(offset)
             for buffer in buffers:
                 filled = 0
                 while filled < len(buffer):
                     data = handle.read(min(READ_CHUNK_BYTES, len(buffer) - filled))
                     if not data:
-                        raise StorageError(f"{path}: shorter than its manifest says")
+                        raise SizeMismatch(f"{path}: shorter than its manifest says")
                     buffer[filled : filled + len(data)] = data
                     filled += len(data)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -27,7 +27,13 @@ from steadytrain.checkpoint.manifest import (
     checksum_of,
     step_of,
 )
-from steadytrain.checkpoint.storage import BytesPayload, CheckpointStorage, Payload, StorageError
+from steadytrain.checkpoint.storage import (
+    BytesPayload,
+    CheckpointStorage,
+    Payload,
+    SizeMismatch,
+    StorageError,
+)
 from steadytrain.checkpoint.tensorfile import (
     TensorFileError,
     byte_view,
@@ -180,7 +186,9 @@ def read_parts(
 
     Raises:
         CorruptCheckpoint: a file is missing, unlisted, of another size or checksum, or
-            malformed.
+            malformed: the checkpoint's fault.
+        OSError: any other storage error (I/O error, out of memory, an object store that
+            gave up after its retries): not the checkpoint's fault.
     """
 
     def entry_of(filename: str) -> FileEntry:
@@ -194,7 +202,9 @@ def read_parts(
         try:
             data = storage.read_file(name, filename)
         except OSError as error:
-            raise CorruptCheckpoint(f"{filename}: {error}") from None
+            if _is_corruption(error):
+                raise CorruptCheckpoint(f"{filename}: {error}") from None
+            raise
         if len(data) != entry.size or not checksum_matches(entry.checksum, [data]):
             raise CorruptCheckpoint(f"{filename}: checksum mismatch (corrupted)")
         return data
@@ -202,19 +212,19 @@ def read_parts(
     def read_tensor_file(filename: str) -> dict[str, torch.Tensor]:
         entry = entry_of(filename)
         try:
-            head = storage.read_range(name, filename, 0, HEAD_BYTES)
-            length = header_size(head, entry.size)
-            if len(head) < 8 + length:
-                head = storage.read_range(name, filename, 0, 8 + length)
-            head = head[: 8 + length]
+            head = _read_head(storage, name, filename, entry.size)
             entries, data_start = parse_header(head, entry.size)
             tensors = empty_tensors(entries)
             checksum = Checksum.like(entry.checksum)
             checksum.update(head)
             views = [byte_view(tensor) for tensor in tensors.values()]
             storage.read_into(name, filename, views, offset=data_start, on_data=checksum.update)
-        except (OSError, TensorFileError) as error:
+        except TensorFileError as error:
             raise CorruptCheckpoint(f"{filename}: {error}") from None
+        except OSError as error:
+            if _is_corruption(error):
+                raise CorruptCheckpoint(f"{filename}: {error}") from None
+            raise
         if checksum.value() != entry.checksum:
             raise CorruptCheckpoint(f"{filename}: checksum mismatch (corrupted)")
         return tensors
@@ -223,6 +233,25 @@ def read_parts(
         return decode_parts(read_document, stem=stem, read_tensor_file=read_tensor_file)
     except (ManifestError, TensorFileError, ValueError, KeyError, TypeError) as error:
         raise CorruptCheckpoint(f"{stem}: {error}") from None
+
+
+def _read_head(storage: CheckpointStorage, name: str, filename: str, size: int) -> bytes:
+    """A safetensors file's length prefix and JSON header, exactly.
+
+    Raises:
+        TensorFileError: when the length prefix is impossible for a file of ``size`` bytes.
+    """
+    head = storage.read_range(name, filename, 0, HEAD_BYTES)
+    length = header_size(head, size)
+    if len(head) < 8 + length:
+        head = storage.read_range(name, filename, 0, 8 + length)
+    return head[: 8 + length]
+
+
+def _is_corruption(error: OSError) -> bool:
+    """A missing or wrong-sized file is the checkpoint's fault; other storage errors are not."""
+    missing = isinstance(error, FileNotFoundError) or isinstance(error.__cause__, FileNotFoundError)
+    return missing or isinstance(error, SizeMismatch)
 
 
 def rank_stem(rank: int) -> str:
@@ -238,26 +267,29 @@ def save_checkpoint(
     manifest: Manifest,
     events: EventSink,
     group: Any = None,
+    failure: str | None = None,
 ) -> SaveOutcome:
     """Write this rank's ``files`` and commit the checkpoint if every rank succeeded.
 
-    A collective: every rank must call it for the same step. Storage errors are reported in
-    the outcome and as an event, never raised: training goes on, nothing is committed. Each
-    file's checksum is taken from the same memory it was written from.
+    A collective: every rank must call it for the same step, even one whose files could not
+    be prepared (it passes ``failure`` instead). Errors are reported in the outcome and as an
+    event, never raised: training goes on, nothing is committed. Each file's checksum is
+    computed from the very chunks written.
     """
     name = checkpoint_name(step)
     token = broadcast_from_main(uuid.uuid4().hex[:8], group=group)  # collective
-    error: str | None = None
+    error = f"rank {rank}: {failure}" if failure is not None else None
     entries: dict[str, FileEntry] = {}
     location = ""
-    try:
-        location = storage.staging_location(name, token=token)
-        for filename, data in files.items():
-            payload = BytesPayload(data) if isinstance(data, bytes) else data
-            storage.write_file(location, filename, payload)
-            entries[filename] = FileEntry(size=payload.size, checksum=checksum_of(payload.chunks()))
-    except (StorageError, OSError) as caught:
-        error = f"rank {rank}: {caught}"
+    if error is None:
+        try:
+            location = storage.staging_location(name, token=token)
+            for filename, data in files.items():
+                payload = _Checksummed(BytesPayload(data) if isinstance(data, bytes) else data)
+                storage.write_file(location, filename, payload)
+                entries[filename] = FileEntry(size=payload.size, checksum=payload.checksum())
+        except Exception as caught:  # storage errors, and payloads that fail to produce bytes
+            error = f"rank {rank}: {caught}"
     # Agreement: the checkpoint is committed only if every rank's part is durable.
     reports = gather_from_all((error, entries), group=group)  # collective
     errors = [report_error for report_error, _ in reports if report_error]
@@ -277,6 +309,33 @@ def save_checkpoint(
     return SaveOutcome(step=step, committed=committed, location=storage.describe(name), error=error)
 
 
+class _Checksummed:
+    """A payload that checksums its bytes as storage takes them.
+
+    Each pass over ``chunks()`` starts a new checksum (a retried upload starts over); the last
+    complete pass is the one that counts.
+    """
+
+    def __init__(self, payload: Payload) -> None:
+        self._payload = payload
+        self._checksum: str | None = None
+
+    @property
+    def size(self) -> int:
+        return self._payload.size
+
+    def chunks(self) -> Iterator[memoryview]:
+        running = Checksum()
+        for chunk in self._payload.chunks():
+            running.update(chunk)
+            yield chunk
+        self._checksum = running.value()
+
+    def checksum(self) -> str:
+        """The checksum of the last complete pass (one more pass if storage made none)."""
+        return self._checksum or checksum_of(self._payload.chunks())
+
+
 def _commit(
     storage: CheckpointStorage,
     location: str,
@@ -286,7 +345,8 @@ def _commit(
     errors: list[str],
 ) -> tuple[bool, str | None]:
     if errors:
-        storage.discard(location)
+        if location:  # empty when rank 0 never got as far as staging
+            storage.discard(location)
         return False, "; ".join(errors)
     all_files: dict[str, FileEntry] = {}
     for _, entries in reports:
@@ -346,11 +406,8 @@ def _format_problem(storage: CheckpointStorage, name: str, filename: str, size: 
         return None
     if not filename.endswith(TENSOR_SUFFIX):
         return "unexpected file type (only .safetensors and .json are loaded)"
-    head = storage.read_range(name, filename, 0, HEAD_BYTES)
     try:
-        if len(head) < 8 + (length := header_size(head, size)):
-            head = storage.read_range(name, filename, 0, 8 + length)
-        parse_header(head, size)
+        parse_header(_read_head(storage, name, filename, size), size)
     except TensorFileError as error:
         return str(error)
     return None

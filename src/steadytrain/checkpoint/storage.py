@@ -27,10 +27,15 @@ READ_THREADS = max(
     min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2),
 )
 PARALLEL_READ_BYTES = 64 * 2**20  # smaller reads stay in the calling thread
+HAVE_PREADV = hasattr(os, "preadv")  # Linux and the BSDs; elsewhere one thread, os.pread
 
 
 class StorageError(OSError):
     """A storage operation failed (disk full, permission, network)."""
+
+
+class SizeMismatch(StorageError):
+    """A file is shorter or longer than its manifest says: the checkpoint's fault."""
 
 
 class Payload(Protocol):
@@ -205,18 +210,19 @@ class LocalStorage:
             size = os.fstat(handle.fileno()).st_size
             if size != expected:
                 relation = "shorter" if size < expected else "longer"
-                raise StorageError(f"{path}: {relation} than its manifest says")
+                raise SizeMismatch(f"{path}: {relation} than its manifest says")
             pieces = list(_pieces(buffers, offset))
             read = functools.partial(_read_piece, handle.fileno(), path)
-            if expected - offset < PARALLEL_READ_BYTES or not hasattr(os, "preadv"):
+            if expected - offset < PARALLEL_READ_BYTES or not HAVE_PREADV:
                 for piece in pieces:
                     deliver(read(piece))
-            else:
-                with ThreadPoolExecutor(
-                    READ_THREADS, thread_name_prefix="steadytrain-read"
-                ) as pool:
-                    for view in pool.map(read, pieces):  # in order, as each completes
-                        deliver(view)
+                return
+            pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="steadytrain-read")
+            try:
+                for view in pool.map(read, pieces):  # in order, as each completes
+                    deliver(view)
+            finally:
+                pool.shutdown(cancel_futures=True)  # a failed piece stops the rest
 
     def read_chunks(self, name: str, filename: str) -> Iterator[bytes]:
         with open(self.root / name / filename, "rb") as handle:
@@ -272,14 +278,14 @@ def _read_piece(descriptor: int, path: Path, piece: tuple[int, memoryview]) -> m
     position, view = piece
     filled = 0
     while filled < len(view):
-        if hasattr(os, "preadv"):
+        if HAVE_PREADV:
             count = os.preadv(descriptor, [view[filled:]], position + filled)
         else:
             data = os.pread(descriptor, len(view) - filled, position + filled)
             view[filled : filled + len(data)] = data
             count = len(data)
         if count == 0:
-            raise StorageError(f"{path}: shorter than its manifest says")
+            raise SizeMismatch(f"{path}: shorter than its manifest says")
         filled += count
     return view
 

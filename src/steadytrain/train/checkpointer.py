@@ -77,7 +77,9 @@ class PeriodicCheckpointer:
         self._events = parts.events
         completed = self.finish()  # at most one in flight
         if self._staging is not None:
-            self._spare, self._staging = self._staging.result(), None
+            staging, self._staging = self._staging, None
+            # Staging is an optimization: if it failed, the snapshot allocates for itself.
+            self._spare = None if staging.exception() is not None else staging.result()
         # A synchronous save writes from the live tensors (training waits for it); an async
         # one needs its own copy.
         asynchronous = self._executor is not None
@@ -111,7 +113,8 @@ class PeriodicCheckpointer:
         try:
             outcome = write_snapshot(self.storage, snapshot, events=self._events, group=self._group)
         except Exception as error:
-            # Only reachable before the save's collectives (e.g. encoding), so no rank waits.
+            # Errors of this rank's files are agreed inside write_snapshot; what gets here is
+            # a failed collective (a peer died), which the training loop meets next as well.
             self._events.emit("checkpoint_failed", step=snapshot.step, reason=repr(error))
             return SaveOutcome(
                 step=snapshot.step,

@@ -45,7 +45,7 @@ from steadytrain.config import (
 from steadytrain.dist import (
     broadcast_from_main,
     capture_rng_state,
-    first_failure,
+    gather_from_all,
     rank_seed,
     restore_rng_state,
     seed_all,
@@ -181,10 +181,15 @@ def snapshot_training_state(
 def write_snapshot(
     storage: CheckpointStorage, snapshot: TrainingSnapshot, *, events: Any, group: Any = None
 ) -> SaveOutcome:
-    """Write and commit a snapshot (a collective on ``group``)."""
+    """Write and commit a snapshot (a collective on ``group``, even when this rank's files
+    cannot be laid out: then the save fails on every rank)."""
     files: dict[str, Payload] = {}
-    for part in snapshot.parts:
-        files.update(part.to_files())
+    failure = None
+    try:
+        for part in snapshot.parts:
+            files.update(part.to_files())
+    except (TypeError, ValueError) as error:  # e.g. a dtype safetensors cannot hold
+        files, failure = {}, str(error)
     return save_checkpoint(
         storage,
         step=snapshot.step,
@@ -193,6 +198,7 @@ def write_snapshot(
         manifest=snapshot.manifest,
         events=events,
         group=group,
+        failure=failure,
     )
 
 
@@ -227,12 +233,24 @@ def restore_training_state(
             return None
         location = source.describe(name)
         _check_compatible(manifest, parts.config, location=location, parts=parts)
-        loaded, problem = _read_checkpoint(source, name, manifest, parts)
-        failure = first_failure(problem)  # collective: apply only what every rank read intact
-        if failure is None:
+        loaded, problem, corrupt = _read_checkpoint(source, name, manifest, parts)
+        # Collective: apply only what every rank read intact.
+        failures = [
+            (rank, report[0], report[1])
+            for rank, report in enumerate(gather_from_all((problem, corrupt)))
+            if report[0] is not None
+        ]
+        if not failures:
             _apply(loaded, manifest, parts, state)
             break
-        rank, problem = failure
+        rank, problem, corrupt = failures[0]
+        if not corrupt:
+            raise CheckpointRefused(
+                f"cannot read checkpoint {location} on rank {rank} ({problem}); this is not "
+                "the checkpoint's fault, so no older one is tried: fix the cause and rerun, or "
+                "start fresh with --no-resume",
+                reported_elsewhere=not runtime.is_main,
+            )
         if only is not None:
             raise CheckpointRefused(
                 f"--resume-from {location}: rank {rank} could not read it ({problem})",
@@ -299,9 +317,14 @@ def _choose(
 
 def _read_checkpoint(
     source: CheckpointStorage, name: str, manifest: Manifest, parts: Any
-) -> tuple[dict[str, Any], str | None]:
+) -> tuple[dict[str, Any], str | None, bool]:
     """This rank's share of a checkpoint, read once and checked: the shared state, and its
-    own RNG states when the world size is unchanged. Returns what was read, or the problem."""
+    own RNG states when the world size is unchanged.
+
+    Never raises, so that every rank reaches the agreement after it. Returns what was read,
+    the problem if any, and whether the problem is the checkpoint's fault (corruption) rather
+    than this machine's (an I/O error, out of memory).
+    """
     runtime = parts.runtime
     loaded: dict[str, Any] = {}
     try:
@@ -310,11 +333,13 @@ def _read_checkpoint(
             stem = rank_stem(runtime.rank)
             rank_parts = read_parts(source, name, manifest, stem=stem)
             if "rng" not in rank_parts:
-                return {}, f"{stem}.json: no RNG state"
+                return {}, f"{stem}.json: no RNG state", True
             loaded["rng"] = rank_parts["rng"]
     except CorruptCheckpoint as corrupt:
-        return {}, str(corrupt)
-    return loaded, None
+        return {}, str(corrupt), True
+    except Exception as error:
+        return {}, f"{type(error).__name__}: {error}", False
+    return loaded, None, False
 
 
 def _apply(loaded: dict[str, Any], manifest: Manifest, parts: Any, state: TrainState) -> None:
