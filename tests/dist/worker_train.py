@@ -11,7 +11,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from steadytrain.config import load_config
-from steadytrain.dist import barrier, start_runtime, stop_runtime
+from steadytrain.dist import barrier, exit_process, start_runtime, stop_runtime
 from steadytrain.train import TrainState, build_parts, fit
 
 
@@ -33,4 +33,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main()  # an exception propagates and exits 1 as usual
+    exit_process(0)  # as the CLI does: no interpreter finalization under gloo

@@ -48,6 +48,26 @@ def test_user_model_dataset_and_loss_train_over_two_ranks(tmp_path: Path) -> Non
     assert "epoch 1 (partial): 128 samples consumed" in audit.stdout
 
 
+def test_exception_in_user_code_prints_its_traceback_and_exits_1(tmp_path: Path) -> None:
+    """A bug in user code is not bad input: the traceback is the report, exit code 1."""
+    overrides = [
+        "data.dataset_factory=user_plugins:make_regression",
+        "model.factory=user_plugins:build_regressor",
+        "model.kwargs={dim: 8}",
+        "train.loss_fn=user_plugins:failing_loss",
+        "train.global_batch_size=16",
+        "train.micro_batch_size=4",
+        "log.console=false",
+    ]
+    result = run_steadytrain(
+        "train", TINY_CONFIG, "--nproc", "2", "--run-dir", tmp_path, *as_set_args(overrides)
+    )
+    assert result.returncode == 1, result.output
+    assert "Traceback" in result.stderr and "this loss fails on purpose" in result.stderr
+    assert "a worker failed (exit code 1)" in result.stderr
+    assert not (tmp_path / "final").exists()
+
+
 def test_user_token_model_on_the_default_data(small_overrides: list[str], tmp_path: Path) -> None:
     overrides = [
         *small_overrides,

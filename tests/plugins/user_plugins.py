@@ -65,3 +65,7 @@ def mse_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def not_a_module(**kwargs: object) -> str:
     return "this is not an nn.Module"
+
+
+def failing_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    raise RuntimeError("this loss fails on purpose")

@@ -173,3 +173,25 @@ def test_seed_all_is_reproducible_and_rank_seeds_differ() -> None:
     assert len(seeds) == 64
     assert rank_seed(77, rank=3) == rank_seed(77, rank=3)
     assert rank_seed(77, rank=3) != rank_seed(78, rank=3)
+
+
+# --- exit_process ------------------------------------------------------------------------------
+
+
+def test_exit_process_keeps_buffered_output_and_the_exit_code() -> None:
+    """Skipping finalization must not lose what was printed (stdout to a pipe is buffered)."""
+    import subprocess
+    import sys
+
+    program = (
+        "import sys\n"
+        "from steadytrain.dist import exit_process\n"
+        "print('kept', end='')\n"
+        "sys.stderr.write('also kept')\n"
+        "exit_process(7)\n"
+        "print('never')\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=120
+    )
+    assert (completed.returncode, completed.stdout, completed.stderr) == (7, "kept", "also kept")

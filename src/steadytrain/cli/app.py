@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,6 +15,7 @@ import typer
 from steadytrain.config import (
     EXIT_AUDIT_FAILED,
     EXIT_CHECKPOINT_BAD,
+    EXIT_INTERNAL,
     Config,
     ConfigError,
     UserError,
@@ -214,12 +217,39 @@ def _passthrough(overrides: list[str] | None, run_dir: Path | None) -> list[str]
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and their exit code."""
+    code = _run_app()
+    # A worker of a multi-rank group ends without interpreter finalization (see
+    # exit_process: gloo threads outlive the group and can abort a finished run).
+    runtime = sys.modules.get("steadytrain.dist.runtime")  # imported only if torch was
+    if runtime is not None and runtime.joined_group_of_many():
+        runtime.exit_process(code)
+    sys.exit(code)
+
+
+def _run_app() -> int:
+    """Run the typer app; return the exit code (tracebacks printed as Python prints them)."""
     try:
         app()  # exits itself; typer reports usage errors with exit code 2
+    except SystemExit as exiting:
+        return _exit_code(exiting.code)
     except UserError as error:
         if not error.reported_elsewhere:
             print(f"steadytrain: error{_rank_label()}: {error}", file=sys.stderr)
-        sys.exit(error.exit_code)
+        return error.exit_code
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+    except Exception:  # a bug, or user code failing: the traceback is the report
+        traceback.print_exc()
+        return EXIT_INTERNAL
+    return 0
+
+
+def _exit_code(code: object) -> int:
+    """``SystemExit.code`` as a process exit status (None: 0; a message: printed, 1)."""
+    if code is None or isinstance(code, int):
+        return code or 0
+    print(code, file=sys.stderr)
+    return EXIT_INTERNAL
 
 
 def _rank_label() -> str:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -12,6 +14,7 @@ import torch.distributed as dist
 from steadytrain.config import Config, ConfigError
 
 TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_joined_group_of_many = False  # set once this process has been part of a multi-rank group
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ def start_runtime(config: Config) -> Runtime:
     NCCL on CUDA with one device per local rank; gloo on CPU with threads split between the
     local ranks so they do not oversubscribe the cores.
     """
+    global _joined_group_of_many
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -59,6 +63,7 @@ def start_runtime(config: Config) -> Runtime:
     timeout = datetime.timedelta(seconds=config.dist.timeout_s)
     if not dist.is_initialized():
         if under_torchrun():
+            _joined_group_of_many = world_size > 1
             dist.init_process_group(
                 backend=backend,
                 timeout=timeout,
@@ -83,6 +88,30 @@ def stop_runtime() -> None:
     """Leave the process group; safe to call when none was started."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def joined_group_of_many() -> bool:
+    """True once this process has joined a process group of more than one rank."""
+    return _joined_group_of_many
+
+
+def exit_process(code: int) -> NoReturn:
+    """End this process with ``code`` now, without interpreter finalization.
+
+    For a worker that has been in a multi-rank gloo group. Once DDP has used a group, gloo's
+    worker threads outlive ``destroy_process_group`` (torch keeps a reference to the group),
+    and a worker thread that drops a finished collective's tensors while the interpreter
+    finalizes must take the GIL, cannot, and aborts the whole process ("terminate called
+    without an active exception", exit code 134) after training succeeded. Skipping
+    finalization closes that window. Call it only after everything worth keeping is
+    written: every file steadytrain writes is flushed or fsynced as it goes.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken pipe: nothing left to save
+            pass
+    os._exit(code)
 
 
 def barrier(*, timeout_s: float | None = None) -> None:
