@@ -210,22 +210,19 @@ def test_planted_pickle_never_runs(reference: Path, overrides: list[str], tmp_pa
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
 
-    newest = run_dir / "checkpoints" / f"step_{MAX_STEPS:08d}"
     payload = pickle.dumps(Exploit())
-    (newest / "model.pt").write_bytes(payload)  # a stray pickle beside the real files
-    previous = run_dir / "checkpoints" / f"step_{MAX_STEPS - 4:08d}"
-    # A pickle in place of a real file, with the manifest forged to match it.
-    (previous / "optimizer.safetensors").write_bytes(payload)
-    manifest = json.loads((previous / "manifest.json").read_text())
+    newest = run_dir / "checkpoints" / f"step_{MAX_STEPS:08d}"
+    # The newest: a pickle in place of a real file, with the manifest forged to match it.
+    (newest / "optimizer.safetensors").write_bytes(payload)
+    manifest = json.loads((newest / "manifest.json").read_text())
     manifest["files"]["optimizer.safetensors"] = {
         "size": len(payload),
         "checksum": checksum_of([payload]),
     }
-    (previous / "manifest.json").write_text(json.dumps(manifest))
-    shutil.rmtree(newest)
-    shutil.copytree(previous, newest)
-    manifest["step"] = MAX_STEPS
     (newest / "manifest.json").write_text(json.dumps(manifest))
+    # The previous one: intact, with a stray pickle beside its files.
+    previous = run_dir / "checkpoints" / f"step_{MAX_STEPS - 4:08d}"
+    (previous / "model.pt").write_bytes(payload)
 
     resumed = train(run_dir, overrides)
     assert resumed.returncode == 0, resumed.output
@@ -234,6 +231,7 @@ def test_planted_pickle_never_runs(reference: Path, overrides: list[str], tmp_pa
         " ".join(event["problems"]) for event in events(run_dir, "checkpoint_rejected")
     )
     assert "not a safetensors file" in reasons
+    assert events(run_dir, "resume")[-1]["step"] == MAX_STEPS - 4
     assert final_weights(run_dir) == final_weights(reference)
 
 
@@ -242,11 +240,16 @@ def test_changed_identity_is_refused_with_the_differences(
 ) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
+    saved_config = (run_dir / "config.yaml").read_bytes()
     result = train(run_dir, [*overrides, "seed=99", "train.lr=0.001"])
     assert result.returncode == 2, result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in result.output, result.stderr
     assert "seed: 1234 -> 99" in lines[0] and "train.lr" in lines[0] and "--no-resume" in lines[0]
+    # Nothing already saved changes: the run's config, and so its checkpoints' verdict.
+    assert (run_dir / "config.yaml").read_bytes() == saved_config
+    verify = run_steadytrain("checkpoints", "verify", run_dir)
+    assert verify.returncode == 0, verify.output
 
 
 def test_changed_operational_fields_are_accepted_and_logged(

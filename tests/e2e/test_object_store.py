@@ -263,6 +263,9 @@ def test_partial_upload_is_never_visible_as_committed(
     assert resumed.returncode == 0, resumed.output
     assert events(run_dir, "resume")[-1]["step"] == MAX_STEPS
     assert not fs.exists(f"{prefix}/step_{MAX_STEPS + 4:08d}")  # cleaned at start
+    rejected = events(run_dir, "checkpoint_rejected")[-1]
+    assert rejected["checkpoint"] == f"step_{MAX_STEPS + 4:08d}", rejected
+    assert "never committed" in rejected["problems"][0] and rejected["action"] == "removed"
     assert final_weights(run_dir) == final_weights(s3_reference[0])
 
 

@@ -532,6 +532,23 @@ def test_prune_keeps_newest_milestones_and_the_newest_good(
     assert debris(tmp_path) == []
 
 
+def test_prune_counts_only_committed_checkpoints(tmp_path: Path) -> None:
+    """Directories without a manifest never crowd good checkpoints out of keep_last."""
+    storage = LocalStorage(tmp_path)
+    for step in (1, 2, 3, 5):
+        save(storage, step, files={"tiny.bin": bytes([step])})
+    for step in (4, 6):  # never committed: files, no manifest
+        (tmp_path / checkpoint_name(step)).mkdir()
+        (tmp_path / checkpoint_name(step) / "tiny.bin").write_bytes(b"x")
+
+    pruned = prune_checkpoints(storage, keep_last=2, keep_every=0, newest_good=checkpoint_name(5))
+
+    # Two committed kept (3, 5); the uncommitted 4 is older than the newest good and goes;
+    # 6 is newer (it could be a save in flight elsewhere) and stays.
+    assert storage.checkpoint_names() == [checkpoint_name(step) for step in (3, 5, 6)]
+    assert sorted(pruned) == [checkpoint_name(step) for step in (1, 2, 4)]
+
+
 # --- inspection and open_storage ---------------------------------------------------------------
 
 

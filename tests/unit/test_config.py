@@ -152,6 +152,15 @@ def test_negative_batch_is_refused() -> None:
     assert "-4" in message
 
 
+def test_password_in_checkpoint_uri_is_refused_without_echoing_it() -> None:
+    message = config_error(TINY_YAML, "checkpoint.uri=s3://AKIAEXAMPLE:hunter2@bucket/runs")
+    assert message.startswith("checkpoint.uri: holds a password"), message
+    assert "hunter2" not in message and "storage_options" in message
+    # A URL without user info, and a local path, are fine.
+    for uri in ("s3://bucket/runs", "/tmp/checkpoints"):
+        assert load_config(TINY_YAML, overrides=[f"checkpoint.uri={uri}"]).checkpoint.uri == uri
+
+
 def test_override_without_equals_sign() -> None:
     message = config_error(TINY_YAML, "train.lr")
     assert "train.lr" in message

@@ -158,6 +158,7 @@ def test_large_files_read_into_one_mapping_as_separate_exact_storages() -> None:
     generator = torch.Generator().manual_seed(3)
     tensors = {
         "big": torch.randn(700, 1000, generator=generator),  # 2.8 MB: the mapping path
+        "matrix": torch.randn(512, 512, generator=generator),  # 1 MiB: in the mapping too
         "half": torch.randn(3, 5, generator=generator).to(torch.bfloat16),
         "scalar": torch.tensor(5, dtype=torch.int64),
         "empty": torch.empty(0, 3),
@@ -172,6 +173,12 @@ def test_large_files_read_into_one_mapping_as_separate_exact_storages() -> None:
     for small in ("half", "scalar"):  # not in the mapping: keeping one never keeps it alive
         address = restored[small].data_ptr()
         assert not big.data_ptr() - 2**21 <= address < big.data_ptr() + big.nbytes + 2**21
+    # Large tensors share the mapping; huge pages start 2 MiB-aligned.
+    matrix = restored["matrix"]
+    assert big.data_ptr() % 2**21 == 0 or matrix.data_ptr() % 2**21 == 0
+    assert abs(matrix.data_ptr() - big.data_ptr()) <= big.nbytes + matrix.nbytes + 64
     restored["big"].zero_()  # the tensors do not overlap
-    assert_same({"half": restored["half"]}, {"half": tensors["half"]})
+    assert_same(
+        {"matrix": matrix, "half": restored["half"]}, {k: tensors[k] for k in ("matrix", "half")}
+    )
     assert restored["scalar"].item() == 5

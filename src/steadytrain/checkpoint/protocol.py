@@ -446,13 +446,22 @@ def prune_checkpoints(
 ) -> list[str]:
     """Delete committed checkpoints beyond the newest ``keep_last`` (milestones kept).
 
-    ``newest_good`` (just verified or committed) is never deleted, so a good one always stays.
+    Only committed checkpoints (those with a manifest) count toward ``keep_last``, so
+    uncommitted directories never crowd good ones out; those older than ``newest_good`` are
+    deleted (they can never be loaded). ``newest_good`` (just verified or committed) is never
+    deleted, so a good one always stays.
     """
     names = storage.checkpoint_names()
-    keep = set(names[-keep_last:]) | {newest_good}
+    committed = [name for name in names if storage.file_size(name, MANIFEST_NAME) is not None]
+    keep = set(committed[-keep_last:]) | {newest_good}
     if keep_every:
-        keep |= {name for name in names if (step_of(name) or 0) % keep_every == 0}
-    doomed = [name for name in names if name not in keep]
+        keep |= {name for name in committed if (step_of(name) or 0) % keep_every == 0}
+    newest_step = step_of(newest_good) or 0
+    doomed = [
+        name
+        for name in names
+        if name not in keep and (name in committed or (step_of(name) or 0) < newest_step)
+    ]
     for name in doomed:
         storage.delete(name)
     return doomed

@@ -184,6 +184,9 @@ def _describe_validation_error(error: ValidationError) -> str:
     location = ".".join(str(part) for part in first["loc"]) or "config"
     if first["type"] == "extra_forbidden":
         message = f"{location}: unknown key; {_known_keys_hint(first['loc'])}"
+    elif first["type"] == "value_error":
+        # Our own validators' messages; the input is not echoed (it may hold a secret).
+        message = f"{location}: {str(first['msg']).removeprefix('Value error, ')}"
     else:
         message = f"{location}: {first['msg']} (got {first.get('input')!r})"
     if len(problems) > 1:

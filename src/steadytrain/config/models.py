@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from steadytrain.config.errors import ConfigError
 
@@ -144,13 +145,15 @@ class TrainConfig(_Section):
 
 class CheckpointConfig(_Section):
     every_steps: int = operational_field(
-        0, description="Save a checkpoint every N steps (0: only at the end, if enabled).", ge=0
+        0, description="Save a checkpoint every N steps (0: checkpointing off).", ge=0
     )
     at_end: bool = operational_field(
         True, description="Also save when training finishes (if every_steps > 0)."
     )
     uri: str | None = operational_field(
-        None, description="Where checkpoints go: a local path (None: RUN_DIR/checkpoints)."
+        None,
+        description="Where checkpoints go: a local path or an fsspec URL such as "
+        "s3://bucket/prefix (None: RUN_DIR/checkpoints).",
     )
     storage_options: dict[str, Any] = operational_field(
         {},
@@ -170,6 +173,18 @@ class CheckpointConfig(_Section):
     keep_every: int = operational_field(
         0, description="Also keep every checkpoint whose step is a multiple of M (0: none).", ge=0
     )
+
+    @field_validator("uri")
+    @classmethod
+    def _no_password_in_uri(cls, uri: str | None) -> str | None:
+        # The URI is saved with the config and every manifest; a password in it would be too.
+        if uri is not None and "://" in uri and urlsplit(uri).password is not None:
+            raise ValueError(
+                "holds a password, which would be saved with the config; give credentials "
+                "in the environment (e.g. AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or in "
+                "checkpoint.storage_options instead"
+            )
+        return uri
 
 
 class LogConfig(_Section):

@@ -225,7 +225,7 @@ def restore_training_state(
         parent, _, only = request.from_path.rstrip("/").rpartition("/")
         source = _storage_at(parent or ".", parts.config)
     if runtime.is_main:
-        storage.remove_leftovers()
+        _remove_leftovers(storage, events=parts.events)
     older_than: int | None = None
     while True:
         name, manifest = _agree_on_candidate(source, only=only, older_than=older_than, parts=parts)
@@ -273,6 +273,23 @@ def restore_training_state(
             world_size=runtime.world_size,
         )
     return location
+
+
+def _remove_leftovers(storage: CheckpointStorage, *, events: Any) -> None:
+    """Delete what crashed saves left behind, and say so: a step without a manifest (an
+    object-store upload cut short) is a rejected checkpoint; staging directories are debris."""
+    removed = storage.remove_leftovers()
+    for name in removed:
+        if step_of(name) is not None:
+            events.emit(
+                "checkpoint_rejected",
+                checkpoint=name,
+                problems=["no manifest.json: the save never committed"],
+                action="removed",
+            )
+    debris = [name for name in removed if step_of(name) is None]
+    if debris:
+        events.emit("checkpoint_debris_removed", names=debris)
 
 
 def _agree_on_candidate(

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import torch
 
 import steadytrain
-from steadytrain.checkpoint.storage import write_durably
+from steadytrain.checkpoint.storage import BytesPayload, write_durably
 from steadytrain.checkpoint.tensorfile import tensor_file
 from steadytrain.config import (
     Config,
@@ -79,6 +79,9 @@ def run_training(config: Config, *, resume: ResumeRequest | None = None) -> FitR
         resumed_from = restore_training_state(
             storage, parts, state, request=resume or ResumeRequest()
         )
+        if runtime.is_main:
+            # Only now: a refused resume must leave the run's own config.yaml as it was.
+            write_run_config(config)
         if config.checkpoint.every_steps:
             warning = _agreed(lambda: check_free_space(storage, parts), runtime)
             if warning and runtime.is_main:
@@ -140,7 +143,6 @@ def build_parts(config: Config, runtime: Runtime) -> TrainingParts:
     seed_all(rank_seed(config.seed, rank=runtime.rank))  # per-rank streams (dropout)
     if runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_config(config))
     parallel_model = ParallelModel(model, runtime=runtime)
     optimizer = build_optimizer(parallel_model.unwrapped, config.train)
     val_batches = (
@@ -197,6 +199,15 @@ def save_final_weights(model: torch.nn.Module, run_dir: Path) -> Path:
     staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
     tensors = {name: value.detach().cpu() for name, value in model.state_dict().items()}
     write_durably(staging, tensor_file(tensors, metadata={"format": "pt"}))
+    os.replace(staging, target)
+    return target
+
+
+def write_run_config(config: Config) -> Path:
+    """Write ``RUN_DIR/config.yaml`` (the resolved config, secrets redacted) atomically."""
+    target = Path(config.run_dir) / "config.yaml"
+    staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    write_durably(staging, BytesPayload(dump_config(config).encode()))
     os.replace(staging, target)
     return target
 
