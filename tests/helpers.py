@@ -116,9 +116,18 @@ def wait_for_step(
 
 
 def worker_pids(launcher: subprocess.Popen[str]) -> list[int]:
-    """The worker processes that ``--nproc`` started (children of the launcher)."""
+    """The worker processes that ``--nproc`` started (children of the launcher), by rank."""
     children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children")
-    return [int(pid) for pid in children.read_text().split()]
+    pids = [int(pid) for pid in children.read_text().split()]
+    return sorted(pids, key=_rank_of)
+
+
+def _rank_of(pid: int) -> int:
+    variables = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    for variable in variables:
+        if variable.startswith(b"RANK="):
+            return int(variable.removeprefix(b"RANK="))
+    raise AssertionError(f"process {pid} is not a torchrun worker (no RANK)")
 
 
 class RecordingEvents:

@@ -121,9 +121,11 @@ def test_kill9_then_same_command_resumes_bit_identical(
 def test_kill9_during_saves_never_leaves_a_bad_checkpoint(
     reference: Path, overrides: list[str], tmp_path: Path
 ) -> None:
-    """Saving every step makes saves a large share of the time, so kills land mid-save."""
+    """Kill a rank the moment a save's staging directory appears: mid-save by construction."""
     every_step = [*overrides, "checkpoint.every_steps=1"]
+    checkpoints = tmp_path / "checkpoints"
     rng = random.Random()
+    kills_mid_save = 0
     for _ in range(3):
         process = start_steadytrain(
             "train", TINY_CONFIG, "--nproc", "2", "--run-dir", tmp_path, *as_set_args(every_step)
@@ -133,17 +135,38 @@ def test_kill9_during_saves_never_leaves_a_bad_checkpoint(
                 wait_for_step(tmp_path, 0, process) if (tmp_path / "metrics.jsonl").exists() else 0
             )
             wait_for_step(tmp_path, seen + rng.randrange(1, 4), process)
+            wait_for_staging(checkpoints, process)
             os.kill(rng.choice(worker_pids(process)), signal.SIGKILL)
             process.wait(timeout=60)
         finally:
             if process.poll() is None:
                 process.kill()
+        kills_mid_save += bool(list(checkpoints.glob(".step_*.partial-*")))
         verify = run_steadytrain("checkpoints", "verify", tmp_path)
         assert verify.returncode == 0, verify.output  # every visible checkpoint is good
+    # Usually all three; the save may commit between seeing the directory and the kill.
+    assert kills_mid_save >= 1, "no kill landed while a save was in progress"
     resumed = train(tmp_path, every_step)
     assert resumed.returncode == 0, resumed.output
+    assert events(tmp_path, "checkpoint_debris_removed"), (
+        "the killed saves' debris was not reported"
+    )
     assert final_weights(tmp_path) == final_weights(reference)
     assert_audit_ok(tmp_path)
+
+
+def wait_for_staging(checkpoints: Path, process, timeout: float = 60) -> None:
+    """Return as soon as a save's staging directory exists (polled every millisecond)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(entry.name.startswith(".step_") for entry in os.scandir(checkpoints)):
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"training exited early ({process.returncode})")
+        time.sleep(0.001)
+    raise AssertionError("no save started")
 
 
 def corrupt(checkpoint: Path, how: str) -> None:
@@ -278,6 +301,8 @@ def test_resume_with_another_world_size_keeps_exactly_once(
     resumed = train(tmp_path, overrides, "--resume-from", resume_from, nproc=second)
     assert resumed.returncode == 0, resumed.output
     assert events(tmp_path, "resume")[-1]["saved_world_size"] == first
+    reseeded = events(tmp_path, "rng_reseeded")
+    assert reseeded and reseeded[-1]["world_size"] == second, reseeded
     assert_audit_ok(tmp_path)
     expected = load_file(reference / "final" / "model.safetensors")
     for name, tensor in load_file(tmp_path / "final" / "model.safetensors").items():
