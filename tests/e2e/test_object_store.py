@@ -295,6 +295,7 @@ def test_missing_bucket_is_reported_and_training_goes_on(overrides, s3_endpoint,
     failures = events(tmp_path, "checkpoint_failed")
     assert failures, "a save to a missing bucket must be reported"
     assert "bucket does not exist" in failures[0]["reason"], failures[0]["reason"]
+    assert "gave up after" not in failures[0]["reason"]  # permanent: reported at once, not retried
     assert (tmp_path / "final" / "model.safetensors").is_file()
 
 
