@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,9 +97,6 @@ def wait_for_step(
     run_dir: Path, step: int, process: subprocess.Popen[str], timeout: float = 120
 ) -> int:
     """Block until ``metrics.jsonl`` logs a step >= ``step``; returns the step seen."""
-    import json
-    import time
-
     deadline = time.monotonic() + timeout
     metrics = run_dir / "metrics.jsonl"
     while time.monotonic() < deadline:
@@ -113,6 +112,20 @@ def wait_for_step(
                     return int(seen)
         time.sleep(0.02)
     raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def wait_for_staging(
+    checkpoints: Path, process: subprocess.Popen[str], timeout: float = 60
+) -> None:
+    """Return as soon as a save's staging directory exists (polled every millisecond)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if checkpoints.is_dir() and any(checkpoints.glob(".step_*.partial-*")):
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"training exited early ({process.returncode})")
+        time.sleep(0.001)
+    raise AssertionError("no save started")
 
 
 def worker_pids(launcher: subprocess.Popen[str]) -> list[int]:

@@ -6,6 +6,7 @@ Usage (under torchrun): worker_train.py CONFIG OUT_DIR [key=value ...]
 from __future__ import annotations
 
 import sys
+import traceback
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -33,5 +34,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()  # an exception propagates and exits 1 as usual
-    exit_process(0)  # as the CLI does: no interpreter finalization under gloo
+    # As the CLI does: no interpreter finalization under gloo, whatever the outcome.
+    try:
+        main()
+    except Exception:
+        traceback.print_exc()
+        exit_process(1)
+    exit_process(0)

@@ -20,6 +20,7 @@ from tests.helpers import (
     as_set_args,
     run_steadytrain,
     start_steadytrain,
+    wait_for_staging,
     wait_for_step,
     worker_pids,
 )
@@ -153,20 +154,6 @@ def test_kill9_during_saves_never_leaves_a_bad_checkpoint(
     )
     assert final_weights(tmp_path) == final_weights(reference)
     assert_audit_ok(tmp_path)
-
-
-def wait_for_staging(checkpoints: Path, process, timeout: float = 60) -> None:
-    """Return as soon as a save's staging directory exists (polled every millisecond)."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(entry.name.startswith(".step_") for entry in os.scandir(checkpoints)):
-            return
-        if process.poll() is not None:
-            raise AssertionError(f"training exited early ({process.returncode})")
-        time.sleep(0.001)
-    raise AssertionError("no save started")
 
 
 def corrupt(checkpoint: Path, how: str) -> None:

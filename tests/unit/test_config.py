@@ -156,6 +156,9 @@ def test_password_in_checkpoint_uri_is_refused_without_echoing_it() -> None:
     message = config_error(TINY_YAML, "checkpoint.uri=s3://AKIAEXAMPLE:hunter2@bucket/runs")
     assert message.startswith("checkpoint.uri: holds a password"), message
     assert "hunter2" not in message and "storage_options" in message
+    signed = config_error(TINY_YAML, "checkpoint.uri=abfs://box/runs?sv=2024&sig=c2VjcmV0")
+    assert signed.startswith("checkpoint.uri: holds a signature or token"), signed
+    assert "c2VjcmV0" not in signed
     # A URL without user info, and a local path, are fine.
     for uri in ("s3://bucket/runs", "/tmp/checkpoints"):
         assert load_config(TINY_YAML, overrides=[f"checkpoint.uri={uri}"]).checkpoint.uri == uri

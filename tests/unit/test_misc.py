@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import random
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -180,9 +182,6 @@ def test_seed_all_is_reproducible_and_rank_seeds_differ() -> None:
 
 def test_exit_process_keeps_buffered_output_and_the_exit_code() -> None:
     """Skipping finalization must not lose what was printed (stdout to a pipe is buffered)."""
-    import subprocess
-    import sys
-
     program = (
         "import sys\n"
         "from steadytrain.dist import exit_process\n"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -176,11 +176,20 @@ class CheckpointConfig(_Section):
 
     @field_validator("uri")
     @classmethod
-    def _no_password_in_uri(cls, uri: str | None) -> str | None:
-        # The URI is saved with the config and every manifest; a password in it would be too.
-        if uri is not None and "://" in uri and urlsplit(uri).password is not None:
+    def _no_secret_in_uri(cls, uri: str | None) -> str | None:
+        # The URI is saved with the config and every manifest; a secret in it would be too.
+        if uri is None or "://" not in uri:
+            return uri
+        parts = urlsplit(uri)
+        secret_parameters = [
+            name
+            for name in parse_qs(parts.query, keep_blank_values=True)
+            if any(part in name.lower() for part in (*SECRET_KEY_PARTS, "sig"))
+        ]
+        if parts.password is not None or secret_parameters:
+            what = "a password" if parts.password is not None else "a signature or token"
             raise ValueError(
-                "holds a password, which would be saved with the config; give credentials "
+                f"holds {what}, which would be saved with the config; give credentials "
                 "in the environment (e.g. AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or in "
                 "checkpoint.storage_options instead"
             )

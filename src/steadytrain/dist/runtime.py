@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import sys
@@ -103,9 +104,11 @@ def exit_process(code: int) -> NoReturn:
     and a worker thread that drops a finished collective's tensors while the interpreter
     finalizes must take the GIL, cannot, and aborts the whole process ("terminate called
     without an active exception", exit code 134) after training succeeded. Skipping
-    finalization closes that window. Call it only after everything worth keeping is
-    written: every file steadytrain writes is flushed or fsynced as it goes.
+    finalization closes that window. ``atexit`` handlers still run first (logging's flush,
+    multiprocessing's reaping of loader workers, user code's own), while the interpreter is
+    whole. Every file steadytrain writes is flushed or fsynced as it goes.
     """
+    atexit._run_exitfuncs()  # what finalization would run first, minus the teardown
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

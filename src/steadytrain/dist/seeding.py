@@ -55,7 +55,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch_cpu"])
     if "torch_cuda" in state and torch.cuda.is_available():
-        # Per device, for the devices both sides have: a restart may see fewer GPUs (e.g.
-        # CUDA_VISIBLE_DEVICES narrowed to one per rank); this rank computes on its own.
+        # Per device, for the devices both sides have: a restart may see fewer GPUs (another
+        # CUDA_VISIBLE_DEVICES), and setting a state on a device that is not there raises.
         for index, device_state in enumerate(state["torch_cuda"][: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(device_state, index)

@@ -276,8 +276,11 @@ def restore_training_state(
 
 
 def _remove_leftovers(storage: CheckpointStorage, *, events: Any) -> None:
-    """Delete what crashed saves left behind, and say so: a step without a manifest (an
-    object-store upload cut short) is a rejected checkpoint; staging directories are debris."""
+    """Delete what crashed saves left behind, and say so in events.
+
+    A step without a manifest (an object-store upload cut short) is a rejected checkpoint;
+    staging directories are debris.
+    """
     removed = storage.remove_leftovers()
     for name in removed:
         if step_of(name) is not None:
