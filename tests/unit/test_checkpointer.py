@@ -1,5 +1,5 @@
-"""The periodic checkpointer with real parts in a group of one: when saves happen, and that an
-asynchronous save never has a second one in flight."""
+"""Checkpointing with real parts in a group of one: when saves happen, that an asynchronous
+save never has a second one in flight, and the space pre-flight."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import pytest
 
 from steadytrain.checkpoint import LocalStorage
 from steadytrain.checkpoint.storage import Payload
-from steadytrain.config import load_config
+from steadytrain.config import ConfigError, load_config
 from steadytrain.dist import start_runtime, stop_runtime
 from steadytrain.train import TrainState, build_parts
 from steadytrain.train.checkpointer import PeriodicCheckpointer
+from steadytrain.train.checkpointing import check_free_space
 from tests.helpers import TINY_CONFIG, RecordingEvents
 
 
@@ -109,3 +110,31 @@ def test_saves_only_on_due_steps_and_not_twice(make_parts: Any, tmp_path: Path) 
     assert all(outcome.committed for outcome in outcomes)
     assert outcomes[-1].pruned == ["step_00000003"]  # keep_last=2
     assert storage.checkpoint_names() == ["step_00000006", "step_00000007"]
+
+
+class SizedStorage(GatedStorage):
+    """Real local storage that reports a chosen amount of free space."""
+
+    def __init__(self, root: Path, *, free: int) -> None:
+        super().__init__(root)
+        self._free = free
+
+    def free_bytes(self) -> int | None:
+        return self._free
+
+
+def test_preflight_refuses_below_two_checkpoints_and_warns_below_keep_last(
+    make_parts: Any, tmp_path: Path
+) -> None:
+    parts = make_parts("checkpoint.every_steps=1", "checkpoint.keep_last=3")
+    parameters = parts.model.unwrapped.parameters()
+    estimate = 3 * sum(p.numel() * p.element_size() for p in parameters) + 2**20
+
+    def verdict(free: int) -> str | None:
+        return check_free_space(SizedStorage(tmp_path, free=free), parts)
+
+    with pytest.raises(ConfigError, match="less than two checkpoints"):
+        verdict(2 * estimate - 1)
+    warning = verdict(2 * estimate)
+    assert warning is not None and "keep_last=3 needs 4" in warning, warning
+    assert verdict(4 * estimate) is None
