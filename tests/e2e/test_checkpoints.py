@@ -136,8 +136,9 @@ def test_kill9_during_saves_never_leaves_a_bad_checkpoint(
                 wait_for_step(tmp_path, 0, process) if (tmp_path / "metrics.jsonl").exists() else 0
             )
             wait_for_step(tmp_path, seen + rng.randrange(1, 4), process)
+            victim = rng.choice(worker_pids(process))
             wait_for_staging(checkpoints, process)
-            os.kill(rng.choice(worker_pids(process)), signal.SIGKILL)
+            os.kill(victim, signal.SIGKILL)
             process.wait(timeout=60)
         finally:
             if process.poll() is None:
