@@ -12,19 +12,23 @@ from safetensors.torch import load_file
 from tests.helpers import TINY_CONFIG, as_set_args, run_steadytrain
 
 pytestmark = pytest.mark.slow
+# A user's own dataset, model and batch layout (tests/plugins/user_plugins.py).
+REGRESSION_JOB = [
+    "data.dataset_factory=user_plugins:make_regression",
+    "model.factory=user_plugins:build_regressor",
+    "model.kwargs={dim: 8}",
+    "train.global_batch_size=16",
+    "train.micro_batch_size=4",
+]
 
 
 def test_user_model_dataset_and_loss_train_over_two_ranks(tmp_path: Path) -> None:
     overrides = [
-        "data.dataset_factory=user_plugins:make_regression",
+        *REGRESSION_JOB,
         "data.dataset_kwargs={num_samples: 256, dim: 8}",
         "data.ledger=true",
-        "model.factory=user_plugins:build_regressor",
-        "model.kwargs={dim: 8}",
         "train.loss_fn=user_plugins:mse_loss",
         "train.max_steps=24",
-        "train.global_batch_size=16",
-        "train.micro_batch_size=4",
         "train.lr=0.03",
         "train.warmup_steps=2",
         "train.eval_every=0",
@@ -50,15 +54,7 @@ def test_user_model_dataset_and_loss_train_over_two_ranks(tmp_path: Path) -> Non
 
 def test_exception_in_user_code_prints_its_traceback_and_exits_1(tmp_path: Path) -> None:
     """A bug in user code is not bad input: the traceback is the report, exit code 1."""
-    overrides = [
-        "data.dataset_factory=user_plugins:make_regression",
-        "model.factory=user_plugins:build_regressor",
-        "model.kwargs={dim: 8}",
-        "train.loss_fn=user_plugins:failing_loss",
-        "train.global_batch_size=16",
-        "train.micro_batch_size=4",
-        "log.console=false",
-    ]
+    overrides = [*REGRESSION_JOB, "train.loss_fn=user_plugins:failing_loss", "log.console=false"]
     result = run_steadytrain(
         "train", TINY_CONFIG, "--nproc", "2", "--run-dir", tmp_path, *as_set_args(overrides)
     )

@@ -456,11 +456,11 @@ def prune_checkpoints(
     keep = set(committed[-keep_last:]) | {newest_good}
     if keep_every:
         keep |= {name for name in committed if (step_of(name) or 0) % keep_every == 0}
-    newest_step = step_of(newest_good) or 0
+    is_committed, newest_step = set(committed), step_of(newest_good) or 0
     doomed = [
         name
         for name in names
-        if name not in keep and (name in committed or (step_of(name) or 0) < newest_step)
+        if name not in keep and (name in is_committed or (step_of(name) or 0) < newest_step)
     ]
     for name in doomed:
         storage.delete(name)

@@ -303,6 +303,13 @@ def write_durably(path: Path, payload: Payload) -> None:
         os.fsync(handle.fileno())
 
 
+def replace_durably(path: Path, payload: Payload) -> None:
+    """Write ``payload`` beside ``path``, fsync it, then rename it over ``path`` (atomic)."""
+    staging = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    write_durably(staging, payload)
+    os.replace(staging, path)
+
+
 def _fsync_directory(path: Path) -> None:
     descriptor = os.open(path, os.O_RDONLY)
     try:

@@ -281,16 +281,17 @@ def _remove_leftovers(storage: CheckpointStorage, *, events: Any) -> None:
     A step without a manifest (an object-store upload cut short) is a rejected checkpoint;
     staging directories are debris.
     """
-    removed = storage.remove_leftovers()
-    for name in removed:
-        if step_of(name) is not None:
-            events.emit(
-                "checkpoint_rejected",
-                checkpoint=name,
-                problems=["no manifest.json: the save never committed"],
-                action="removed",
-            )
-    debris = [name for name in removed if step_of(name) is None]
+    debris = []
+    for name in storage.remove_leftovers():
+        if step_of(name) is None:
+            debris.append(name)
+            continue
+        events.emit(
+            "checkpoint_rejected",
+            checkpoint=name,
+            problems=["no manifest.json: the save never committed"],
+            action="removed",
+        )
     if debris:
         events.emit("checkpoint_debris_removed", names=debris)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import platform
 import sys
 import time
@@ -13,7 +12,7 @@ from typing import Any, TypeVar
 import torch
 
 import steadytrain
-from steadytrain.checkpoint.storage import BytesPayload, write_durably
+from steadytrain.checkpoint.storage import BytesPayload, replace_durably
 from steadytrain.checkpoint.tensorfile import tensor_file
 from steadytrain.config import (
     Config,
@@ -196,19 +195,15 @@ def save_final_weights(model: torch.nn.Module, run_dir: Path) -> Path:
     """
     target = run_dir / FINAL_WEIGHTS
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
     tensors = {name: value.detach().cpu() for name, value in model.state_dict().items()}
-    write_durably(staging, tensor_file(tensors, metadata={"format": "pt"}))
-    os.replace(staging, target)
+    replace_durably(target, tensor_file(tensors, metadata={"format": "pt"}))
     return target
 
 
 def write_run_config(config: Config) -> Path:
     """Write ``RUN_DIR/config.yaml`` (the resolved config, secrets redacted) atomically."""
     target = Path(config.run_dir) / "config.yaml"
-    staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    write_durably(staging, BytesPayload(dump_config(config).encode()))
-    os.replace(staging, target)
+    replace_durably(target, BytesPayload(dump_config(config).encode()))
     return target
 
 
