@@ -28,7 +28,7 @@ from steadytrain.checkpoint import verify_checkpoint as verify_steadytrain_check
 from steadytrain.checkpoint.manifest import checksum_of
 from steadytrain.checkpoint.protocol import snapshot_parts
 from steadytrain.config import TrainConfig
-from steadytrain.dist import capture_rng_state
+from steadytrain.distributed import capture_rng_state
 from steadytrain.model.gpt import GPT
 from steadytrain.train.optim import build_optimizer
 

@@ -14,8 +14,8 @@ PACKAGE_DIR = Path(__file__).resolve().parents[2] / "src" / PACKAGE
 LEAF_COMPONENTS = ("data", "model", "checkpoint", "fault", "telemetry", "plan")
 ALLOWED = {
     "config": set(),
-    "dist": {"config"},
-    **{component: {"config", "dist"} for component in LEAF_COMPONENTS},
+    "distributed": {"config"},
+    **{component: {"config", "distributed"} for component in LEAF_COMPONENTS},
 }
 
 
@@ -81,7 +81,7 @@ EDGES = component_edges()
 
 def test_the_import_scan_sees_the_package() -> None:
     components = {component_of(module_name(path)) for path in source_files()}
-    assert {"config", "dist", "data", "model", "telemetry", "train", "cli"} <= components
+    assert {"config", "distributed", "data", "model", "telemetry", "train", "cli"} <= components
     # Known edges, so a broken scan cannot pass the checks below by finding nothing.
     assert ("train", "data") in EDGES
     assert ("data", "config") in EDGES

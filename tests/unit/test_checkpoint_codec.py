@@ -22,7 +22,7 @@ from steadytrain.checkpoint import (
 from steadytrain.checkpoint.codec import join_tensors, split_tensors
 from steadytrain.checkpoint.protocol import host_buffers_like, snapshot_parts
 from steadytrain.checkpoint.tensorfile import TensorFileError, tensor_file, tensors_from_bytes
-from steadytrain.dist import capture_rng_state, restore_rng_state
+from steadytrain.distributed import capture_rng_state, restore_rng_state
 from steadytrain.train.optim import WarmupCosine
 
 

@@ -13,7 +13,7 @@ import pytest
 from steadytrain.checkpoint import LocalStorage
 from steadytrain.checkpoint.storage import Payload
 from steadytrain.config import ConfigError, load_config
-from steadytrain.dist import start_runtime, stop_runtime
+from steadytrain.distributed import start_runtime, stop_runtime
 from steadytrain.train import TrainState, build_parts
 from steadytrain.train.checkpointer import PeriodicCheckpointer
 from steadytrain.train.checkpointing import check_free_space

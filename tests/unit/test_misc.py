@@ -14,8 +14,13 @@ import torch
 from torch import nn
 
 from steadytrain.config import TrainConfig
-from steadytrain.dist.parallel import GradSyncClock
-from steadytrain.dist.seeding import capture_rng_state, rank_seed, restore_rng_state, seed_all
+from steadytrain.distributed.parallel import GradSyncClock
+from steadytrain.distributed.seeding import (
+    capture_rng_state,
+    rank_seed,
+    restore_rng_state,
+    seed_all,
+)
 from steadytrain.train.optim import WarmupCosine, build_optimizer, build_scheduler
 from steadytrain.train.state import TrainState
 
@@ -184,7 +189,7 @@ def test_exit_process_keeps_buffered_output_and_the_exit_code() -> None:
     """Skipping finalization must not lose what was printed (stdout to a pipe is buffered)."""
     program = (
         "import sys\n"
-        "from steadytrain.dist import exit_process\n"
+        "from steadytrain.distributed import exit_process\n"
         "print('kept', end='')\n"
         "sys.stderr.write('also kept')\n"
         "exit_process(7)\n"

@@ -43,7 +43,7 @@ from steadytrain.checkpoint.tensorfile import (
     tensor_file,
     tensors_from_bytes,
 )
-from steadytrain.dist import broadcast_from_main, gather_from_all
+from steadytrain.distributed import broadcast_from_main, gather_from_all
 
 STATE_FORMAT_VERSION = 1
 TENSOR_SUFFIX = ".safetensors"

@@ -75,7 +75,7 @@ def train(
     if resume_from is not None and no_resume:
         raise ConfigError("--resume-from and --no-resume contradict each other; pick one")
     config = _load(config_path, overrides, run_dir)  # before importing torch: fast errors
-    from steadytrain.dist import exit_with_launcher, launch_local_workers, under_torchrun
+    from steadytrain.distributed import exit_with_launcher, launch_local_workers, under_torchrun
     from steadytrain.train import ResumeRequest, preflight, run_training
 
     if nproc is not None and not under_torchrun():
@@ -103,7 +103,7 @@ def validate(
 ) -> None:
     """Check a config (and its overrides) for a world size without training."""
     config = _load(config_path, overrides, None)
-    from steadytrain.dist import world_size_from_env
+    from steadytrain.distributed import world_size_from_env
     from steadytrain.train import preflight
 
     world_size = nproc or world_size_from_env()
@@ -220,7 +220,7 @@ def main() -> None:
     code = _run_app()
     # A worker of a multi-rank group ends without interpreter finalization (see
     # exit_process: gloo threads outlive the group and can abort a finished run).
-    runtime = sys.modules.get("steadytrain.dist.runtime")  # imported only if torch was
+    runtime = sys.modules.get("steadytrain.distributed.runtime")  # imported only if torch was
     if runtime is not None and runtime.joined_group_of_many():
         runtime.exit_process(code)
     sys.exit(code)

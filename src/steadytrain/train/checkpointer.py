@@ -10,7 +10,7 @@ from typing import Any, Protocol
 from steadytrain.checkpoint import CheckpointStorage, SaveOutcome, prune_checkpoints
 from steadytrain.checkpoint.protocol import PartsSnapshot, host_buffers_like
 from steadytrain.config import Config
-from steadytrain.dist import side_group
+from steadytrain.distributed import side_group
 from steadytrain.train.checkpointing import (
     TrainingSnapshot,
     snapshot_training_state,

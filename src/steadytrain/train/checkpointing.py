@@ -42,7 +42,7 @@ from steadytrain.config import (
     operational_fields,
     usable_storage_options,
 )
-from steadytrain.dist import (
+from steadytrain.distributed import (
     broadcast_from_main,
     capture_rng_state,
     gather_from_all,

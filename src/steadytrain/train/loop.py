@@ -18,7 +18,7 @@ from torch import nn
 from steadytrain.checkpoint import SaveOutcome
 from steadytrain.config import BatchLayout, Config
 from steadytrain.data import GlobalPositionSampler, MicroBatch, StepBatches
-from steadytrain.dist import ParallelModel, Runtime, mean_across_ranks
+from steadytrain.distributed import ParallelModel, Runtime, mean_across_ranks
 from steadytrain.model import LossFn
 from steadytrain.telemetry import (
     ConsoleProgress,

@@ -32,7 +32,7 @@ from steadytrain.data import (
     new_attempt_id,
     validation_batches,
 )
-from steadytrain.dist import (
+from steadytrain.distributed import (
     ParallelModel,
     Runtime,
     barrier,

@@ -1,7 +1,6 @@
 """Torchrun environment, process group, agreed decisions, seeding, the parallel wrapper."""
 
-from steadytrain.dist.launch import exit_with_launcher, launch_local_workers
-from steadytrain.dist.agree import (
+from steadytrain.distributed.agree import (
     any_rank,
     broadcast_from_main,
     first_failure,
@@ -10,8 +9,9 @@ from steadytrain.dist.agree import (
     mean_across_ranks,
     side_group,
 )
-from steadytrain.dist.parallel import GradSyncClock, ParallelModel
-from steadytrain.dist.runtime import (
+from steadytrain.distributed.launch import exit_with_launcher, launch_local_workers
+from steadytrain.distributed.parallel import GradSyncClock, ParallelModel
+from steadytrain.distributed.runtime import (
     Runtime,
     barrier,
     exit_process,
@@ -21,7 +21,7 @@ from steadytrain.dist.runtime import (
     under_torchrun,
     world_size_from_env,
 )
-from steadytrain.dist.seeding import (
+from steadytrain.distributed.seeding import (
     capture_rng_state,
     rank_seed,
     restore_rng_state,

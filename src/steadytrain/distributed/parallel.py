@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from steadytrain.dist.runtime import Runtime
+from steadytrain.distributed.runtime import Runtime
 
 
 class GradSyncClock:

@@ -23,9 +23,7 @@ _AGENT_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher")
 LAUNCHER_PID_VARIABLE = "STEADYTRAIN_LAUNCHER_PID"
 
 
-def launch_local_workers(
-    *, nproc: int, worker_args: Sequence[str], max_restarts: int = 0
-) -> int:
+def launch_local_workers(*, nproc: int, worker_args: Sequence[str], max_restarts: int = 0) -> int:
     """Run ``python -m steadytrain WORKER_ARGS`` as ``nproc`` ranks; return the exit code."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -45,14 +43,14 @@ def launch_local_workers(
         start_method="spawn",
     )
     try:
-        elastic_launch(launch_config, entrypoint=sys.executable)(
-            "-m", "steadytrain", *worker_args
-        )
+        elastic_launch(launch_config, entrypoint=sys.executable)("-m", "steadytrain", *worker_args)
     except ChildFailedError as error:
         code = _exit_code_of(error)
         if code != EXIT_USAGE:
-            print(f"steadytrain: a worker failed (exit code {code}); its output is above",
-                  file=sys.stderr)
+            print(
+                f"steadytrain: a worker failed (exit code {code}); its output is above",
+                file=sys.stderr,
+            )
         return code
     return 0
 

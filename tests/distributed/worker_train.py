@@ -12,7 +12,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from steadytrain.config import load_config
-from steadytrain.dist import barrier, exit_process, start_runtime, stop_runtime
+from steadytrain.distributed import barrier, exit_process, start_runtime, stop_runtime
 from steadytrain.train import TrainState, build_parts, fit
 
 

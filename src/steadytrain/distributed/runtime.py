@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import os
 import sys
@@ -110,10 +111,8 @@ def exit_process(code: int) -> NoReturn:
     """
     atexit._run_exitfuncs()  # what finalization would run first, minus the teardown
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):  # closed or broken pipe: nothing left
             stream.flush()
-        except (OSError, ValueError):  # closed or broken pipe: nothing left to save
-            pass
     os._exit(code)
 
 
@@ -124,10 +123,8 @@ def barrier(*, timeout_s: float | None = None) -> None:
     if timeout_s is None:
         dist.barrier()
         return
-    try:
+    with contextlib.suppress(RuntimeError):  # a peer is gone: nothing left to wait for
         dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
-    except RuntimeError:
-        pass  # a peer is gone: nothing left to wait for
 
 
 def _choose_device_and_backend(config: Config, *, local_rank: int) -> tuple[torch.device, str]:
