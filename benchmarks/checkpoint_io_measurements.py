@@ -23,10 +23,16 @@ import numpy as np
 import torch
 
 from overhead import machine_cpu_ticks, run_logged
-from steadytrain.checkpoint import LocalStorage, Manifest, Payload, read_parts, save_checkpoint
+from steadytrain.checkpoint import (
+    LocalStorage,
+    Manifest,
+    Payload,
+    read_parts,
+    save_checkpoint,
+    snapshot_parts,
+)
 from steadytrain.checkpoint import verify_checkpoint as verify_steadytrain_checkpoint
 from steadytrain.checkpoint.manifest import checksum_of
-from steadytrain.checkpoint.protocol import snapshot_parts
 from steadytrain.config import TrainConfig
 from steadytrain.distributed import capture_rng_state
 from steadytrain.model.gpt import GPT

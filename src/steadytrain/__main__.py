@@ -1,6 +1,6 @@
 """``python -m steadytrain`` (how ``--nproc`` starts its workers)."""
 
-from steadytrain.cli.app import main
+from steadytrain.cli import main
 
 if __name__ == "__main__":
     main()

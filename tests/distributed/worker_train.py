@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from steadytrain.config import load_config
 from steadytrain.distributed import barrier, exit_process, start_runtime, stop_runtime
-from steadytrain.train import TrainState, build_parts, fit
+from steadytrain.train import build_parts, fit
 
 
 def main() -> None:
@@ -22,7 +22,7 @@ def main() -> None:
     runtime = start_runtime(config)
     try:
         parts = build_parts(config, runtime)
-        fit(parts, TrainState())
+        fit(parts)
         weights = {
             name: tensor.detach().contiguous()
             for name, tensor in parts.model.unwrapped.state_dict().items()

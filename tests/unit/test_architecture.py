@@ -124,3 +124,55 @@ def test_nothing_in_src_imports_tests() -> None:
         for path in source_files()
     }
     assert {name: found for name, found in offenders.items() if found} == {}
+
+
+def imported_names(path: Path) -> list[tuple[str, str | None]]:
+    """``(module, name)`` for every import in ``path``; name is None for ``import module``."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: list[tuple[str, str | None]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.extend((alias.name, None) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.extend((node.module, alias.name) for alias in node.names)
+    return found
+
+
+def exported_names(component: str) -> set[str]:
+    init = PACKAGE_DIR / component / "__init__.py"
+    tree = ast.parse(init.read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(target, ast.Name) and target.id == "__all__" for target in node.targets
+        ):
+            return set(ast.literal_eval(node.value))
+    return set()
+
+
+def internal_imports() -> dict[str, list[str]]:
+    """Per file, what it imports from another component other than that component's exports."""
+    offenders: dict[str, list[str]] = {}
+    for path in source_files():
+        source = component_of(module_name(path))
+        for module, name in imported_names(path):
+            parts = module.split(".")
+            if parts[0] != PACKAGE or len(parts) < 2 or parts[1] == source:
+                continue
+            target = parts[1]
+            if len(parts) > 2:
+                offenders.setdefault(str(path.relative_to(PACKAGE_DIR)), []).append(module)
+            elif name is not None and name not in exported_names(target):
+                offenders.setdefault(str(path.relative_to(PACKAGE_DIR)), []).append(
+                    f"{module}.{name}"
+                )
+    return offenders
+
+
+def test_the_export_scan_sees_exports() -> None:
+    assert "restore_checkpoint" in exported_names("checkpoint")
+    assert "ParallelModel" in exported_names("distributed")
+
+
+def test_only_exported_names_are_imported_across_components() -> None:
+    # A package's internals stay inside it (STYLE rule 14): others use its __init__ exports.
+    assert internal_imports() == {}

@@ -17,10 +17,11 @@ from steadytrain.checkpoint import (
     ManifestError,
     decode_parts,
     encode_parts,
+    host_buffers_like,
     rank_stem,
+    snapshot_parts,
 )
 from steadytrain.checkpoint.codec import join_tensors, split_tensors
-from steadytrain.checkpoint.protocol import host_buffers_like, snapshot_parts
 from steadytrain.checkpoint.tensorfile import TensorFileError, tensor_file, tensors_from_bytes
 from steadytrain.distributed import capture_rng_state, restore_rng_state
 from steadytrain.train.optim import WarmupCosine

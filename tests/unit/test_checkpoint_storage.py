@@ -1,6 +1,6 @@
 """Checkpoint manifest, local storage, commit protocol, verification and inspection.
 
-Single process: the collectives in ``checkpoint.protocol`` are no-ops without a process group.
+Single process: the collectives of saving and loading are no-ops without a process group.
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ from steadytrain.checkpoint import (
     ManifestError,
     SaveOutcome,
     checkpoint_name,
+    checkpoint_storage,
     decode_parts,
     encode_parts,
     find_restorable,
+    inspect_checkpoints,
     prune_checkpoints,
     rank_stem,
     read_parts,
@@ -34,8 +36,8 @@ from steadytrain.checkpoint import (
     step_of,
     verify_checkpoint,
 )
-from steadytrain.checkpoint import storage as storage_module
 from steadytrain.checkpoint.manifest import checksum_of
+from steadytrain.checkpoint.storage import READ_CHUNK_BYTES
 from steadytrain.config import (
     Config,
     ConfigError,
@@ -45,8 +47,6 @@ from steadytrain.config import (
     load_config,
     operational_fields,
 )
-from steadytrain.train.checkpointing import open_storage
-from steadytrain.train.inspection import inspect_checkpoints
 from tests.helpers import TINY_CONFIG, RecordingEvents
 
 # --- manifest ----------------------------------------------------------------------------------
@@ -418,23 +418,23 @@ def test_find_restorable_without_reading_files_checks_manifests_and_sizes(tmp_pa
 
 @pytest.mark.parametrize("parallel", [False, True], ids=["one-thread", "threads"])
 def test_read_into_fills_buffers_and_reports_data_in_file_order(
-    tmp_path: Path, parallel: bool, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, parallel: bool
 ) -> None:
-    if parallel:
-        monkeypatch.setattr(storage_module, "PARALLEL_READ_BYTES", 0)
+    # Reads of at least parallel_read_bytes go to read_threads threads.
+    storage = LocalStorage(tmp_path, read_threads=3, parallel_read_bytes=0 if parallel else 2**40)
     data = bytes(range(256)) * (20 * 2**20 // 256 + 7)  # three pieces and a bit
     (tmp_path / "step_00000001").mkdir()
     (tmp_path / "step_00000001" / "blob").write_bytes(b"HEAD" + data)
     buffers = [memoryview(bytearray(n)) for n in (5, 9 * 2**20, len(data) - 9 * 2**20 - 5)]
     seen: list[bytes] = []
 
-    LocalStorage(tmp_path).read_into(
+    storage.read_into(
         "step_00000001", "blob", buffers, offset=4, on_data=lambda view: seen.append(bytes(view))
     )
 
     assert b"".join(bytes(buffer) for buffer in buffers) == data
     assert b"".join(seen) == data
-    assert max(len(piece) for piece in seen) <= storage_module.READ_CHUNK_BYTES
+    assert max(len(piece) for piece in seen) <= READ_CHUNK_BYTES
     assert LocalStorage(tmp_path).read_range("step_00000001", "blob", 2, 4) == b"AD\x00\x01"
 
 
@@ -579,7 +579,7 @@ def test_inspect_checkpoints_reports_good_corrupt_foreign_and_uncommitted(
 ) -> None:
     run_dir = tmp_path / "run"
     config = make_run_dir(run_dir)
-    storage = open_storage(config)
+    storage = checkpoint_storage(config)
     for step in (2, 4, 6):
         save(storage, step, manifest=config_manifest(config, step))
     other_seed = load_config(TINY_CONFIG, overrides=[f"run_dir={run_dir}", "seed=99"])
@@ -611,7 +611,7 @@ def test_inspect_checkpoints_of_a_relative_numeric_run_dir(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     config = make_run_dir(tmp_path / "2024", run_dir_setting="2024")
-    save(open_storage(config), 1, manifest=config_manifest(config, 1))
+    save(checkpoint_storage(config), 1, manifest=config_manifest(config, 1))
 
     (status,) = inspect_checkpoints(Path("2024"), verify=True)
 
@@ -625,13 +625,13 @@ def test_inspect_checkpoints_needs_a_run_dir(tmp_path: Path) -> None:
 
 def test_open_storage_defaults_to_the_run_dir(tmp_path: Path) -> None:
     config = load_config(TINY_CONFIG, overrides=[f"run_dir={tmp_path}"])
-    storage = open_storage(config)
+    storage = checkpoint_storage(config)
     assert isinstance(storage, LocalStorage)
     assert storage.root == tmp_path / "checkpoints"
 
     uri = f"file://{tmp_path / 'elsewhere'}"
     config = load_config(TINY_CONFIG, overrides=[f"run_dir={tmp_path}", f"checkpoint.uri={uri}"])
-    assert open_storage(config).describe("step_00000001") == str(
+    assert checkpoint_storage(config).describe("step_00000001") == str(
         tmp_path / "elsewhere" / "step_00000001"
     )
 
@@ -640,10 +640,10 @@ def test_open_storage_opens_object_stores_and_refuses_unknown_ones(tmp_path: Pat
     from steadytrain.checkpoint.object_store import ObjectStorage
 
     config = load_config(TINY_CONFIG, overrides=["checkpoint.uri=memory://bucket/checkpoints"])
-    assert isinstance(open_storage(config), ObjectStorage)
+    assert isinstance(checkpoint_storage(config), ObjectStorage)
     unknown = load_config(TINY_CONFIG, overrides=["checkpoint.uri=nosuchproto://bucket/x"])
     with pytest.raises(ConfigError, match=r"checkpoint\.uri"):
-        open_storage(unknown)
+        checkpoint_storage(unknown)
 
 
 def test_a_storage_root_that_does_not_exist_yet_lists_nothing(tmp_path: Path) -> None:

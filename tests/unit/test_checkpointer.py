@@ -1,5 +1,5 @@
 """Checkpointing with real parts in a group of one: when saves happen, that an asynchronous
-save never has a second one in flight, and the space pre-flight."""
+save in flight is never overwritten by the next one, and the space pre-flight."""
 
 from __future__ import annotations
 
@@ -9,14 +9,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
-from steadytrain.checkpoint import LocalStorage
-from steadytrain.checkpoint.storage import Payload
+from steadytrain.checkpoint import (
+    MANIFEST_NAME,
+    LocalStorage,
+    Payload,
+    PeriodicCheckpointer,
+    check_free_space,
+    take_snapshot,
+    write_snapshot,
+)
 from steadytrain.config import ConfigError, load_config
 from steadytrain.distributed import start_runtime, stop_runtime
-from steadytrain.train import TrainState, build_parts
-from steadytrain.train.checkpointer import PeriodicCheckpointer
-from steadytrain.train.checkpointing import check_free_space
+from steadytrain.train import TrainingParts, build_parts, checkpoint_contents
 from tests.helpers import TINY_CONFIG, RecordingEvents
 
 
@@ -33,7 +39,7 @@ class GatedStorage:
     def write_file(self, location: str, filename: str, payload: Payload) -> None:
         self.log.append(f"write {Path(location).name}/{filename}")
         self.first_write_started.set()
-        assert self.release.wait(timeout=60), "the test never released the save"
+        assert self.release.wait(timeout=120), "the test never released the save"
         self._local.write_file(location, filename, payload)
 
     def commit(self, location: str, name: str, manifest: bytes) -> None:
@@ -48,12 +54,12 @@ class GatedStorage:
 def make_parts(small_overrides: list[str], tmp_path: Path) -> Iterator[Callable[..., Any]]:
     """Real training parts in a group of one, built from the small test config plus ``extra``."""
 
-    def make(*extra: str) -> Any:
+    def make(*extra: str) -> TrainingParts:
         config = load_config(
             TINY_CONFIG, overrides=[*small_overrides, f"run_dir={tmp_path / 'run'}", *extra]
         )
         built = build_parts(config, start_runtime(config))
-        built.events = RecordingEvents()
+        built.events = RecordingEvents()  # type: ignore[assignment]
         return built
 
     try:
@@ -62,33 +68,80 @@ def make_parts(small_overrides: list[str], tmp_path: Path) -> Iterator[Callable[
         stop_runtime()
 
 
-def test_async_save_waits_for_the_one_in_flight(make_parts: Any, tmp_path: Path) -> None:
+def contents_of(parts: TrainingParts) -> Any:
+    return checkpoint_contents(
+        model=parts.model.unwrapped,
+        optimizer=parts.optimizer,
+        scheduler=parts.scheduler,
+        sampler=parts.sampler,
+        state=parts.state,
+    )
+
+
+def checkpointer_over(storage: Any, parts: TrainingParts) -> PeriodicCheckpointer:
+    return PeriodicCheckpointer(
+        storage, contents_of(parts), identity=parts.identity, rank=0, events=parts.events
+    )
+
+
+def save_synchronously(root: Path, parts: TrainingParts) -> Path:
+    """The state of ``parts`` as a synchronous save writes it: the reference to compare with."""
+    storage = LocalStorage(root)
+    snapshot = take_snapshot(
+        contents_of(parts),
+        rank=0,
+        manifest=parts.identity.manifest(step=parts.state.step),
+        copy=True,
+    )
+    outcome = write_snapshot(storage, snapshot, events=RecordingEvents())
+    assert outcome.committed, outcome
+    return Path(outcome.location)
+
+
+def state_files(checkpoint: Path) -> dict[str, bytes]:
+    """A checkpoint's files but the manifest (which holds the time of the save)."""
+    return {
+        path.name: path.read_bytes()
+        for path in sorted(checkpoint.iterdir())
+        if path.name != MANIFEST_NAME
+    }
+
+
+def test_an_async_save_in_flight_is_never_overwritten_by_the_next(
+    make_parts: Any, tmp_path: Path
+) -> None:
     parts = make_parts("checkpoint.every_steps=1", "checkpoint.async_save=true")
     storage = GatedStorage(tmp_path / "checkpoints")
-    checkpointer = PeriodicCheckpointer(storage, parts.config, is_main=True)
-    state = TrainState()
-    state.commit_step(num_samples=8, num_tokens=8)
+    checkpointer = checkpointer_over(storage, parts)
+    parts.state.commit_step(num_samples=8, num_tokens=8)
+    reference_1 = save_synchronously(tmp_path / "reference", parts)
 
-    assert checkpointer.after_step(parts, state, final=False) is None  # step 1: in flight
+    assert checkpointer.after_step(step=1, final=False) is None  # step 1: in flight, held
     assert storage.first_write_started.wait(timeout=60)
-
-    state.commit_step(num_samples=8, num_tokens=8)
+    # Training goes on: the weights change in place, and step 2 is due.
+    with torch.no_grad():
+        for parameter in parts.model.unwrapped.parameters():
+            parameter.add_(1.0)
+    parts.state.commit_step(num_samples=8, num_tokens=8)
     outcomes: list[Any] = []
     second = threading.Thread(
-        target=lambda: outcomes.append(checkpointer.after_step(parts, state, final=False))
+        target=lambda: outcomes.append(checkpointer.after_step(step=2, final=False))
     )
     second.start()
-    second.join(timeout=0.5)
-    # Step 2 is due but step 1's write is held: the second save must not start.
-    assert second.is_alive(), "a second save started while one was in flight"
-    assert all("step_00000002" not in entry for entry in storage.log), storage.log
-
+    # A second snapshot taken now would copy into the buffers step 1 is written from; give
+    # it the chance before letting step 1's write go on. The verdict is in the files below.
+    second.join(timeout=2)
     storage.release.set()
     second.join(timeout=60)
     last = checkpointer.finish()
 
     assert outcomes[0] is not None and outcomes[0].step == 1 and outcomes[0].committed
     assert last is not None and last.step == 2 and last.committed, last
+    committed_1 = tmp_path / "checkpoints" / "step_00000001"
+    assert state_files(committed_1) == state_files(reference_1), "step 1 was overwritten"
+    reference_2 = save_synchronously(tmp_path / "reference-2", parts)
+    assert state_files(Path(last.location)) == state_files(reference_2)
+    assert state_files(reference_2) != state_files(reference_1)  # the change is visible
     first_of_step_2 = next(i for i, entry in enumerate(storage.log) if "step_00000002" in entry)
     assert storage.log.index("commit step_00000001") < first_of_step_2, storage.log
 
@@ -96,16 +149,16 @@ def test_async_save_waits_for_the_one_in_flight(make_parts: Any, tmp_path: Path)
 def test_saves_only_on_due_steps_and_not_twice(make_parts: Any, tmp_path: Path) -> None:
     parts = make_parts("checkpoint.every_steps=3", "checkpoint.keep_last=2")
     storage = LocalStorage(tmp_path / "checkpoints")
-    checkpointer = PeriodicCheckpointer(storage, parts.config, is_main=True)
-    state = TrainState()
+    checkpointer = checkpointer_over(storage, parts)
     outcomes = []
     for _ in range(7):
-        state.commit_step(num_samples=8, num_tokens=8)
-        outcome = checkpointer.after_step(parts, state, final=state.step == 7)
+        parts.state.commit_step(num_samples=8, num_tokens=8)
+        step = parts.state.step
+        outcome = checkpointer.after_step(step=step, final=step == 7)
         if outcome is not None:
             outcomes.append(outcome)
     # The final step is saved once, even when asked again.
-    assert checkpointer.after_step(parts, state, final=True) is None
+    assert checkpointer.after_step(step=7, final=True) is None
     assert [outcome.step for outcome in outcomes] == [3, 6, 7]
     assert all(outcome.committed for outcome in outcomes)
     assert outcomes[-1].pruned == ["step_00000003"]  # keep_last=2
@@ -124,14 +177,13 @@ class SizedStorage(GatedStorage):
 
 
 def test_preflight_refuses_below_two_checkpoints_and_warns_below_keep_last(
-    make_parts: Any, tmp_path: Path
+    tmp_path: Path,
 ) -> None:
-    parts = make_parts("checkpoint.every_steps=1", "checkpoint.keep_last=3")
-    parameters = parts.model.unwrapped.parameters()
-    estimate = 3 * sum(p.numel() * p.element_size() for p in parameters) + 2**20
+    estimate = 10 * 2**20
 
     def verdict(free: int) -> str | None:
-        return check_free_space(SizedStorage(tmp_path, free=free), parts)
+        storage = SizedStorage(tmp_path, free=free)
+        return check_free_space(storage, checkpoint_bytes=estimate, keep_last=3)
 
     with pytest.raises(ConfigError, match="less than two checkpoints"):
         verdict(2 * estimate - 1)

@@ -51,7 +51,6 @@ def train_attempt(
             attempt=attempt,
             rank=rank,
             world_size=world_size,
-            start_step=start_step,
             num_samples=NUM_SAMPLES,
             global_batch_size=GLOBAL_BATCH,
             seed=SEED,
@@ -134,6 +133,28 @@ def test_restart_supersedes_rolled_back_steps(tmp_path: Path) -> None:
     assert [epoch.complete for epoch in report.epochs] == [True, True, False]
 
 
+def test_an_attempt_starts_at_its_first_step_recorded_on_any_rank(tmp_path: Path) -> None:
+    # Attempt 2 resumes at step 10, but rank 0 dies before recording anything: rank 1's
+    # records alone say where it started, so attempt 1's steps 10..13 are rolled back by it,
+    # and attempt 3 (from step 10 again) rolls back attempt 2's in turn.
+    def rank0_lost(step: int, rank: int, ids: list[int]) -> list[int] | None:
+        return None if rank == 0 else ids
+
+    train_attempt(tmp_path, world_size=2, start_step=0, end_step=14)
+    train_attempt(tmp_path, world_size=2, start_step=10, end_step=14, tamper=rank0_lost)
+    train_attempt(tmp_path, world_size=2, start_step=10, end_step=20)
+    report = audit_ledger(tmp_path)
+    assert report.problems == []
+    assert report.num_steps == 20
+
+    # Without attempt 3, attempt 2's half-recorded steps are what counts from step 10.
+    only_two = tmp_path / "two"
+    train_attempt(only_two, world_size=2, start_step=0, end_step=14)
+    train_attempt(only_two, world_size=2, start_step=10, end_step=14, tamper=rank0_lost)
+    problems = audit_ledger(only_two).problems
+    assert "step 10: 6 samples recorded, expected 12" in problems, problems
+
+
 def test_restart_in_the_previous_epoch_supersedes_across_the_boundary(tmp_path: Path) -> None:
     train_attempt(tmp_path, world_size=3, start_step=0, end_step=11)
     train_attempt(tmp_path, world_size=2, start_step=6, end_step=9)
@@ -205,7 +226,6 @@ def test_ledger_refuses_a_run_dir_recorded_with_other_settings(tmp_path: Path) -
             attempt=new_attempt_id(),
             rank=0,
             world_size=2,
-            start_step=2,
             num_samples=NUM_SAMPLES,
             global_batch_size=24,
             seed=SEED,

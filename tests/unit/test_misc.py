@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import random
 import subprocess
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from steadytrain.config import TrainConfig
 from steadytrain.distributed.parallel import GradSyncClock
@@ -21,7 +23,12 @@ from steadytrain.distributed.seeding import (
     restore_rng_state,
     seed_all,
 )
-from steadytrain.train.optim import WarmupCosine, build_optimizer, build_scheduler
+from steadytrain.train.optim import (
+    WarmupCosine,
+    apply_hyperparameters,
+    build_optimizer,
+    build_scheduler,
+)
 from steadytrain.train.state import TrainState
 
 # --- WarmupCosine ------------------------------------------------------------------------------
@@ -62,10 +69,48 @@ def test_scheduler_drives_the_optimizer_lr() -> None:
         scheduler.step()
     assert seen[:3] == pytest.approx([0.25, 0.5, 0.5])
     assert seen[6:] == pytest.approx([0.1, 0.1])
-    # The schedule survives a scheduler state round trip.
-    restored = build_scheduler(build_optimizer(model, train), train)
-    restored.load_state_dict(scheduler.state_dict())
-    assert restored.last_epoch == scheduler.last_epoch
+
+
+def next_lrs(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, count: int
+) -> list[float]:
+    """The learning rates of the next ``count`` optimizer steps, stepping both."""
+    lrs = []
+    for _ in range(count):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def test_a_restored_scheduler_continues_the_schedule_exactly() -> None:
+    train = TrainConfig(lr=0.5, warmup_steps=2, max_steps=6, min_lr_ratio=0.2)
+    longer = TrainConfig(lr=0.5, warmup_steps=2, max_steps=12, min_lr_ratio=0.2)
+    model = nn.Linear(3, 2)
+    optimizer = build_optimizer(model, train)
+    scheduler = build_scheduler(optimizer, train)
+    next_lrs(optimizer, scheduler, 4)
+    # Resumed with a longer run: the decay re-spans from step 4, which only the schedule's own
+    # state records; last_epoch alone cannot tell it apart from a run built with 12 steps.
+    apply_hyperparameters(optimizer, scheduler, longer, changed={"train.max_steps": 12})
+    next_lrs(optimizer, scheduler, 1)
+    saved = copy.deepcopy((optimizer.state_dict(), scheduler.state_dict()))
+
+    def rebuilt(scheduler_state: dict) -> tuple[torch.optim.Optimizer, LambdaLR]:
+        fresh_optimizer = build_optimizer(model, longer)  # as the next resume builds them
+        fresh_scheduler = build_scheduler(fresh_optimizer, longer)
+        fresh_optimizer.load_state_dict(copy.deepcopy(saved[0]))
+        fresh_scheduler.load_state_dict(copy.deepcopy(scheduler_state))
+        return fresh_optimizer, fresh_scheduler
+
+    continuing = next_lrs(optimizer, scheduler, 6)
+    restored = next_lrs(*rebuilt(saved[1]), 6)
+    # LambdaLR skips a None entry: everything restored but the schedule's own state.
+    schedule_not_restored = next_lrs(*rebuilt({**saved[1], "lr_lambdas": [None]}), 6)
+
+    assert all(later < earlier for earlier, later in itertools.pairwise(continuing)), continuing
+    assert restored == continuing
+    assert schedule_not_restored != continuing
 
 
 def test_weight_decay_applies_to_matrices_only() -> None:

@@ -52,6 +52,9 @@ class Manifest:
     global_batch_size: int
     versions: dict[str, str]
     operational: dict[str, Any] = field(default_factory=dict)
+    # Identity changes allowed with --allow-change during this run's history, oldest first:
+    # {"step": resumed at, "field": dotted name, "old": value, "new": value}.
+    identity_overrides: list[dict[str, Any]] = field(default_factory=list)
     files: dict[str, FileEntry] = field(default_factory=dict)
     format: str = MANIFEST_FORMAT
     version: int = MANIFEST_VERSION
@@ -87,6 +90,7 @@ class Manifest:
                 global_batch_size=int(payload["global_batch_size"]),
                 versions=dict(payload["versions"]),
                 operational=dict(payload.get("operational", {})),
+                identity_overrides=[dict(item) for item in payload.get("identity_overrides", [])],
                 files=files,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as error:

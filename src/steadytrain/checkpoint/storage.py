@@ -21,11 +21,6 @@ from typing import Protocol
 from steadytrain.checkpoint.manifest import MANIFEST_NAME, step_of
 
 READ_CHUNK_BYTES = 8 * 2**20
-# Reads in flight for one large file: one per core this process may use, 2 to 8.
-READ_THREADS = max(
-    2,
-    min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2),
-)
 PARALLEL_READ_BYTES = 64 * 2**20  # smaller reads stay in the calling thread
 HAVE_PREADV = hasattr(os, "preadv")  # Linux and the BSDs; elsewhere one thread, os.pread
 
@@ -128,11 +123,33 @@ class CheckpointStorage(Protocol):
         ...
 
 
-class LocalStorage:
-    """Checkpoints as directories under ``root`` on a local or shared POSIX file system."""
+def default_read_threads() -> int:
+    """Reads in flight for one large file: one per core this process may use, 2 to 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2
+    return max(2, min(8, cores))
 
-    def __init__(self, root: Path) -> None:
+
+class LocalStorage:
+    """Checkpoints as directories under ``root`` on a local or shared POSIX file system.
+
+    Args:
+        root: the directory that holds the ``step_*`` directories.
+        read_threads: reads in flight for one large file (default: one per usable core,
+            2 to 8).
+        parallel_read_bytes: reads at least this large go to the threads; smaller ones stay
+            in the calling thread.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        read_threads: int | None = None,
+        parallel_read_bytes: int = PARALLEL_READ_BYTES,
+    ) -> None:
         self.root = root
+        self.read_threads = read_threads or default_read_threads()
+        self.parallel_read_bytes = parallel_read_bytes
 
     def staging_location(self, name: str, *, token: str) -> str:
         staging = self.root / f".{name}.partial-{token}"
@@ -196,7 +213,7 @@ class LocalStorage:
         offset: int = 0,
         on_data: Callable[[memoryview], None] | None = None,
     ) -> None:
-        """Large reads go in ``READ_CHUNK_BYTES`` pieces to ``READ_THREADS`` threads.
+        """Large reads go in ``READ_CHUNK_BYTES`` pieces to ``read_threads`` threads.
 
         Several reads in flight keep a fast disk busy, and on a fresh buffer much of a read's
         cost is faulting in the destination pages, which then happens on several cores.
@@ -213,11 +230,11 @@ class LocalStorage:
                 raise SizeMismatch(f"{path}: {relation} than its manifest says")
             pieces = list(_pieces(buffers, offset))
             read = functools.partial(_read_piece, handle.fileno(), path)
-            if expected - offset < PARALLEL_READ_BYTES or not HAVE_PREADV:
+            if expected - offset < self.parallel_read_bytes or not HAVE_PREADV:
                 for piece in pieces:
                     deliver(read(piece))
                 return
-            pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="steadytrain-read")
+            pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="steadytrain-read")
             try:
                 for view in pool.map(read, pieces):  # in order, as each completes
                     deliver(view)

@@ -7,8 +7,9 @@ import os
 import signal
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -19,6 +20,7 @@ from steadytrain.config import (
     Config,
     ConfigError,
     UserError,
+    check_allowed_changes,
     load_config,
 )
 
@@ -52,6 +54,16 @@ def _load(config_path: Path, overrides: list[str] | None, run_dir: Path | None) 
     return load_config(config_path, overrides=settings)
 
 
+AllowChangeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--allow-change",
+        help="Resume although this identity field differs from the checkpoint's, e.g. "
+        "--allow-change train.max_steps to train a run for longer (repeatable).",
+    ),
+]
+
+
 @app.command()
 def train(
     config_path: ConfigArg,
@@ -67,6 +79,7 @@ def train(
     no_resume: Annotated[
         bool, typer.Option("--no-resume", help="Start fresh even if checkpoints exist.")
     ] = False,
+    allow_changes: AllowChangeOpt = None,
 ) -> None:
     """Train: as a torchrun worker, alone, or as the launcher of --nproc local workers.
 
@@ -75,8 +88,10 @@ def train(
     if resume_from is not None and no_resume:
         raise ConfigError("--resume-from and --no-resume contradict each other; pick one")
     config = _load(config_path, overrides, run_dir)  # before importing torch: fast errors
+    allowed = check_allowed_changes(config, allow_changes or [])
+    from steadytrain.checkpoint import ResumeRequest
     from steadytrain.distributed import exit_with_launcher, launch_local_workers, under_torchrun
-    from steadytrain.train import ResumeRequest, preflight, run_training
+    from steadytrain.train import preflight, run_training
 
     if nproc is not None and not under_torchrun():
         for line in preflight(config, world_size=nproc, prepare_corpus=True):
@@ -86,13 +101,30 @@ def train(
             worker_args += ["--resume-from", resume_from]
         if no_resume:
             worker_args.append("--no-resume")
+        for field in allowed:
+            worker_args += ["--allow-change", field]
         raise typer.Exit(launch_local_workers(nproc=nproc, worker_args=worker_args))
     if nproc is not None:
         typer.echo(
             "steadytrain: --nproc is ignored inside torchrun (it sets the world size)", err=True
         )
     exit_with_launcher()
-    run_training(config, resume=ResumeRequest(enabled=not no_resume, from_path=resume_from))
+    request = ResumeRequest(enabled=not no_resume, from_path=resume_from, allow_changes=allowed)
+    code = _exit_code_of(lambda: run_training(config, resume=request))
+    _end_worker(code)
+
+
+def _end_worker(code: int) -> NoReturn:
+    """End a training process with ``code``.
+
+    A worker of a multi-rank group ends without interpreter finalization (see
+    ``exit_process``: gloo threads outlive the group and can abort a finished run).
+    """
+    from steadytrain.distributed import exit_process, joined_group_of_many
+
+    if joined_group_of_many():
+        exit_process(code)
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -166,7 +198,7 @@ def data_prepare(
 @checkpoints_app.command("list")
 def checkpoints_list(run_dir: RunDirArg) -> None:
     """List checkpoints with step, time, size and world size (manifests only, fast)."""
-    from steadytrain.train import inspect_checkpoints
+    from steadytrain.checkpoint import inspect_checkpoints
 
     statuses = inspect_checkpoints(run_dir, verify=False)
     if not statuses:
@@ -179,7 +211,7 @@ def checkpoints_list(run_dir: RunDirArg) -> None:
 @checkpoints_app.command("verify")
 def checkpoints_verify(run_dir: RunDirArg) -> None:
     """Recompute every checksum and check compatibility with the run's config.yaml."""
-    from steadytrain.train import inspect_checkpoints
+    from steadytrain.checkpoint import inspect_checkpoints
 
     statuses = inspect_checkpoints(run_dir, verify=True)
     for status in statuses:
@@ -217,19 +249,13 @@ def _passthrough(overrides: list[str] | None, run_dir: Path | None) -> list[str]
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and their exit code."""
-    code = _run_app()
-    # A worker of a multi-rank group ends without interpreter finalization (see
-    # exit_process: gloo threads outlive the group and can abort a finished run).
-    runtime = sys.modules.get("steadytrain.distributed.runtime")  # imported only if torch was
-    if runtime is not None and runtime.joined_group_of_many():
-        runtime.exit_process(code)
-    sys.exit(code)
+    sys.exit(_exit_code_of(app))  # typer reports usage errors with exit code 2
 
 
-def _run_app() -> int:
-    """Run the typer app; return the exit code (tracebacks printed as Python prints them)."""
+def _exit_code_of(run: Callable[[], object]) -> int:
+    """Run ``run``; return the exit code (tracebacks printed as Python prints them)."""
     try:
-        app()  # exits itself; typer reports usage errors with exit code 2
+        run()
     except SystemExit as exiting:
         return _exit_code(exiting.code)
     except UserError as error:

@@ -12,6 +12,7 @@ from steadytrain.config.errors import (
     UserError,
 )
 from steadytrain.config.load import (
+    check_allowed_changes,
     config_from_dict,
     dump_config,
     identity_differences,
@@ -21,6 +22,7 @@ from steadytrain.config.load import (
     operational_fields,
 )
 from steadytrain.config.models import (
+    DEFAULT_MODEL_FACTORY,
     BatchLayout,
     CheckpointConfig,
     Config,
@@ -33,8 +35,10 @@ from steadytrain.config.models import (
     redact_secrets,
     usable_storage_options,
 )
+from steadytrain.config.references import resolve_callable
 
 __all__ = [
+    "DEFAULT_MODEL_FACTORY",
     "EXIT_AUDIT_FAILED",
     "EXIT_CHECKPOINT_BAD",
     "EXIT_INTERNAL",
@@ -53,6 +57,7 @@ __all__ = [
     "TrainConfig",
     "UserError",
     "batch_layout",
+    "check_allowed_changes",
     "config_from_dict",
     "dump_config",
     "identity_differences",
@@ -61,5 +66,6 @@ __all__ = [
     "load_config",
     "operational_fields",
     "redact_secrets",
+    "resolve_callable",
     "usable_storage_options",
 ]

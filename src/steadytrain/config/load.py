@@ -89,6 +89,27 @@ def _fields(config: BaseModel, *, identity: bool, prefix: str) -> dict[str, Any]
     return found
 
 
+def check_allowed_changes(config: Config, fields: list[str]) -> tuple[str, ...]:
+    """The identity fields that ``--allow-change`` names, checked and without repeats.
+
+    Raises:
+        ConfigError: a name that is not an identity field of the config.
+    """
+    identity, operational = identity_fields(config), operational_fields(config)
+    for field in fields:
+        if field in operational:
+            raise ConfigError(
+                f"--allow-change {field}: not an identity field; operational fields may change "
+                "on resume without it"
+            )
+        if field not in identity:
+            raise ConfigError(
+                f"--allow-change {field}: no such identity field; identity fields are "
+                + ", ".join(sorted(identity))
+            )
+    return tuple(dict.fromkeys(fields))
+
+
 def identity_fingerprint(config: Config) -> str:
     """A short stable hash of the identity fields: equal iff the run's math is equal."""
     canonical = json.dumps(identity_fields(config), sort_keys=True, separators=(",", ":"))

@@ -22,7 +22,13 @@ from steadytrain.data.sampler import (
     epoch_permutation,
     rank_micro_batch_offsets,
 )
-from steadytrain.data.shards import ShardIndex, prepare_shards, read_index
+from steadytrain.data.shards import (
+    ShardIndex,
+    is_prepared,
+    prepare_shards,
+    read_index,
+    resolve_source_files,
+)
 
 __all__ = [
     "AuditReport",
@@ -40,10 +46,12 @@ __all__ = [
     "build_datasets",
     "ensure_corpus",
     "epoch_permutation",
+    "is_prepared",
     "new_attempt_id",
     "prepare_shards",
     "prepared_corpus_dir",
     "rank_micro_batch_offsets",
     "read_index",
+    "resolve_source_files",
     "validation_batches",
 ]

@@ -12,8 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from steadytrain.config import Config, DataConfig, DataError
-from steadytrain.config.references import resolve_callable
+from steadytrain.config import Config, DataConfig, DataError, resolve_callable
 from steadytrain.data.shards import (
     SHARD_FORMAT_VERSION,
     ShardFile,

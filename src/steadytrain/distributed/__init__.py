@@ -22,6 +22,7 @@ from steadytrain.distributed.runtime import (
     world_size_from_env,
 )
 from steadytrain.distributed.seeding import (
+    ProcessRng,
     capture_rng_state,
     rank_seed,
     restore_rng_state,
@@ -32,6 +33,7 @@ from steadytrain.distributed.seeding import (
 __all__ = [
     "GradSyncClock",
     "ParallelModel",
+    "ProcessRng",
     "Runtime",
     "any_rank",
     "barrier",

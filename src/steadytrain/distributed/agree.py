@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+import datetime
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
 
 T = TypeVar("T")
 
@@ -35,7 +37,7 @@ def max_across_ranks(values: torch.Tensor) -> torch.Tensor:
     return reduced
 
 
-def broadcast_from_main(value: T, *, group: Any = None) -> T:
+def broadcast_from_main(value: T, *, group: ProcessGroup | None = None) -> T:
     """Rank 0's ``value`` on every rank of ``group`` (a collective: all must call)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return value
@@ -56,7 +58,7 @@ def first_failure(message: str | None) -> tuple[int, str] | None:
     return None
 
 
-def gather_from_all(value: T, *, group: Any = None) -> list[T]:
+def gather_from_all(value: T, *, group: ProcessGroup | None = None) -> list[T]:
     """Every rank's ``value``, in rank order, on every rank (a collective: all must call)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return [value]
@@ -65,13 +67,15 @@ def gather_from_all(value: T, *, group: Any = None) -> list[T]:
     return gathered
 
 
-def side_group() -> Any:
+def side_group(*, timeout_s: float) -> ProcessGroup | None:
     """A second gloo group, for collectives issued from a background thread.
 
     Collectives on one group must be issued in the same order on every rank; a background
     thread (e.g. an async checkpoint commit) gets its own group so it never interleaves with
-    the training loop's. A collective: every rank must create it, in the same order.
+    the training loop's. Its collectives give up after ``timeout_s`` (``dist.timeout_s``), so
+    a dead peer cannot hold the thread for the backend's default. A collective: every rank
+    must create it, in the same order.
     """
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return None
-    return dist.new_group(backend="gloo")
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))

@@ -59,3 +59,13 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         # CUDA_VISIBLE_DEVICES), and setting a state on a device that is not there raises.
         for index, device_state in enumerate(state["torch_cuda"][: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(device_state, index)
+
+
+class ProcessRng:
+    """This process's RNG streams as a resumable object (``state_dict`` / ``load_state_dict``)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return capture_rng_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        restore_rng_state(state)

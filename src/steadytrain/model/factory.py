@@ -9,9 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from steadytrain.config import Config, FactoryError
-from steadytrain.config.models import DEFAULT_MODEL_FACTORY
-from steadytrain.config.references import resolve_callable
+from steadytrain.config import DEFAULT_MODEL_FACTORY, Config, FactoryError, resolve_callable
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 

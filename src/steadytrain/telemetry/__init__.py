@@ -1,6 +1,12 @@
 """Phase timers, metric and event sinks, progress display and the run summary."""
 
-from steadytrain.telemetry.progress import ConsoleProgress, IntervalStats, interval_record
+from steadytrain.telemetry.progress import (
+    ConsoleProgress,
+    IntervalStats,
+    NullProgress,
+    Progress,
+    interval_record,
+)
 from steadytrain.telemetry.sinks import EventLog, JsonlSink, MetricSink, NullSink, read_jsonl
 from steadytrain.telemetry.timers import PHASES, PhaseTimer
 
@@ -11,8 +17,10 @@ __all__ = [
     "IntervalStats",
     "JsonlSink",
     "MetricSink",
+    "NullProgress",
     "NullSink",
     "PhaseTimer",
+    "Progress",
     "interval_record",
     "read_jsonl",
 ]

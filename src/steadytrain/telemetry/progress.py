@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from steadytrain.telemetry.resources import host_rss_bytes
 from steadytrain.telemetry.timers import PHASES
@@ -47,34 +50,87 @@ def interval_record(
     return record
 
 
-class ConsoleProgress:
-    """One line per logged step and a summary table at the end (rank 0 only)."""
+_SUMMARY_TITLE = "steadytrain run summary"
 
-    def __init__(self, *, enabled: bool, max_steps: int) -> None:
-        self._console = Console(highlight=False, soft_wrap=True) if enabled else None
+
+class Progress(Protocol):
+    """Where the run reports to a person: a line now and then, each logged step, the summary."""
+
+    def say(self, message: str) -> None: ...
+
+    def step(self, record: Mapping[str, Any]) -> None: ...
+
+    def summary(self, summary: Mapping[str, object]) -> None: ...
+
+
+class NullProgress:
+    """Progress that shows nothing: ranks other than 0, or ``log.console: false``."""
+
+    def say(self, message: str) -> None:
+        pass
+
+    def step(self, record: Mapping[str, Any]) -> None:
+        pass
+
+    def summary(self, summary: Mapping[str, object]) -> None:
+        pass
+
+
+class ConsoleProgress:
+    """One line per logged step and a summary table at the end, on a rich console.
+
+    Everything is printed as plain ``Text``: paths and error messages may hold ``[...]``, which
+    rich would otherwise read as markup and drop.
+
+    Args:
+        max_steps: the run's last step, shown as ``step N/max_steps``.
+        console: where to print; stdout when ``None`` (tests pass one that writes to a buffer).
+    """
+
+    def __init__(self, *, max_steps: int, console: Console | None = None) -> None:
+        self._console = console if console is not None else Console(highlight=False)
         self._max_steps = max_steps
 
     def say(self, message: str) -> None:
-        if self._console is not None:
-            self._console.print(message)
+        self._console.print(Text(message), soft_wrap=True)
 
-    def step(self, record: dict[str, Any]) -> None:
-        if self._console is None:
-            return
+    def step(self, record: Mapping[str, Any]) -> None:
         width = len(str(self._max_steps))
-        self._console.print(
+        line = (
             f"step {record['step']:>{width}}/{self._max_steps}  loss {record['loss']:.4f}  "
             f"lr {record['lr']:.2e}  {record['step_time_s'] * 1000:6.1f} ms/step  "
             f"{record['tokens_per_second']:>9,.0f} tok/s  "
             f"sync {record['grad_sync_share'] * 100:4.1f}%"
         )
+        self._console.print(Text(line), soft_wrap=True)
 
-    def summary(self, summary: dict[str, Any]) -> None:
-        if self._console is None:
-            return
-        table = Table(title="steadytrain run summary", show_header=False, title_justify="left")
-        table.add_column(style="bold")
-        table.add_column()
-        for key, value in summary.items():
-            table.add_row(key, value if isinstance(value, str) else f"{value}")
-        self._console.print(table)
+    def summary(self, summary: Mapping[str, object]) -> None:
+        """Print the table; a value too long for its row is printed whole on a line below it.
+
+        Users copy the run dir, weights and checkpoint paths out of the summary, so no value is
+        ever cut with an ellipsis or folded across lines.
+        """
+        rows = [(key, str(value)) for key, value in summary.items()]
+        # The width of the table without its values: key column, borders and padding.
+        frame_width = self._console.measure(_summary_table([(key, "") for key, _ in rows])).maximum
+        room = self._console.width - frame_width
+        fits = [(key, value) for key, value in rows if cell_len(value) <= room]
+        too_long = [(key, value) for key, value in rows if cell_len(value) > room]
+        if fits:
+            self._console.print(_summary_table(fits))
+        else:  # a terminal too narrow for any value: the title alone, not an empty frame
+            self._console.print(Text(_SUMMARY_TITLE, style="italic"), soft_wrap=True)
+        for key, value in too_long:
+            # soft_wrap: the terminal wraps the line for display but copying gives it whole.
+            self._console.print(Text.assemble((f"{key}:", "bold"), " ", value), soft_wrap=True)
+
+
+def _summary_table(rows: list[tuple[str, str]]) -> Table:
+    table = Table(title=_SUMMARY_TITLE, show_header=False, title_justify="left")
+    table.add_column(style="bold", no_wrap=True)
+    # Values here fit by construction; fold rather than ellipsis is the safety net, so that
+    # every character would still be printed.
+    table.add_column(overflow="fold")
+    for key, value in rows:
+        table.add_row(Text(key), Text(value))
+    return table

@@ -15,20 +15,25 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from steadytrain.checkpoint import SaveOutcome
+from steadytrain.checkpoint import (
+    Checkpointer,
+    CheckpointStorage,
+    Restored,
+    RunIdentity,
+    SaveOutcome,
+)
 from steadytrain.config import BatchLayout, Config
 from steadytrain.data import GlobalPositionSampler, MicroBatch, StepBatches
 from steadytrain.distributed import ParallelModel, Runtime, mean_across_ranks
 from steadytrain.model import LossFn
 from steadytrain.telemetry import (
-    ConsoleProgress,
     EventLog,
     IntervalStats,
     MetricSink,
     PhaseTimer,
+    Progress,
     interval_record,
 )
-from steadytrain.train.checkpointer import Checkpointer
 from steadytrain.train.state import TrainState
 
 
@@ -42,25 +47,33 @@ class Ledger(Protocol):
 
 @dataclass
 class TrainingParts:
-    """Everything ``fit`` uses, built and injected by ``session.build_parts``."""
+    """Everything ``fit`` uses, built and injected by ``session.build_parts``.
+
+    ``state``, with the model, optimizer, scheduler and sampler, is what the checkpointer
+    saves (``session.checkpoint_contents``); ``fit`` advances it in place.
+    """
 
     config: Config
     runtime: Runtime
     layout: BatchLayout
     model: ParallelModel
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scheduler: torch.optim.lr_scheduler.LambdaLR
     loss_fn: LossFn
     sampler: GlobalPositionSampler
     batches: StepBatches
     val_batches: list[MicroBatch]
     tokens_per_sample: int
+    state: TrainState
+    identity: RunIdentity
+    storage: CheckpointStorage
     ledger: Ledger
     checkpointer: Checkpointer
     metrics: MetricSink
     events: EventLog
     timer: PhaseTimer
-    progress: ConsoleProgress
+    progress: Progress
+    restored: Restored | None = None  # the checkpoint ``state`` was restored from, if any
 
 
 @dataclass
@@ -68,18 +81,19 @@ class FitResult:
     state: TrainState
     first_loss: float | None = None
     last_loss: float | None = None
-    val_loss: float | None = None
+    val_loss: float | None = None  # of the final weights (None without validation data)
     last_save: SaveOutcome | None = None
     resumed_from: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def fit(parts: TrainingParts, state: TrainState) -> FitResult:
-    """Train from ``state`` to ``train.max_steps``; returns the final state and losses."""
-    config, timer = parts.config, parts.timer
+def fit(parts: TrainingParts) -> FitResult:
+    """Train from ``parts.state`` to ``train.max_steps``; returns the final state and losses."""
+    config, timer, state = parts.config, parts.timer, parts.state
     result = FitResult(state=state)
     interval = IntervalStats()
     interval_loss = torch.zeros((), device=parts.runtime.device)
+    evaluated_at: int | None = None
     parts.model.module.train()
     while state.step < config.train.max_steps:
         timer.start_step()
@@ -91,7 +105,7 @@ def fit(parts: TrainingParts, state: TrainState) -> FitResult:
         commit_step(parts, state, micro_batches)
         with timer.phase("checkpoint"):
             save = parts.checkpointer.after_step(
-                parts, state, final=state.step == config.train.max_steps
+                step=state.step, final=state.step == config.train.max_steps
             )
         if save is not None:
             result.last_save = save
@@ -107,12 +121,13 @@ def fit(parts: TrainingParts, state: TrainState) -> FitResult:
             result.last_loss = record["loss"]
             interval, interval_loss = IntervalStats(), torch.zeros_like(interval_loss)
         if config.train.eval_every and state.step % config.train.eval_every == 0:
-            result.val_loss = evaluate(parts, state)
+            result.val_loss, evaluated_at = evaluate(parts, state), state.step
     with timer.phase("checkpoint"):
         save = parts.checkpointer.finish()  # a background save still in flight
     if save is not None:
         result.last_save = save
-    if parts.val_batches and (result.val_loss is None or config.train.eval_every == 0):
+    if evaluated_at != state.step:
+        # The final validation loss is of the final weights, whatever eval_every is.
         result.val_loss = evaluate(parts, state)
     return result
 

@@ -6,16 +6,16 @@ from pathlib import Path
 
 import torch
 
-from steadytrain.config import Config, batch_layout, identity_fingerprint
-from steadytrain.config.references import resolve_callable
+from steadytrain.config import Config, batch_layout, identity_fingerprint, resolve_callable
 from steadytrain.data import (
     GlobalPositionSampler,
     TokenWindowDataset,
     ensure_corpus,
+    is_prepared,
     prepared_corpus_dir,
     read_index,
+    resolve_source_files,
 )
-from steadytrain.data.shards import is_prepared, resolve_source_files
 from steadytrain.model import build_model, resolve_loss_fn
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -11,16 +10,25 @@ from typing import Any, TypeVar
 
 import torch
 
-import steadytrain
-from steadytrain.checkpoint.storage import BytesPayload, replace_durably
-from steadytrain.checkpoint.tensorfile import tensor_file
+from steadytrain.checkpoint import (
+    BytesPayload,
+    CheckpointContents,
+    CheckpointStorage,
+    Restored,
+    ResumeRequest,
+    RunIdentity,
+    build_checkpointer,
+    check_free_space,
+    checkpoint_storage,
+    replace_durably,
+    restore_checkpoint,
+    save_final_weights,
+)
 from steadytrain.config import (
     Config,
     UserError,
     batch_layout,
     dump_config,
-    identity_fields,
-    identity_fingerprint,
 )
 from steadytrain.data import (
     ConsumptionLedger,
@@ -34,6 +42,7 @@ from steadytrain.data import (
 )
 from steadytrain.distributed import (
     ParallelModel,
+    ProcessRng,
     Runtime,
     barrier,
     broadcast_from_main,
@@ -45,16 +54,18 @@ from steadytrain.distributed import (
     use_deterministic_kernels,
 )
 from steadytrain.model import build_model, resolve_loss_fn
-from steadytrain.telemetry import ConsoleProgress, EventLog, JsonlSink, NullSink, PhaseTimer
-from steadytrain.train.checkpointer import NoCheckpoints, build_checkpointer
-from steadytrain.train.checkpointing import (
-    ResumeRequest,
-    check_free_space,
-    open_storage,
-    restore_training_state,
+from steadytrain.telemetry import (
+    ConsoleProgress,
+    EventLog,
+    JsonlSink,
+    NullProgress,
+    NullSink,
+    PhaseTimer,
+    Progress,
 )
-from steadytrain.train.loop import FitResult, TrainingParts, fit
-from steadytrain.train.optim import build_optimizer, build_scheduler
+from steadytrain.train.loop import FitResult, Ledger, TrainingParts, fit
+from steadytrain.train.optim import apply_hyperparameters, build_optimizer, build_scheduler
+from steadytrain.train.report import run_facts, summary
 from steadytrain.train.state import TrainState
 
 T = TypeVar("T")
@@ -62,7 +73,7 @@ FINAL_WEIGHTS = Path("final") / "model.safetensors"
 
 
 def run_training(config: Config, *, resume: ResumeRequest | None = None) -> FitResult:
-    """Join the process group, train to ``train.max_steps``, save the final weights.
+    """Join the process group, resume if asked, train to ``train.max_steps``, save the weights.
 
     Raises:
         UserError: for problems with the config, data or user code found while setting up;
@@ -72,39 +83,31 @@ def run_training(config: Config, *, resume: ResumeRequest | None = None) -> FitR
     runtime = start_runtime(config)
     try:
         use_deterministic_kernels(config.deterministic)
-        parts = build_parts(config, runtime)
-        state = TrainState()
-        storage = _agreed(lambda: open_storage(config), runtime)
-        resumed_from = restore_training_state(
-            storage, parts, state, request=resume or ResumeRequest()
-        )
+        parts = build_parts(config, runtime, resume=resume)
         if runtime.is_main:
             # Only now: a refused resume must leave the run's own config.yaml as it was.
             write_run_config(config)
-        if config.checkpoint.every_steps:
-            warning = _agreed(lambda: check_free_space(storage, parts), runtime)
-            if warning and runtime.is_main:
-                print(f"steadytrain: warning: {warning}", file=sys.stderr)
-                parts.events.emit("checkpoint_space_low", message=warning)
-        parts.checkpointer = build_checkpointer(config, storage, is_main=runtime.is_main)
-        parts.ledger = _open_ledger(config, runtime, parts.sampler, start_step=state.step)
         started = time.perf_counter()
         if runtime.is_main:
-            parts.events.emit("train_start", step=state.step, **_run_facts(config, runtime, parts))
-        result = fit(parts, state)
-        result.resumed_from = resumed_from
+            parts.events.emit(
+                "train_start", step=parts.state.step, **run_facts(config, runtime, parts)
+            )
+        result = fit(parts)
+        result.resumed_from = parts.restored.location if parts.restored is not None else None
         elapsed = time.perf_counter() - started
         if runtime.is_main:
-            weights = save_final_weights(parts.model.unwrapped, Path(config.run_dir).resolve())
+            weights = save_final_weights(
+                parts.model.unwrapped, Path(config.run_dir).resolve() / FINAL_WEIGHTS
+            )
             parts.events.emit(
                 "train_end",
-                step=state.step,
+                step=parts.state.step,
                 seconds=elapsed,
                 weights=str(weights),
                 loss=result.last_loss,
                 val_loss=result.val_loss,
             )
-            parts.progress.summary(_summary(config, parts, result, elapsed, weights))
+            parts.progress.summary(summary(config, parts, result, elapsed, weights))
         parts.ledger.close()
         parts.metrics.close()
         parts.events.close()
@@ -120,8 +123,18 @@ def run_training(config: Config, *, resume: ResumeRequest | None = None) -> FitR
         stop_runtime()
 
 
-def build_parts(config: Config, runtime: Runtime) -> TrainingParts:
-    """Build every component; a setup error on any rank stops all ranks before a collective."""
+def build_parts(
+    config: Config, runtime: Runtime, *, resume: ResumeRequest | None = None
+) -> TrainingParts:
+    """Build every component, checkpointing and ledger included, at the step training goes on
+    from: the newest good checkpoint's (``resume``, default: automatic), or 0.
+
+    A setup error on any rank stops all ranks before a collective.
+
+    Raises:
+        UserError: a problem with the config, data or user code; ``CheckpointRefused`` when
+            the checkpoint to resume cannot be restored into this run.
+    """
     run_dir = Path(config.run_dir)
     layout = _agreed(lambda: batch_layout(config, world_size=runtime.world_size), runtime)
     seed_all(config.seed)  # same model init on every rank
@@ -144,28 +157,47 @@ def build_parts(config: Config, runtime: Runtime) -> TrainingParts:
         run_dir.mkdir(parents=True, exist_ok=True)
     parallel_model = ParallelModel(model, runtime=runtime)
     optimizer = build_optimizer(parallel_model.unwrapped, config.train)
-    val_batches = (
-        validation_batches(
-            datasets.val,
-            world_size=runtime.world_size,
-            rank=runtime.rank,
-            micro_batch_size=layout.micro_batch_size,
-            max_batches=config.train.eval_batches,
-        )
-        if datasets.val is not None
-        else []
-    )
-    progress = ConsoleProgress(
-        enabled=runtime.is_main and config.log.console, max_steps=config.train.max_steps
-    )
+    progress = _progress(config, runtime)
     progress.say(f"data: {datasets.description}")
+    events = EventLog(JsonlSink(run_dir / "events.jsonl"), rank=runtime.rank)
+    identity = RunIdentity(
+        config=config, world_size=runtime.world_size, global_batch_size=layout.global_batch_size
+    )
+    scheduler = build_scheduler(optimizer, config.train)
+    state = TrainState()
+    contents = checkpoint_contents(
+        model=parallel_model.unwrapped,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        sampler=sampler,
+        state=state,
+    )
+    storage = _agreed(lambda: checkpoint_storage(config), runtime)
+    if config.checkpoint.every_steps:
+        _check_free_space(storage, parallel_model.unwrapped, config, runtime, events)
+    checkpointer = build_checkpointer(
+        storage, contents, identity=identity, rank=runtime.rank, events=events
+    )
+    restored = restore_checkpoint(
+        storage,
+        contents,
+        identity=identity,
+        request=resume or ResumeRequest(),
+        rank=runtime.rank,
+        events=events,
+    )
+    if restored is not None:
+        _follow_restored(restored, config, runtime, optimizer, scheduler, state, events)
+    # After the resume: a checkpoint of another identity is refused with its differences
+    # before a ledger of other settings is.
+    ledger = _open_ledger(config, runtime, sampler)
     return TrainingParts(
         config=config,
         runtime=runtime,
         layout=layout,
         model=parallel_model,
         optimizer=optimizer,
-        scheduler=build_scheduler(optimizer, config.train),
+        scheduler=scheduler,
         loss_fn=loss_fn,
         sampler=sampler,
         batches=StepBatches(
@@ -176,28 +208,76 @@ def build_parts(config: Config, runtime: Runtime) -> TrainingParts:
             num_workers=config.data.num_workers,
             pin_memory=runtime.device.type == "cuda",
         ),
-        val_batches=val_batches,
+        val_batches=(
+            validation_batches(
+                datasets.val,
+                world_size=runtime.world_size,
+                rank=runtime.rank,
+                micro_batch_size=layout.micro_batch_size,
+                max_batches=config.train.eval_batches,
+            )
+            if datasets.val is not None
+            else []
+        ),
         tokens_per_sample=datasets.tokens_per_sample,
-        ledger=NullLedger(),
-        checkpointer=NoCheckpoints(),
+        state=state,
+        identity=identity,
+        storage=storage,
+        ledger=ledger,
+        restored=restored,
+        checkpointer=checkpointer,
         metrics=JsonlSink(run_dir / "metrics.jsonl") if runtime.is_main else NullSink(),
-        events=EventLog(JsonlSink(run_dir / "events.jsonl"), rank=runtime.rank),
+        events=events,
         timer=PhaseTimer(device=runtime.device),
         progress=progress,
     )
 
 
-def save_final_weights(model: torch.nn.Module, run_dir: Path) -> Path:
-    """Write ``RUN_DIR/final/model.safetensors`` durably: temp file, fsync, rename.
+def checkpoint_contents(
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    sampler: GlobalPositionSampler,
+    state: TrainState,
+) -> CheckpointContents:
+    """What a checkpoint holds (Contract 3): model, optimizer, schedule, data position and
+    counters (replicated under DDP: one copy is everyone's), and each rank's RNG streams."""
+    return CheckpointContents(
+        replicated={
+            "model": model,
+            "optimizer": optimizer,
+            "scheduler": scheduler,
+            "sampler": sampler,
+            "train": state,
+        },
+        per_rank={"rng": ProcessRng()},
+    )
 
-    A plain safetensors file (``format: pt`` metadata, as Hugging Face tools expect); tied
-    weights are written under each of their names.
-    """
-    target = run_dir / FINAL_WEIGHTS
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {name: value.detach().cpu() for name, value in model.state_dict().items()}
-    replace_durably(target, tensor_file(tensors, metadata={"format": "pt"}))
-    return target
+
+def _follow_restored(
+    restored: Restored,
+    config: Config,
+    runtime: Runtime,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    state: TrainState,
+    events: EventLog,
+) -> None:
+    """What a resume implies beyond loading the parts: new settings, fresh RNG streams."""
+    if restored.identity_changes:
+        # The restored optimizer and schedule carry the old settings; the config wins.
+        apply_hyperparameters(optimizer, scheduler, config.train, changed=restored.identity_changes)
+    if not restored.per_rank_restored:
+        # Per-rank streams cannot be mapped onto another world size: reseed reproducibly.
+        seed_all(rank_seed(config.seed + state.step, rank=runtime.rank))
+        if runtime.is_main:
+            events.emit(
+                "rng_reseeded",
+                reason="world size changed",
+                saved_world_size=restored.saved_world_size,
+                world_size=runtime.world_size,
+            )
 
 
 def write_run_config(config: Config) -> Path:
@@ -226,83 +306,47 @@ def _agreed(build: Callable[[], T], runtime: Runtime) -> T:
     raise UserError(f"rank {failed_rank}: {message}", reported_elsewhere=True)
 
 
-def _open_ledger(
-    config: Config, runtime: Runtime, sampler: GlobalPositionSampler, *, start_step: int
-) -> ConsumptionLedger | NullLedger:
+def _open_ledger(config: Config, runtime: Runtime, sampler: GlobalPositionSampler) -> Ledger:
     if not config.data.ledger:
         return NullLedger()
     # Every rank tags its records with the same attempt id, chosen by rank 0.
     attempt = broadcast_from_main(new_attempt_id() if runtime.is_main else "")  # collective
-    return ConsumptionLedger(
-        Path(config.run_dir) / "ledger",
-        attempt=attempt,
-        rank=runtime.rank,
-        world_size=runtime.world_size,
-        start_step=start_step,
-        num_samples=sampler.num_samples,
-        global_batch_size=sampler.global_batch_size,
-        seed=sampler.seed,
+    return _agreed(
+        lambda: ConsumptionLedger(
+            Path(config.run_dir) / "ledger",
+            attempt=attempt,
+            rank=runtime.rank,
+            world_size=runtime.world_size,
+            num_samples=sampler.num_samples,
+            global_batch_size=sampler.global_batch_size,
+            seed=sampler.seed,
+        ),
+        runtime,
     )
 
 
-def _run_facts(config: Config, runtime: Runtime, parts: TrainingParts) -> dict[str, Any]:
-    return {
-        "world_size": runtime.world_size,
-        "backend": runtime.backend,
-        "device": str(runtime.device),
-        "micro_batch_size": parts.layout.micro_batch_size,
-        "grad_accum_steps": parts.layout.grad_accum_steps,
-        "global_batch_size": parts.layout.global_batch_size,
-        "steps_per_epoch": parts.sampler.steps_per_epoch,
-        "tail_samples_per_epoch": parts.sampler.tail_size,
-        "identity_fingerprint": identity_fingerprint(config),
-        "identity": identity_fields(config),
-        "versions": {
-            "steadytrain": steadytrain.__version__,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
-    }
-
-
-def _summary(
-    config: Config, parts: TrainingParts, result: FitResult, elapsed: float, weights: Path
-) -> dict[str, str]:
-    state = result.state
-    num_params = sum(p.numel() for p in parts.model.unwrapped.parameters())
-    history = result.history
-    mean_sync = sum(r["grad_sync_share"] for r in history) / len(history) if history else 0.0
-    loss_line = (
-        f"{result.first_loss:.4f} (first logged) -> {result.last_loss:.4f} (last)"
-        if result.first_loss is not None and result.last_loss is not None
-        else "n/a"
+def _check_free_space(
+    storage: CheckpointStorage,
+    model: torch.nn.Module,
+    config: Config,
+    runtime: Runtime,
+    events: EventLog,
+) -> None:
+    """Refuse (every rank) when fewer than two checkpoints fit; warn below keep_last + 1."""
+    # A checkpoint is about the weights plus AdamW's two moments, in their dtype.
+    estimate = 3 * sum(p.numel() * p.element_size() for p in model.parameters()) + 2**20
+    warning = _agreed(
+        lambda: check_free_space(
+            storage, checkpoint_bytes=estimate, keep_last=config.checkpoint.keep_last
+        ),
+        runtime,
     )
-    return {
-        "steps": f"{state.step} ({state.samples_seen:,} samples, {state.tokens_seen:,} tokens)",
-        "layout": (
-            f"{parts.runtime.world_size} rank(s) × {parts.layout.micro_batch_size} micro-batch × "
-            f"{parts.layout.grad_accum_steps} accumulation = {parts.layout.global_batch_size}"
-        ),
-        "epoch": (
-            f"{parts.sampler.epoch} + {parts.sampler.samples_consumed:,} samples "
-            f"({parts.sampler.steps_per_epoch} steps/epoch, tail {parts.sampler.tail_size})"
-        ),
-        "model": f"{config.model.factory} ({num_params:,} parameters)",
-        "train loss": loss_line,
-        "val loss": f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a",
-        "wall time": f"{elapsed:.1f} s ({state.tokens_seen / max(elapsed, 1e-9):,.0f} tokens/s)",
-        "grad sync share": f"{mean_sync * 100:.1f}% of step time",
-        "resumed from": result.resumed_from or "nothing (fresh start)",
-        "last checkpoint": _describe_save(result),
-        "run dir": str(Path(config.run_dir).resolve()),
-        "weights": str(weights),
-    }
+    if warning and runtime.is_main:
+        print(f"steadytrain: warning: {warning}", file=sys.stderr)
+        events.emit("checkpoint_space_low", message=warning)
 
 
-def _describe_save(result: FitResult) -> str:
-    save = result.last_save
-    if save is None:
-        return "none this run"
-    if save.committed:
-        return f"step {save.step} -> {save.location} ({save.seconds_blocked:.2f} s)"
-    return f"step {save.step} FAILED: {save.error}"
+def _progress(config: Config, runtime: Runtime) -> Progress:
+    if runtime.is_main and config.log.console:
+        return ConsoleProgress(max_steps=config.train.max_steps)
+    return NullProgress()

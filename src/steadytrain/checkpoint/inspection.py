@@ -6,10 +6,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from steadytrain.checkpoint import MANIFEST_NAME, Manifest, ManifestError, step_of
-from steadytrain.checkpoint import verify_checkpoint as verify_files
+from steadytrain.checkpoint.discovery import verify_checkpoint
+from steadytrain.checkpoint.location import checkpoint_storage
+from steadytrain.checkpoint.manifest import MANIFEST_NAME, Manifest, ManifestError, step_of
 from steadytrain.config import ConfigError, identity_differences, identity_fields, load_config
-from steadytrain.train.checkpointing import open_storage
 
 
 @dataclass
@@ -42,13 +42,13 @@ def inspect_checkpoints(run_dir: Path, *, verify: bool) -> list[CheckpointStatus
             "of a training run"
         )
     config = load_config(config_path, overrides=[f"run_dir={json.dumps(str(run_dir))}"])
-    storage = open_storage(config)
+    storage = checkpoint_storage(config)
     statuses = []
     for name in storage.checkpoint_names():
         manifest: Manifest | None = None
         problems: list[str] = []
         if verify:
-            manifest, problems = verify_files(storage, name)
+            manifest, problems = verify_checkpoint(storage, name)
         elif storage.file_size(name, MANIFEST_NAME) is None:
             problems = ["no manifest.json: the save never committed"]
         else:

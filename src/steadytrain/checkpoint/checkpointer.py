@@ -5,24 +5,27 @@ from __future__ import annotations
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-from steadytrain.checkpoint import CheckpointStorage, SaveOutcome, prune_checkpoints
-from steadytrain.checkpoint.protocol import PartsSnapshot, host_buffers_like
-from steadytrain.config import Config
-from steadytrain.distributed import side_group
-from steadytrain.train.checkpointing import (
-    TrainingSnapshot,
-    snapshot_training_state,
-    write_snapshot,
+from torch.distributed import ProcessGroup
+
+from steadytrain.checkpoint.contents import CheckpointContents, EventSink, RunIdentity
+from steadytrain.checkpoint.discovery import prune_checkpoints
+from steadytrain.checkpoint.save import SaveOutcome, write_snapshot
+from steadytrain.checkpoint.snapshot import (
+    CheckpointSnapshot,
+    PartsSnapshot,
+    host_buffers_like,
+    take_snapshot,
 )
-from steadytrain.train.state import TrainState
+from steadytrain.checkpoint.storage import CheckpointStorage
+from steadytrain.distributed import side_group
 
 
 class Checkpointer(Protocol):
     """What the loop needs: a chance to save after each committed step, and a final flush."""
 
-    def after_step(self, parts: Any, state: TrainState, *, final: bool) -> SaveOutcome | None:
+    def after_step(self, *, step: int, final: bool) -> SaveOutcome | None:
         """Save if one is due; returns the outcome of a save that completed, if any."""
         ...
 
@@ -34,7 +37,7 @@ class Checkpointer(Protocol):
 class NoCheckpoints:
     """Checkpointing off (``checkpoint.every_steps: 0``)."""
 
-    def after_step(self, parts: Any, state: TrainState, *, final: bool) -> SaveOutcome | None:
+    def after_step(self, *, step: int, final: bool) -> SaveOutcome | None:
         return None
 
     def finish(self) -> SaveOutcome | None:
@@ -51,30 +54,40 @@ class PeriodicCheckpointer:
     the background thread after the first step, so no save allocates while training waits.
     """
 
-    def __init__(self, storage: CheckpointStorage, config: Config, *, is_main: bool) -> None:
+    def __init__(
+        self,
+        storage: CheckpointStorage,
+        contents: CheckpointContents,
+        *,
+        identity: RunIdentity,
+        rank: int,
+        events: EventSink,
+    ) -> None:
         self.storage = storage
-        self.config = config
-        self.is_main = is_main
+        self.contents = contents
+        self.identity = identity
+        self.settings = identity.config.checkpoint
+        self.rank = rank
+        self.events = events
         self.last_committed_step: int | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._group: Any = None
+        self._group: ProcessGroup | None = None
         self._in_flight: Future[SaveOutcome] | None = None
         self._spare: list[PartsSnapshot] | None = None  # host memory for the next snapshot
         self._staging: Future[list[PartsSnapshot]] | None = None
-        self._events: Any = None
-        if config.checkpoint.async_save:
-            self._group = side_group()  # collective: every rank builds its checkpointer
+        if self.settings.async_save:
+            # Collective: every rank builds its checkpointer. A dead peer fails the
+            # background commit after dist.timeout_s, as it fails the training loop.
+            self._group = side_group(timeout_s=identity.config.dist.timeout_s)
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="steadytrain-checkpoint")
 
-    def after_step(self, parts: Any, state: TrainState, *, final: bool) -> SaveOutcome | None:
-        every = self.config.checkpoint.every_steps
-        due = state.step % every == 0 or (final and self.config.checkpoint.at_end)
-        if not due or state.step == self.last_committed_step:
+    def after_step(self, *, step: int, final: bool) -> SaveOutcome | None:
+        due = step % self.settings.every_steps == 0 or (final and self.settings.at_end)
+        if not due or step == self.last_committed_step:
             if self._executor is not None and self._spare is None and self._staging is None:
-                self._stage_host_memory(parts, state)
+                self._stage_host_memory(step)
             return None
         started = time.perf_counter()
-        self._events = parts.events
         completed = self.finish()  # at most one in flight
         if self._staging is not None:
             staging, self._staging = self._staging, None
@@ -83,7 +96,7 @@ class PeriodicCheckpointer:
         # A synchronous save writes from the live tensors (training waits for it); an async
         # one needs its own copy.
         asynchronous = self._executor is not None
-        snapshot = snapshot_training_state(parts, state, copy=asynchronous, reuse=self._spare)
+        snapshot = self._snapshot(step, copy=asynchronous, reuse=self._spare)
         blocked = time.perf_counter() - started
         if self._executor is None:
             return self._write(snapshot, blocked)
@@ -91,31 +104,43 @@ class PeriodicCheckpointer:
         self._in_flight = self._executor.submit(self._write, snapshot, blocked)
         return completed
 
-    def _stage_host_memory(self, parts: Any, state: TrainState) -> None:
-        """Have the background thread allocate (and touch) the first snapshot's host memory.
-
-        The template only names each tensor's key, shape and dtype; nothing is copied.
-        """
-        assert self._executor is not None
-        template = snapshot_training_state(parts, state, copy=False, host=False)
-        self._staging = self._executor.submit(
-            lambda: [host_buffers_like(part) for part in template.parts]
-        )
-
     def finish(self) -> SaveOutcome | None:
         if self._in_flight is None:
             return None
         in_flight, self._in_flight = self._in_flight, None
         return in_flight.result()
 
-    def _write(self, snapshot: TrainingSnapshot, blocked: float) -> SaveOutcome:
+    def _snapshot(
+        self, step: int, *, copy: bool, reuse: list[PartsSnapshot] | None = None, host: bool = True
+    ) -> CheckpointSnapshot:
+        return take_snapshot(
+            self.contents,
+            rank=self.rank,
+            manifest=self.identity.manifest(step=step),
+            copy=copy,
+            reuse=reuse,
+            host=host,
+        )
+
+    def _stage_host_memory(self, step: int) -> None:
+        """Have the background thread allocate (and touch) the first snapshot's host memory.
+
+        The template only names each tensor's key, shape and dtype; nothing is copied.
+        """
+        assert self._executor is not None
+        template = self._snapshot(step, copy=False, host=False)
+        self._staging = self._executor.submit(
+            lambda: [host_buffers_like(part) for part in template.parts]
+        )
+
+    def _write(self, snapshot: CheckpointSnapshot, blocked: float) -> SaveOutcome:
         started = time.perf_counter()
         try:
-            outcome = write_snapshot(self.storage, snapshot, events=self._events, group=self._group)
+            outcome = write_snapshot(self.storage, snapshot, events=self.events, group=self._group)
         except Exception as error:
             # Errors of this rank's files are agreed inside write_snapshot; what gets here is
             # a failed collective (a peer died), which the training loop meets next as well.
-            self._events.emit("checkpoint_failed", step=snapshot.step, reason=repr(error))
+            self.events.emit("checkpoint_failed", step=snapshot.step, reason=repr(error))
             return SaveOutcome(
                 step=snapshot.step,
                 committed=False,
@@ -128,19 +153,25 @@ class PeriodicCheckpointer:
         )
         if outcome.committed:
             self.last_committed_step = snapshot.step
-            if self.is_main:
+            if self.rank == 0:
                 outcome.pruned = prune_checkpoints(
                     self.storage,
-                    keep_last=self.config.checkpoint.keep_last,
-                    keep_every=self.config.checkpoint.keep_every,
+                    keep_last=self.settings.keep_last,
+                    keep_every=self.settings.keep_every,
                     newest_good=Path(outcome.location).name,
                 )
         return outcome
 
 
 def build_checkpointer(
-    config: Config, storage: CheckpointStorage, *, is_main: bool
+    storage: CheckpointStorage,
+    contents: CheckpointContents,
+    *,
+    identity: RunIdentity,
+    rank: int,
+    events: EventSink,
 ) -> Checkpointer:
-    if config.checkpoint.every_steps == 0:
+    """The checkpointer ``checkpoint.every_steps`` asks for (a collective with async saves)."""
+    if identity.config.checkpoint.every_steps == 0:
         return NoCheckpoints()
-    return PeriodicCheckpointer(storage, config, is_main=is_main)
+    return PeriodicCheckpointer(storage, contents, identity=identity, rank=rank, events=events)

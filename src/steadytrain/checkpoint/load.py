@@ -1,0 +1,331 @@
+"""Restore the newest good checkpoint: clean-up, an agreed candidate, checked reads, fallback.
+
+Fallback policy: a checkpoint whose files do not read back as written (missing, truncated,
+flipped bytes, malformed) is the checkpoint's fault, so it is reported and the next older one
+is tried. Any other read error (an I/O error, out of memory, an object store that gave up) is
+not: resume stops with that error rather than silently going back further.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from steadytrain.checkpoint.contents import CheckpointContents, EventSink, RunIdentity, Stateful
+from steadytrain.checkpoint.discovery import (
+    find_restorable,
+    remove_leftovers,
+    verify_checkpoint,
+)
+from steadytrain.checkpoint.location import open_storage_for
+from steadytrain.checkpoint.manifest import (
+    Manifest,
+    step_of,
+)
+from steadytrain.checkpoint.read import CorruptCheckpoint, read_parts
+from steadytrain.checkpoint.snapshot import SHARED_STEM, rank_stem
+from steadytrain.checkpoint.storage import CheckpointStorage
+from steadytrain.config import (
+    UserError,
+    identity_differences,
+    identity_fields,
+    operational_fields,
+)
+from steadytrain.distributed import broadcast_from_main, gather_from_all
+
+
+class CheckpointRefused(UserError):
+    """The chosen checkpoint cannot be restored into this run."""
+
+
+@dataclass(frozen=True)
+class ResumeRequest:
+    """How ``train`` was asked to resume: automatically, from a given path, or not at all.
+
+    ``allow_changes``: identity fields (dotted names) that may differ from the checkpoint's.
+    """
+
+    enabled: bool = True
+    from_path: str | None = None
+    allow_changes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What a resume restored."""
+
+    location: str
+    step: int
+    saved_world_size: int
+    per_rank_restored: bool  # False: the world size changed, per-rank parts were not loaded
+    identity_changes: dict[str, tuple[Any, Any]]  # allowed changes at this start: old, new
+
+
+def restore_checkpoint(
+    storage: CheckpointStorage,
+    contents: CheckpointContents,
+    *,
+    identity: RunIdentity,
+    request: ResumeRequest,
+    rank: int,
+    events: EventSink,
+) -> Restored | None:
+    """Load the newest good checkpoint (or the requested one) into ``contents`` (a collective).
+
+    Rank 0 picks the newest checkpoint whose manifest and file sizes check out; every rank
+    then reads its files once, checking formats and checksums as it goes. Only when every
+    rank read everything intact is any state applied; otherwise the checkpoint is reported
+    and the next older one is tried. On success ``identity.overrides`` holds every identity
+    change allowed so far, so later manifests list them.
+
+    Returns what was restored, or None when training starts fresh.
+
+    Raises:
+        CheckpointRefused: the requested checkpoint is bad, the identity differs (beyond
+            ``request.allow_changes``), or the state does not fit the parts.
+    """
+    if not request.enabled:
+        return None
+    is_main = rank == 0
+    source, only = storage, None
+    if request.from_path is not None:
+        parent, _, only = request.from_path.rstrip("/").rpartition("/")
+        source = open_storage_for(parent or ".", identity.config)
+    if is_main:
+        remove_leftovers(storage, events=events)
+    older_than: int | None = None
+    while True:
+        choice = _agree_on_candidate(
+            source, only=only, older_than=older_than, rank=rank, events=events
+        )
+        if choice is None:
+            return None
+        name, manifest = choice
+        location = source.describe(name)
+        changes = _check_compatible(
+            manifest,
+            identity,
+            allowed=request.allow_changes,
+            location=location,
+            rank=rank,
+            events=events,
+        )
+        same_world_size = manifest.world_size == identity.world_size
+        loaded, problem, corrupt = _read_checkpoint(
+            source, name, manifest, contents, rank=rank, with_per_rank=same_world_size
+        )
+        # Collective: apply only what every rank read intact.
+        failures = [
+            (failed_rank, report[0], report[1])
+            for failed_rank, report in enumerate(gather_from_all((problem, corrupt)))
+            if report[0] is not None
+        ]
+        if not failures:
+            _apply(loaded, contents, location=location, changes=changes, is_main=is_main)
+            break
+        failed_rank, problem, corrupt = failures[0]
+        if not corrupt:
+            raise CheckpointRefused(
+                f"cannot read checkpoint {location} on rank {failed_rank} ({problem}); this is "
+                "not the checkpoint's fault, so no older one is tried: fix the cause and rerun, "
+                "or start fresh with --no-resume",
+                reported_elsewhere=not is_main,
+            )
+        if only is not None:
+            raise CheckpointRefused(
+                f"--resume-from {location}: rank {failed_rank} could not read it ({problem})",
+                reported_elsewhere=not is_main,
+            )
+        if is_main:
+            events.emit(
+                "checkpoint_rejected",
+                checkpoint=name,
+                problems=[f"rank {failed_rank}: {problem}"],
+                action="falling back to an older checkpoint",
+            )
+        older_than = step_of(name)
+    new_overrides = [
+        {"step": manifest.step, "field": field, "old": old, "new": new}
+        for field, (old, new) in changes.items()
+    ]
+    identity.overrides = [*manifest.identity_overrides, *new_overrides]
+    if is_main:
+        if new_overrides:
+            events.emit(
+                "identity_override", checkpoint=location, step=manifest.step, changes=new_overrides
+            )
+        events.emit(
+            "resume",
+            checkpoint=location,
+            step=manifest.step,
+            saved_world_size=manifest.world_size,
+            world_size=identity.world_size,
+        )
+    return Restored(
+        location=location,
+        step=manifest.step,
+        saved_world_size=manifest.world_size,
+        per_rank_restored="per_rank" in loaded,
+        identity_changes=changes,
+    )
+
+
+def _agree_on_candidate(
+    source: CheckpointStorage,
+    *,
+    only: str | None,
+    older_than: int | None,
+    rank: int,
+    events: EventSink,
+) -> tuple[str, Manifest] | None:
+    """Rank 0's choice of the next checkpoint to try, on every rank (a collective)."""
+    choice: tuple[str, str] | None = None  # (name, manifest json)
+    error: str | None = None
+    if rank == 0:
+        try:
+            choice = _choose(source, only=only, older_than=older_than, events=events)
+        except CheckpointRefused as refused:
+            error = str(refused)
+    choice, error = broadcast_from_main((choice, error))
+    if error is not None:
+        raise CheckpointRefused(error, reported_elsewhere=rank != 0)
+    if choice is None:
+        return None
+    return choice[0], Manifest.from_json(choice[1])
+
+
+def _choose(
+    source: CheckpointStorage, *, only: str | None, older_than: int | None, events: EventSink
+) -> tuple[str, str] | None:
+    if only is not None:
+        manifest, problems = verify_checkpoint(source, only, read_files=False)
+        if manifest is None or problems:
+            raise CheckpointRefused(
+                f"--resume-from {source.describe(only)}: not a good checkpoint "
+                f"({'; '.join(problems)}); pick one that 'steadytrain checkpoints verify' "
+                "reports as good"
+            )
+        return only, manifest.to_json()
+    found = find_restorable(
+        source, events=events, emit=True, read_files=False, older_than=older_than
+    )
+    if found is None:
+        return None
+    name, manifest = found
+    return name, manifest.to_json()
+
+
+def _check_compatible(
+    manifest: Manifest,
+    identity: RunIdentity,
+    *,
+    allowed: tuple[str, ...],
+    location: str,
+    rank: int,
+    events: EventSink,
+) -> dict[str, tuple[Any, Any]]:
+    """Refuse a checkpoint of another identity; returns the allowed changes (old, new).
+
+    Raises:
+        CheckpointRefused: an identity field differs and was not allowed to, or the global
+            batch differs.
+    """
+    saved, current = manifest.identity, identity_fields(identity.config)
+    changed = {key for key in set(saved) | set(current) if saved.get(key) != current.get(key)}
+    refused = sorted(changed - set(allowed))
+    if refused:
+        differences = identity_differences(
+            {key: saved.get(key) for key in refused}, {key: current.get(key) for key in refused}
+        )
+        raise CheckpointRefused(
+            f"checkpoint {location} belongs to a run with another identity ("
+            + "; ".join(differences)
+            + "); restore it with the same settings, accept a deliberate change with "
+            "--allow-change FIELD, or start fresh with --no-resume or a new --run-dir",
+            reported_elsewhere=rank != 0,
+        )
+    if (
+        manifest.global_batch_size != identity.global_batch_size
+        and "train.global_batch_size" not in changed
+    ):
+        raise CheckpointRefused(
+            f"checkpoint {location}: global batch {manifest.global_batch_size} differs from "
+            f"{identity.global_batch_size}",
+            reported_elsewhere=rank != 0,
+        )
+    if rank == 0:
+        operational = identity_differences(
+            manifest.operational, operational_fields(identity.config)
+        )
+        if operational:
+            events.emit("config_changed", checkpoint=location, changes=operational)
+    return {key: (saved.get(key), current.get(key)) for key in sorted(changed)}
+
+
+def _read_checkpoint(
+    source: CheckpointStorage,
+    name: str,
+    manifest: Manifest,
+    contents: CheckpointContents,
+    *,
+    rank: int,
+    with_per_rank: bool,
+) -> tuple[dict[str, dict[str, Any]], str | None, bool]:
+    """This rank's share of a checkpoint, read once and checked: the replicated parts, and its
+    own parts when the world size is unchanged.
+
+    Never raises, so that every rank reaches the agreement after it. Returns what was read
+    (``{"replicated": …, "per_rank": …}``), the problem if any, and whether the problem is
+    the checkpoint's fault (corruption) rather than this machine's (an I/O error, out of
+    memory).
+    """
+    stems = {"replicated": (SHARED_STEM, contents.replicated)}
+    if with_per_rank:
+        stems["per_rank"] = (rank_stem(rank), contents.per_rank)
+    loaded: dict[str, dict[str, Any]] = {}
+    try:
+        for kind, (stem, expected) in stems.items():
+            states = read_parts(source, name, manifest, stem=stem)
+            missing = sorted(set(expected) - set(states))
+            if missing:
+                return {}, f"{stem}.json: no {', '.join(missing)} state", True
+            loaded[kind] = states
+    except CorruptCheckpoint as corrupt:
+        return {}, str(corrupt), True
+    except Exception as error:
+        return {}, f"{type(error).__name__}: {error}", False
+    return loaded, None, False
+
+
+def _apply(
+    loaded: dict[str, dict[str, Any]],
+    contents: CheckpointContents,
+    *,
+    location: str,
+    changes: Mapping[str, Any],
+    is_main: bool,
+) -> None:
+    """Load every part's state; a state that does not fit its part refuses the checkpoint.
+
+    That happens when an allowed identity change cannot apply (another model shape, other
+    data); without allowed changes the identity check has ruled it out.
+    """
+    targets: list[tuple[Mapping[str, Stateful], dict[str, Any]]] = [
+        (contents.replicated, loaded["replicated"])
+    ]
+    if "per_rank" in loaded:
+        targets.append((contents.per_rank, loaded["per_rank"]))
+    for parts, states in targets:
+        for name, part in parts.items():
+            try:
+                part.load_state_dict(states[name])
+            except (RuntimeError, ValueError, KeyError, TypeError, UserError) as error:
+                allowed = ", ".join(f"--allow-change {field}" for field in changes) or "none"
+                first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                raise CheckpointRefused(
+                    f"checkpoint {location}: its {name} state does not fit this run "
+                    f"({type(error).__name__}: {first_line}); identity changes allowed: "
+                    f"{allowed}; undo the change or start fresh with --no-resume",
+                    reported_elsewhere=not is_main,
+                ) from None
