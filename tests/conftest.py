@@ -1,4 +1,5 @@
-"""Shared fixtures: a small real-text corpus, a data cache, tiny settings for fast runs."""
+"""Shared fixtures: a small real-text corpus, a data cache, tiny settings for fast runs, and a
+real S3 server with a fault-injecting proxy (from ``tests/s3.py``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+
+pytest_plugins = ["tests.s3"]  # s3_endpoint, bucket, fault_proxy
 
 
 @pytest.fixture(scope="session")

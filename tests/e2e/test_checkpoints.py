@@ -27,6 +27,7 @@ from tests.helpers import (
 
 pytestmark = pytest.mark.slow
 MAX_STEPS = 24
+SEED_VARIABLE = "STEADYTRAIN_TEST_SEED"
 
 
 def checkpoint_overrides(text_corpus: Path, data_cache: Path) -> list[str]:
@@ -90,11 +91,22 @@ def assert_audit_ok(run_dir: Path) -> None:
     assert audit.returncode == 0, audit.output
 
 
+@pytest.fixture
+def seed() -> int:
+    """The seed of a test's random choices (when to kill, whom): ``$STEADYTRAIN_TEST_SEED``
+    if set, to reproduce a failure, else a fresh one; printed, so a failure report shows it."""
+    chosen = os.environ.get(SEED_VARIABLE, "")
+    if chosen and not chosen.isdigit():
+        pytest.fail(f"{SEED_VARIABLE} must be a non-negative integer, not {chosen!r}")
+    value = int(chosen) if chosen else random.randrange(2**32)
+    print(f"random choices from seed {value}; rerun with {SEED_VARIABLE}={value} to repeat them")
+    return value
+
+
 @pytest.mark.parametrize("victim", ["rank0", "rank1", "launcher"])
 def test_kill9_then_same_command_resumes_bit_identical(
-    victim: str, reference: Path, overrides: list[str], tmp_path: Path
+    victim: str, reference: Path, overrides: list[str], tmp_path: Path, seed: int
 ) -> None:
-    seed = random.randrange(2**16)
     kill_at = random.Random(seed).randrange(5, MAX_STEPS - 4)
     process = start_steadytrain(
         "train", TINY_CONFIG, "--nproc", "2", "--run-dir", tmp_path, *as_set_args(overrides)
@@ -110,22 +122,22 @@ def test_kill9_then_same_command_resumes_bit_identical(
             process.kill()
     assert process.returncode != 0, f"seed {seed}: the run finished before the kill"
     if victim != "launcher":  # orphaned workers notice within 0.1 s and may finish first
-        assert not (tmp_path / "final").exists()
+        assert not (tmp_path / "final").exists(), f"seed {seed}: finished despite the kill"
 
     resumed = train(tmp_path, overrides)
-    assert resumed.returncode == 0, resumed.output
+    assert resumed.returncode == 0, f"seed {seed}, step {kill_at}: {resumed.output}"
     assert events(tmp_path, "resume"), f"seed {seed}: did not resume"
     assert final_weights(tmp_path) == final_weights(reference), f"seed {seed}, step {kill_at}"
     assert_audit_ok(tmp_path)
 
 
 def test_kill9_during_saves_never_leaves_a_bad_checkpoint(
-    reference: Path, overrides: list[str], tmp_path: Path
+    reference: Path, overrides: list[str], tmp_path: Path, seed: int
 ) -> None:
     """Kill a rank the moment a save's staging directory appears: mid-save by construction."""
     every_step = [*overrides, "checkpoint.every_steps=1"]
     checkpoints = tmp_path / "checkpoints"
-    rng = random.Random()
+    rng = random.Random(seed)
     kills_mid_save = 0
     for _ in range(3):
         process = start_steadytrain(
@@ -145,15 +157,16 @@ def test_kill9_during_saves_never_leaves_a_bad_checkpoint(
                 process.kill()
         kills_mid_save += bool(list(checkpoints.glob(".step_*.partial-*")))
         verify = run_steadytrain("checkpoints", "verify", tmp_path)
-        assert verify.returncode == 0, verify.output  # every visible checkpoint is good
+        # Every visible checkpoint is good.
+        assert verify.returncode == 0, f"seed {seed}: {verify.output}"
     # Usually all three; the save may commit between seeing the directory and the kill.
-    assert kills_mid_save >= 1, "no kill landed while a save was in progress"
+    assert kills_mid_save >= 1, f"seed {seed}: no kill landed while a save was in progress"
     resumed = train(tmp_path, every_step)
-    assert resumed.returncode == 0, resumed.output
+    assert resumed.returncode == 0, f"seed {seed}: {resumed.output}"
     assert events(tmp_path, "checkpoint_debris_removed"), (
-        "the killed saves' debris was not reported"
+        f"seed {seed}: the killed saves' debris was not reported"
     )
-    assert final_weights(tmp_path) == final_weights(reference)
+    assert final_weights(tmp_path) == final_weights(reference), f"seed {seed}"
     assert_audit_ok(tmp_path)
 
 

@@ -1,4 +1,4 @@
-"""Checkpoints in an S3-protocol object store: a real moto server on loopback, started here.
+"""Checkpoints in an S3-protocol object store: a real moto server on loopback (``tests/s3.py``).
 
 Credentials and the endpoint come from the standard AWS environment variables, as users set
 them; a fault-injecting HTTP proxy in front of the server returns real 503 SlowDown errors.
@@ -6,17 +6,10 @@ them; a fault-injecting HTTP proxy in front of the server returns real 503 SlowD
 
 from __future__ import annotations
 
-import http.client
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
-import threading
-import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -28,10 +21,10 @@ from steadytrain.checkpoint import (
     StorageError,
     read_parts,
     save_checkpoint,
+    snapshot_parts,
     verify_checkpoint,
 )
 from steadytrain.checkpoint.object_store import ObjectStorage
-from steadytrain.checkpoint.protocol import snapshot_parts
 from tests.e2e.test_checkpoints import MAX_STEPS, checkpoint_overrides, events, final_weights
 from tests.helpers import (
     TINY_CONFIG,
@@ -42,64 +35,9 @@ from tests.helpers import (
     wait_for_step,
     worker_pids,
 )
+from tests.s3 import SECRET, SLOW_DOWN, FaultProxy, aws_env, s3fs_for, storage_options
 
 pytestmark = pytest.mark.slow
-SECRET = "s3cr3t-" + uuid.uuid4().hex
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> str:
-    """A moto S3 server on loopback for this module."""
-    moto_server = Path(sys.executable).with_name("moto_server")
-    port = free_port()
-    server = subprocess.Popen(
-        [str(moto_server), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        server.kill()
-        pytest.fail("moto server did not start")
-    yield f"http://127.0.0.1:{port}"
-    server.terminate()
-    server.wait(timeout=10)
-
-
-def aws_env(endpoint: str) -> dict[str, str]:
-    return {
-        "AWS_ACCESS_KEY_ID": "steadytrain-test",
-        "AWS_SECRET_ACCESS_KEY": SECRET,
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-
-
-def s3fs_for(endpoint: str):
-    import s3fs
-
-    return s3fs.S3FileSystem(
-        key="steadytrain-test", secret=SECRET, client_kwargs={"endpoint_url": endpoint}
-    )
-
-
-@pytest.fixture(scope="module")
-def bucket(s3_endpoint: str) -> str:
-    name = f"ckpt-{uuid.uuid4().hex[:8]}"
-    s3fs_for(s3_endpoint).mkdir(name)
-    return name
 
 
 @pytest.fixture(scope="module")
@@ -195,14 +133,9 @@ def test_corrupt_newest_object_falls_back(s3_reference, overrides, s3_endpoint, 
 def test_large_files_stream_as_multipart_uploads_and_failed_ones_are_aborted(
     bucket: str, s3_endpoint: str
 ) -> None:
-    options = {
-        "key": "steadytrain-test",
-        "secret": SECRET,
-        "client_kwargs": {"endpoint_url": s3_endpoint},
-    }
     storage = ObjectStorage(
         f"s3://{bucket}/multipart-{uuid.uuid4().hex[:6]}",
-        storage_options=options,
+        storage_options=storage_options(s3_endpoint),
         first_backoff_s=0.0,
         max_attempts=2,
         upload_part_bytes=5 * 2**20,  # S3's smallest part: 12 MiB of weights make 3 parts
@@ -299,76 +232,13 @@ def test_missing_bucket_is_reported_and_training_goes_on(overrides, s3_endpoint,
     assert (tmp_path / "final" / "model.safetensors").is_file()
 
 
-class SlowDownProxy:
-    """An HTTP proxy in front of the S3 server answering every ``period``-th request with a
-    real 503 SlowDown, the throttling error S3 sends under load."""
-
-    def __init__(self, upstream: str, *, period: int) -> None:
-        host, port = upstream.removeprefix("http://").split(":")
-        self.injected = 0
-        proxy = self
-        count = {"n": 0}
-        lock = threading.Lock()
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"  # keep-alive and "Expect: 100-continue", like S3
-
-            def log_message(self, *args: object) -> None:
-                return None
-
-            def _relay(self) -> None:
-                with lock:
-                    count["n"] += 1
-                    fail = count["n"] % period == 0
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if fail:
-                    proxy.injected += 1
-                    error = (
-                        b"<Error><Code>SlowDown</Code><Message>Reduce your rate</Message></Error>"
-                    )
-                    self.send_response(503)
-                    self.send_header("Content-Length", str(len(error)))
-                    self.end_headers()
-                    self.wfile.write(error)
-                    return
-                upstream_connection = http.client.HTTPConnection(host, int(port), timeout=30)
-                headers = {
-                    name: value
-                    for name, value in self.headers.items()
-                    if name.lower() not in {"expect", "connection"}
-                }
-                upstream_connection.request(self.command, self.path, body=body, headers=headers)
-                response = upstream_connection.getresponse()
-                payload = response.read()
-                self.send_response(response.status)
-                for name, value in response.getheaders():
-                    if name.lower() not in {"transfer-encoding", "connection", "content-length"}:
-                        self.send_header(name, value)
-                length = response.getheader("Content-Length") if self.command == "HEAD" else None
-                self.send_header("Content-Length", length or str(len(payload)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(payload)
-
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _relay
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-
-
-def test_transient_errors_are_retried(s3_reference, overrides, bucket, s3_endpoint, tmp_path):
-    proxy = SlowDownProxy(s3_endpoint, period=4)
-    try:
-        uri = f"s3://{bucket}/throttled"
-        result = train_s3(tmp_path, overrides, uri, proxy.url)
-    finally:
-        proxy.close()
+def test_transient_errors_are_retried(
+    s3_reference, overrides, bucket, s3_endpoint, fault_proxy: FaultProxy, tmp_path
+) -> None:
+    fault_proxy.fail(SLOW_DOWN, every=4)
+    result = train_s3(tmp_path, overrides, f"s3://{bucket}/throttled", fault_proxy.url)
     assert result.returncode == 0, result.output
-    assert proxy.injected > 10, proxy.injected
+    assert fault_proxy.injected > 10, fault_proxy.injected
     assert not events(tmp_path, "checkpoint_failed")
     verify = run_steadytrain("checkpoints", "verify", tmp_path, env=aws_env(s3_endpoint))
     assert verify.returncode == 0, verify.output
