@@ -168,9 +168,12 @@ def internal_imports() -> dict[str, list[str]]:
     return offenders
 
 
-def test_the_export_scan_sees_exports() -> None:
+def test_the_export_scan_sees_exports_and_imports() -> None:
     assert "restore_checkpoint" in exported_names("checkpoint")
     assert "ParallelModel" in exported_names("distributed")
+    # A known import of an export, so the check below cannot pass by seeing no imports.
+    session = PACKAGE_DIR / "train" / "session.py"
+    assert ("steadytrain.checkpoint", "restore_checkpoint") in imported_names(session)
 
 
 def test_only_exported_names_are_imported_across_components() -> None:

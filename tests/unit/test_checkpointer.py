@@ -13,10 +13,15 @@ import torch
 
 from steadytrain.checkpoint import (
     MANIFEST_NAME,
+    CheckpointContents,
+    CheckpointRefused,
     LocalStorage,
     Payload,
     PeriodicCheckpointer,
+    ResumeRequest,
+    StorageError,
     check_free_space,
+    restore_checkpoint,
     take_snapshot,
     write_snapshot,
 )
@@ -68,7 +73,7 @@ def make_parts(small_overrides: list[str], tmp_path: Path) -> Iterator[Callable[
         stop_runtime()
 
 
-def contents_of(parts: TrainingParts) -> Any:
+def contents_of(parts: TrainingParts) -> CheckpointContents:
     return checkpoint_contents(
         model=parts.model.unwrapped,
         optimizer=parts.optimizer,
@@ -190,3 +195,28 @@ def test_preflight_refuses_below_two_checkpoints_and_warns_below_keep_last(
     warning = verdict(2 * estimate)
     assert warning is not None and "keep_last=3 needs 4" in warning, warning
     assert verdict(4 * estimate) is None
+
+
+class UnlistableStorage(GatedStorage):
+    """Real local storage whose listing fails for good, as a store denying access does."""
+
+    def checkpoint_names(self) -> list[str]:
+        raise StorageError("PermissionError: access denied")
+
+
+def test_storage_that_cannot_be_listed_refuses_the_resume_in_one_line(
+    make_parts: Any, tmp_path: Path
+) -> None:
+    parts = make_parts()
+    with pytest.raises(CheckpointRefused) as refused:
+        restore_checkpoint(
+            UnlistableStorage(tmp_path / "checkpoints"),
+            contents_of(parts),
+            identity=parts.identity,
+            request=ResumeRequest(),
+            rank=0,
+            events=parts.events,
+        )
+    message = str(refused.value)
+    assert "StorageError" in message and "access denied" in message, message
+    assert "\n" not in message and "--no-resume" in message

@@ -51,6 +51,7 @@ def train_attempt(
             attempt=attempt,
             rank=rank,
             world_size=world_size,
+            start_step=start_step,
             num_samples=NUM_SAMPLES,
             global_batch_size=GLOBAL_BATCH,
             seed=SEED,
@@ -133,10 +134,9 @@ def test_restart_supersedes_rolled_back_steps(tmp_path: Path) -> None:
     assert [epoch.complete for epoch in report.epochs] == [True, True, False]
 
 
-def test_an_attempt_starts_at_its_first_step_recorded_on_any_rank(tmp_path: Path) -> None:
-    # Attempt 2 resumes at step 10, but rank 0 dies before recording anything: rank 1's
-    # records alone say where it started, so attempt 1's steps 10..13 are rolled back by it,
-    # and attempt 3 (from step 10 again) rolls back attempt 2's in turn.
+def test_an_attempt_that_lost_a_rank_is_superseded_or_reported(tmp_path: Path) -> None:
+    # Attempt 2 resumes at step 10, but rank 0 dies before recording anything: attempt 3
+    # (from step 10 again) rolls back what rank 1 recorded, as it rolls back attempt 1's.
     def rank0_lost(step: int, rank: int, ids: list[int]) -> list[int] | None:
         return None if rank == 0 else ids
 
@@ -226,6 +226,7 @@ def test_ledger_refuses_a_run_dir_recorded_with_other_settings(tmp_path: Path) -
             attempt=new_attempt_id(),
             rank=0,
             world_size=2,
+            start_step=2,
             num_samples=NUM_SAMPLES,
             global_batch_size=24,
             seed=SEED,

@@ -50,6 +50,36 @@ def test_respan_twice_chains_the_decays() -> None:
     assert twice(250) == pytest.approx(midpoint)
 
 
+def test_a_resume_mid_decay_uses_the_same_rate_next_then_the_longer_decay() -> None:
+    old = TrainConfig(max_steps=20, warmup_steps=2, lr=1e-2)
+    optimizer = build_optimizer(torch.nn.Linear(4, 4), old)
+    scheduler = build_scheduler(optimizer, old)
+    for _ in range(8):
+        optimizer.step()
+        scheduler.step()
+    rate_before = optimizer.param_groups[0]["lr"]  # what step 9 would have used
+
+    longer = TrainConfig(max_steps=40, warmup_steps=2, lr=1e-2)
+    apply_hyperparameters(optimizer, scheduler, longer, changed={"train.max_steps": (20, 40)})
+
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([rate_before] * 2)
+    expected = WarmupCosine(warmup_steps=2, max_steps=20, min_ratio=0.1)
+    expected.respan(at_step=8, max_steps=40)
+    used = []
+    for _ in range(32):
+        used.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert used == pytest.approx([1e-2 * expected(step) for step in range(8, 40)])
+    assert used[-1] > 1e-2 * 0.1 and used[20] > 1e-2 * schedule_of(old)(28)
+
+
+def schedule_of(train: TrainConfig) -> WarmupCosine:
+    return WarmupCosine(
+        warmup_steps=train.warmup_steps, max_steps=train.max_steps, min_ratio=train.min_lr_ratio
+    )
+
+
 def test_apply_hyperparameters_puts_the_config_over_a_restored_optimizer() -> None:
     old = TrainConfig(max_steps=20, warmup_steps=2, lr=1e-2, weight_decay=0.1)
     model = torch.nn.Linear(4, 4)

@@ -73,3 +73,19 @@ class RunIdentity:
                 "python": platform.python_version(),
             },
         )
+
+
+def identity_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Identity fields whose value differs, as ``{field: (saved, current)}``, sorted."""
+    fields = sorted(set(saved) | set(current))
+    return {
+        field: (saved.get(field), current.get(field))
+        for field in fields
+        if saved.get(field) != current.get(field)
+    }
+
+
+def explained_by(history: list[dict[str, Any]], field: str, *, old: Any, new: Any) -> bool:
+    """Whether recorded overrides took ``field`` from ``old`` to ``new`` (in one or more steps)."""
+    chain = [override for override in history if override["field"] == field]
+    return bool(chain) and chain[-1]["new"] == new and any(o["old"] == old for o in chain)

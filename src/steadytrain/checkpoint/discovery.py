@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from steadytrain.checkpoint.contents import EventSink
 from steadytrain.checkpoint.manifest import (
@@ -126,6 +127,22 @@ def prune_checkpoints(
     for name in doomed:
         storage.delete(name)
     return doomed
+
+
+def recorded_overrides(storage: CheckpointStorage) -> list[dict[str, Any]]:
+    """Every identity change accepted during the run, as its readable manifests record them
+    (each lists those before it too), oldest first, without repeats."""
+    seen: dict[str, dict[str, Any]] = {}
+    for name in storage.checkpoint_names():
+        if storage.file_size(name, MANIFEST_NAME) is None:
+            continue
+        try:
+            manifest = Manifest.from_json(storage.read_file(name, MANIFEST_NAME).decode())
+        except (ManifestError, UnicodeDecodeError, OSError):
+            continue  # reported where the checkpoint itself is checked
+        for override in manifest.identity_overrides:
+            seen.setdefault(json.dumps(override, sort_keys=True), override)
+    return sorted(seen.values(), key=lambda override: override["step"])
 
 
 def read_head(storage: CheckpointStorage, name: str, filename: str, size: int) -> bytes:

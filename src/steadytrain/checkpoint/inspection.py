@@ -6,10 +6,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from steadytrain.checkpoint.discovery import verify_checkpoint
+from steadytrain.checkpoint.contents import explained_by, identity_changes
+from steadytrain.checkpoint.discovery import recorded_overrides, verify_checkpoint
 from steadytrain.checkpoint.location import checkpoint_storage
 from steadytrain.checkpoint.manifest import MANIFEST_NAME, Manifest, ManifestError, step_of
-from steadytrain.config import ConfigError, identity_differences, identity_fields, load_config
+from steadytrain.config import ConfigError, identity_fields, load_config
 
 
 @dataclass
@@ -30,7 +31,8 @@ def inspect_checkpoints(run_dir: Path, *, verify: bool) -> list[CheckpointStatus
     """Every checkpoint of the run in ``run_dir``, oldest first.
 
     Without ``verify`` only manifests and file sizes are read; with it, every checksum is
-    recomputed and the identity is compared with the run's ``config.yaml``.
+    recomputed and the identity is compared with the run's ``config.yaml`` (differences the
+    run's checkpoints record as accepted with ``--allow-change`` are not problems).
 
     Raises:
         ConfigError: when ``run_dir`` is not a run directory.
@@ -43,6 +45,7 @@ def inspect_checkpoints(run_dir: Path, *, verify: bool) -> list[CheckpointStatus
         )
     config = load_config(config_path, overrides=[f"run_dir={json.dumps(str(run_dir))}"])
     storage = checkpoint_storage(config)
+    history = recorded_overrides(storage) if verify else []
     statuses = []
     for name in storage.checkpoint_names():
         manifest: Manifest | None = None
@@ -58,8 +61,11 @@ def inspect_checkpoints(run_dir: Path, *, verify: bool) -> list[CheckpointStatus
                 problems = [f"manifest.json unreadable: {error}"]
         if verify and manifest is not None:
             problems += [
-                f"identity differs from {config_path}: {difference}"
-                for difference in identity_differences(manifest.identity, identity_fields(config))
+                f"identity differs from {config_path}: {field}: {old!r} -> {new!r}"
+                for field, (old, new) in identity_changes(
+                    manifest.identity, identity_fields(config)
+                ).items()
+                if not explained_by(history, field, old=old, new=new)
             ]
         total = sum(entry.size for entry in manifest.files.values()) if manifest else 0
         statuses.append(

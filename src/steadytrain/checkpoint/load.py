@@ -8,13 +8,22 @@ not: resume stops with that error rather than silently going back further.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from steadytrain.checkpoint.contents import CheckpointContents, EventSink, RunIdentity, Stateful
+from steadytrain.checkpoint.contents import (
+    CheckpointContents,
+    EventSink,
+    RunIdentity,
+    Stateful,
+    explained_by,
+    identity_changes,
+)
 from steadytrain.checkpoint.discovery import (
     find_restorable,
+    recorded_overrides,
     remove_leftovers,
     verify_checkpoint,
 )
@@ -33,6 +42,8 @@ from steadytrain.config import (
     operational_fields,
 )
 from steadytrain.distributed import broadcast_from_main, gather_from_all
+
+T = TypeVar("T")
 
 
 class CheckpointRefused(UserError):
@@ -83,48 +94,83 @@ def restore_checkpoint(
 
     Raises:
         CheckpointRefused: the requested checkpoint is bad, the identity differs (beyond
-            ``request.allow_changes``), or the state does not fit the parts.
+            ``request.allow_changes`` and the changes the run's checkpoints record), storage
+            cannot be read, or the state does not fit the parts. Raised on every rank.
     """
     if not request.enabled:
         return None
-    is_main = rank == 0
     source, only = storage, None
     if request.from_path is not None:
         parent, _, only = request.from_path.rstrip("/").rpartition("/")
         source = open_storage_for(parent or ".", identity.config)
-    if is_main:
-        remove_leftovers(storage, events=events)
+    _decided_by_main(
+        rank, lambda: remove_leftovers(storage, events=events), what="cleaning up checkpoints"
+    )
     older_than: int | None = None
     while True:
-        choice = _agree_on_candidate(
-            source, only=only, older_than=older_than, rank=rank, events=events
+        choice = _decided_by_main(
+            rank,
+            functools.partial(_choose, source, only=only, older_than=older_than, events=events),
+            what=f"finding a checkpoint in {source.describe('')}",
         )
         if choice is None:
             return None
-        name, manifest = choice
-        location = source.describe(name)
+        name, manifest_json, history = choice
+        manifest = Manifest.from_json(manifest_json)
+        restored = _restore_from(
+            source, name, manifest, contents, identity, request, history, rank=rank, events=events
+        )
+        if restored is not None:
+            return restored
+        older_than = step_of(name)
+
+
+def _restore_from(
+    source: CheckpointStorage,
+    name: str,
+    manifest: Manifest,
+    contents: CheckpointContents,
+    identity: RunIdentity,
+    request: ResumeRequest,
+    history: list[dict[str, Any]],
+    *,
+    rank: int,
+    events: EventSink,
+) -> Restored | None:
+    """Restore checkpoint ``name`` (a collective); None when it is corrupt and an older one
+    should be tried.
+
+    Raises:
+        CheckpointRefused: see ``restore_checkpoint``.
+    """
+    is_main = rank == 0
+    location = source.describe(name)
+    try:
         changes = _check_compatible(
-            manifest,
-            identity,
-            allowed=request.allow_changes,
-            location=location,
-            rank=rank,
-            events=events,
+            manifest, identity, allowed=request.allow_changes, history=history, location=location
         )
-        same_world_size = manifest.world_size == identity.world_size
-        loaded, problem, corrupt = _read_checkpoint(
-            source, name, manifest, contents, rank=rank, with_per_rank=same_world_size
+    except CheckpointRefused as refused:
+        refused.reported_elsewhere = not is_main  # every rank refuses; rank 0 says why
+        raise
+    if is_main:
+        operational = identity_differences(
+            manifest.operational, operational_fields(identity.config)
         )
-        # Collective: apply only what every rank read intact.
-        failures = [
-            (failed_rank, report[0], report[1])
-            for failed_rank, report in enumerate(gather_from_all((problem, corrupt)))
-            if report[0] is not None
-        ]
-        if not failures:
-            _apply(loaded, contents, location=location, changes=changes, is_main=is_main)
-            break
-        failed_rank, problem, corrupt = failures[0]
+        if operational:
+            events.emit("config_changed", checkpoint=location, changes=operational)
+    same_world_size = manifest.world_size == identity.world_size
+    loaded, problem, corrupt = _read_checkpoint(
+        source, name, manifest, contents, rank=rank, with_per_rank=same_world_size
+    )
+    # Collective: apply only what every rank read intact.
+    failures = [
+        (failed_rank, report[0], report[1])
+        for failed_rank, report in enumerate(gather_from_all((problem, corrupt)))
+        if report[0] is not None
+    ]
+    if failures:
+        # An error that is not the checkpoint's fault, on any rank, stops the resume.
+        failed_rank, problem, corrupt = min(failures, key=lambda failure: failure[2])
         if not corrupt:
             raise CheckpointRefused(
                 f"cannot read checkpoint {location} on rank {failed_rank} ({problem}); this is "
@@ -132,7 +178,7 @@ def restore_checkpoint(
                 "or start fresh with --no-resume",
                 reported_elsewhere=not is_main,
             )
-        if only is not None:
+        if request.from_path is not None:
             raise CheckpointRefused(
                 f"--resume-from {location}: rank {failed_rank} could not read it ({problem})",
                 reported_elsewhere=not is_main,
@@ -144,12 +190,18 @@ def restore_checkpoint(
                 problems=[f"rank {failed_rank}: {problem}"],
                 action="falling back to an older checkpoint",
             )
-        older_than = step_of(name)
+        return None
+    misfit = _apply(loaded, contents, location=location, changes=changes)
+    # Collective: a part that does not fit on any rank (its own RNG state, say) stops all.
+    for failed_rank, problem in enumerate(gather_from_all(misfit)):
+        if problem is not None:
+            raise CheckpointRefused(problem, reported_elsewhere=rank != failed_rank)
     new_overrides = [
         {"step": manifest.step, "field": field, "old": old, "new": new}
         for field, (old, new) in changes.items()
+        if not explained_by(history, field, old=old, new=new)
     ]
-    identity.overrides = [*manifest.identity_overrides, *new_overrides]
+    identity.overrides = [*history, *new_overrides]
     if is_main:
         if new_overrides:
             events.emit(
@@ -171,33 +223,35 @@ def restore_checkpoint(
     )
 
 
-def _agree_on_candidate(
-    source: CheckpointStorage,
-    *,
-    only: str | None,
-    older_than: int | None,
-    rank: int,
-    events: EventSink,
-) -> tuple[str, Manifest] | None:
-    """Rank 0's choice of the next checkpoint to try, on every rank (a collective)."""
-    choice: tuple[str, str] | None = None  # (name, manifest json)
+def _decided_by_main(rank: int, decide: Callable[[], T], *, what: str) -> T:
+    """``decide()`` run on rank 0, its result on every rank (a collective).
+
+    Any error on rank 0 refuses the resume on every rank as one line, so no rank is left
+    waiting in a collective that rank 0 never joins.
+    """
+    value: T | None = None
     error: str | None = None
     if rank == 0:
         try:
-            choice = _choose(source, only=only, older_than=older_than, events=events)
+            value = decide()
         except CheckpointRefused as refused:
             error = str(refused)
-    choice, error = broadcast_from_main((choice, error))
+        except Exception as failure:  # storage that cannot be listed or read
+            error = (
+                f"{what}: {type(failure).__name__}: {failure}; fix the cause and rerun, or "
+                "start fresh with --no-resume"
+            )
+    value, error = broadcast_from_main((value, error))
     if error is not None:
         raise CheckpointRefused(error, reported_elsewhere=rank != 0)
-    if choice is None:
-        return None
-    return choice[0], Manifest.from_json(choice[1])
+    return value  # type: ignore[return-value]
 
 
 def _choose(
     source: CheckpointStorage, *, only: str | None, older_than: int | None, events: EventSink
-) -> tuple[str, str] | None:
+) -> tuple[str, str, list[dict[str, Any]]] | None:
+    """The next checkpoint to try: its name, manifest (JSON) and the run's recorded
+    identity changes."""
     if only is not None:
         manifest, problems = verify_checkpoint(source, only, read_files=False)
         if manifest is None or problems:
@@ -206,14 +260,14 @@ def _choose(
                 f"({'; '.join(problems)}); pick one that 'steadytrain checkpoints verify' "
                 "reports as good"
             )
-        return only, manifest.to_json()
+        return only, manifest.to_json(), recorded_overrides(source)
     found = find_restorable(
         source, events=events, emit=True, read_files=False, older_than=older_than
     )
     if found is None:
         return None
     name, manifest = found
-    return name, manifest.to_json()
+    return name, manifest.to_json(), recorded_overrides(source)
 
 
 def _check_compatible(
@@ -221,46 +275,41 @@ def _check_compatible(
     identity: RunIdentity,
     *,
     allowed: tuple[str, ...],
+    history: list[dict[str, Any]],
     location: str,
-    rank: int,
-    events: EventSink,
 ) -> dict[str, tuple[Any, Any]]:
-    """Refuse a checkpoint of another identity; returns the allowed changes (old, new).
+    """Refuse a checkpoint of another identity; returns the accepted changes (old, new).
+
+    A change is accepted when ``--allow-change`` names its field, or when the run's
+    checkpoints record it (a fallback to a checkpoint from before an accepted change).
 
     Raises:
         CheckpointRefused: an identity field differs and was not allowed to, or the global
             batch differs.
     """
-    saved, current = manifest.identity, identity_fields(identity.config)
-    changed = {key for key in set(saved) | set(current) if saved.get(key) != current.get(key)}
-    refused = sorted(changed - set(allowed))
+    changes = identity_changes(manifest.identity, identity_fields(identity.config))
+    refused = {
+        field: (old, new)
+        for field, (old, new) in changes.items()
+        if field not in allowed and not explained_by(history, field, old=old, new=new)
+    }
     if refused:
-        differences = identity_differences(
-            {key: saved.get(key) for key in refused}, {key: current.get(key) for key in refused}
-        )
+        differences = [f"{field}: {old!r} -> {new!r}" for field, (old, new) in refused.items()]
         raise CheckpointRefused(
             f"checkpoint {location} belongs to a run with another identity ("
             + "; ".join(differences)
             + "); restore it with the same settings, accept a deliberate change with "
-            "--allow-change FIELD, or start fresh with --no-resume or a new --run-dir",
-            reported_elsewhere=rank != 0,
+            "--allow-change FIELD, or start fresh with --no-resume or a new --run-dir"
         )
     if (
         manifest.global_batch_size != identity.global_batch_size
-        and "train.global_batch_size" not in changed
+        and "train.global_batch_size" not in changes
     ):
         raise CheckpointRefused(
             f"checkpoint {location}: global batch {manifest.global_batch_size} differs from "
-            f"{identity.global_batch_size}",
-            reported_elsewhere=rank != 0,
+            f"{identity.global_batch_size}"
         )
-    if rank == 0:
-        operational = identity_differences(
-            manifest.operational, operational_fields(identity.config)
-        )
-        if operational:
-            events.emit("config_changed", checkpoint=location, changes=operational)
-    return {key: (saved.get(key), current.get(key)) for key in sorted(changed)}
+    return changes
 
 
 def _read_checkpoint(
@@ -304,12 +353,11 @@ def _apply(
     *,
     location: str,
     changes: Mapping[str, Any],
-    is_main: bool,
-) -> None:
-    """Load every part's state; a state that does not fit its part refuses the checkpoint.
+) -> str | None:
+    """Load every part's state; returns the problem when a state does not fit its part.
 
-    That happens when an allowed identity change cannot apply (another model shape, other
-    data); without allowed changes the identity check has ruled it out.
+    That happens when an accepted identity change cannot apply (another model shape, other
+    data); without accepted changes the identity check has ruled it out.
     """
     targets: list[tuple[Mapping[str, Stateful], dict[str, Any]]] = [
         (contents.replicated, loaded["replicated"])
@@ -321,11 +369,11 @@ def _apply(
             try:
                 part.load_state_dict(states[name])
             except (RuntimeError, ValueError, KeyError, TypeError, UserError) as error:
-                allowed = ", ".join(f"--allow-change {field}" for field in changes) or "none"
-                first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-                raise CheckpointRefused(
+                accepted = ", ".join(changes) or "none"
+                first_line = (str(error).strip().splitlines() or [""])[0]
+                return (
                     f"checkpoint {location}: its {name} state does not fit this run "
-                    f"({type(error).__name__}: {first_line}); identity changes allowed: "
-                    f"{allowed}; undo the change or start fresh with --no-resume",
-                    reported_elsewhere=not is_main,
-                ) from None
+                    f"({type(error).__name__}: {first_line}); identity changes accepted: "
+                    f"{accepted}; undo the change or start fresh with --no-resume"
+                )
+    return None

@@ -9,7 +9,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
@@ -23,6 +23,9 @@ from steadytrain.config import (
     check_allowed_changes,
     load_config,
 )
+
+if TYPE_CHECKING:  # the CLI imports torch only once a command needs it
+    from steadytrain.checkpoint import CheckpointStatus
 
 app = typer.Typer(
     add_completion=False,
@@ -87,6 +90,10 @@ def train(
     """
     if resume_from is not None and no_resume:
         raise ConfigError("--resume-from and --no-resume contradict each other; pick one")
+    if allow_changes and no_resume:
+        raise ConfigError(
+            "--allow-change applies to a resume, and --no-resume starts fresh; drop one of them"
+        )
     config = _load(config_path, overrides, run_dir)  # before importing torch: fast errors
     allowed = check_allowed_changes(config, allow_changes or [])
     from steadytrain.checkpoint import ResumeRequest
@@ -227,7 +234,7 @@ def checkpoints_verify(run_dir: RunDirArg) -> None:
     typer.echo(f"verify OK: {len(statuses)} checkpoint(s) intact and compatible; {resume_line}")
 
 
-def _status_line(status: Any) -> str:
+def _status_line(status: CheckpointStatus) -> str:
     import datetime
 
     if status.manifest is None:

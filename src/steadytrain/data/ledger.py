@@ -29,13 +29,7 @@ LEDGER_VERSION = 1
 
 
 class ConsumptionLedger:
-    """Appends this rank's committed consumption to ``RUN_DIR/ledger``.
-
-    Rank 0 registers the attempt (one start of training) in ``attempts.jsonl`` when the
-    ledger is built; where the attempt started is its first recorded step (a start that
-    commits nothing leaves nothing to audit), so the ledger can be built before the resume
-    that decides it.
-    """
+    """Appends this rank's committed consumption to ``RUN_DIR/ledger``."""
 
     def __init__(
         self,
@@ -44,6 +38,7 @@ class ConsumptionLedger:
         attempt: str,
         rank: int,
         world_size: int,
+        start_step: int,
         num_samples: int,
         global_batch_size: int,
         seed: int,
@@ -56,7 +51,14 @@ class ConsumptionLedger:
             )
             with open(directory / "attempts.jsonl", "a") as attempts:
                 attempts.write(
-                    json.dumps({"attempt": attempt, "world_size": world_size, "time": time.time()})
+                    json.dumps(
+                        {
+                            "attempt": self.attempt,
+                            "start_step": start_step,
+                            "world_size": world_size,
+                            "time": time.time(),
+                        }
+                    )
                     + "\n"
                 )
         path = directory / f"rank-{rank:05d}.jsonl"
@@ -221,39 +223,28 @@ def _effective_steps(
 ) -> tuple[dict[int, tuple[int, list[int]]], list[str]]:
     """Per step, the epoch and all ranks' sample ids, keeping only steps not rolled back."""
     order = {entry["attempt"]: number for number, entry in enumerate(attempts)}
-    records = [
-        (rank_file.name, record)
-        for rank_file in sorted(directory.glob("rank-*.jsonl"))
-        for record in _read_jsonl(rank_file)
-    ]
-    # An attempt starts at its first recorded step, on any rank (older ledgers say so).
-    starts: dict[str, float] = {
-        entry["attempt"]: entry.get("start_step", float("inf")) for entry in attempts
-    }
-    for _, record in records:
-        if record["attempt"] in starts:
-            starts[record["attempt"]] = min(starts[record["attempt"]], record["step"])
     # A step of attempt i counts only if no later attempt restarted at or before it.
     limit: dict[str, float] = {}
     for number, entry in enumerate(attempts):
-        later_starts = [starts[later["attempt"]] for later in attempts[number + 1 :]]
+        later_starts = [later["start_step"] for later in attempts[number + 1 :]]
         limit[entry["attempt"]] = min(later_starts, default=float("inf"))
     steps: dict[int, tuple[int, list[int]]] = {}
     owner: dict[int, str] = {}
     problems: list[str] = []
-    for file_name, record in records:
-        attempt, step = record["attempt"], record["step"]
-        if attempt not in order:
-            problems.append(f"{file_name}: step {step} from unknown attempt {attempt}")
-            continue
-        if step >= limit[attempt]:
-            continue
-        if step in owner and owner[step] != attempt:
-            problems.append(f"step {step}: recorded by attempts {owner[step]} and {attempt}")
-            continue
-        owner[step] = attempt
-        _, ids = steps.setdefault(step, (record["epoch"], []))
-        ids.extend(record["sample_ids"])
+    for rank_file in sorted(directory.glob("rank-*.jsonl")):
+        for record in _read_jsonl(rank_file):
+            attempt, step = record["attempt"], record["step"]
+            if attempt not in order:
+                problems.append(f"{rank_file.name}: step {step} from unknown attempt {attempt}")
+                continue
+            if step >= limit[attempt]:
+                continue
+            if step in owner and owner[step] != attempt:
+                problems.append(f"step {step}: recorded by attempts {owner[step]} and {attempt}")
+                continue
+            owner[step] = attempt
+            _, ids = steps.setdefault(step, (record["epoch"], []))
+            ids.extend(record["sample_ids"])
     return steps, problems
 
 

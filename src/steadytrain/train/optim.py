@@ -102,4 +102,3 @@ def apply_hyperparameters(
         if index == DECAYED_GROUP:
             group["weight_decay"] = train.weight_decay
         group["lr"] = train.lr * schedule(step)  # what the next optimizer step uses
-    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # get_last_lr()

@@ -25,6 +25,7 @@ from steadytrain.checkpoint import (
     save_final_weights,
 )
 from steadytrain.config import (
+    BatchLayout,
     Config,
     UserError,
     batch_layout,
@@ -32,7 +33,9 @@ from steadytrain.config import (
 )
 from steadytrain.data import (
     ConsumptionLedger,
+    Datasets,
     GlobalPositionSampler,
+    MicroBatch,
     NullLedger,
     StepBatches,
     build_datasets,
@@ -140,30 +143,30 @@ def build_parts(
     seed_all(config.seed)  # same model init on every rank
     model = _agreed(lambda: build_model(config), runtime)
     loss_fn = _agreed(lambda: resolve_loss_fn(config), runtime)
-    if config.data.dataset_factory is None:
-        # One process per machine prepares the corpus; the others wait for its verdict.
-        _agreed(lambda: ensure_corpus(config.data) if runtime.local_rank == 0 else None, runtime)
-    datasets = _agreed(lambda: build_datasets(config), runtime)
-    sampler = _agreed(
-        lambda: GlobalPositionSampler(
-            num_samples=len(datasets.train),  # type: ignore[arg-type]
-            global_batch_size=layout.global_batch_size,
-            seed=config.seed,
-        ),
-        runtime,
-    )
+    datasets, sampler = _data(config, runtime, layout)
     seed_all(rank_seed(config.seed, rank=runtime.rank))  # per-rank streams (dropout)
     if runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     parallel_model = ParallelModel(model, runtime=runtime)
     optimizer = build_optimizer(parallel_model.unwrapped, config.train)
+    scheduler = build_scheduler(optimizer, config.train)
+    # Before the resume, as a fresh start does it: a dataset that draws random numbers
+    # (augmentation) draws them here either way, not from the restored streams.
+    batches = StepBatches(
+        datasets.train,
+        sampler,
+        layout,
+        rank=runtime.rank,
+        num_workers=config.data.num_workers,
+        pin_memory=runtime.device.type == "cuda",
+    )
+    val_batches = _validation_batches(datasets, config, runtime, layout)
     progress = _progress(config, runtime)
     progress.say(f"data: {datasets.description}")
     events = EventLog(JsonlSink(run_dir / "events.jsonl"), rank=runtime.rank)
     identity = RunIdentity(
         config=config, world_size=runtime.world_size, global_batch_size=layout.global_batch_size
     )
-    scheduler = build_scheduler(optimizer, config.train)
     state = TrainState()
     contents = checkpoint_contents(
         model=parallel_model.unwrapped,
@@ -188,9 +191,6 @@ def build_parts(
     )
     if restored is not None:
         _follow_restored(restored, config, runtime, optimizer, scheduler, state, events)
-    # After the resume: a checkpoint of another identity is refused with its differences
-    # before a ledger of other settings is.
-    ledger = _open_ledger(config, runtime, sampler)
     return TrainingParts(
         config=config,
         runtime=runtime,
@@ -200,36 +200,54 @@ def build_parts(
         scheduler=scheduler,
         loss_fn=loss_fn,
         sampler=sampler,
-        batches=StepBatches(
-            datasets.train,
-            sampler,
-            layout,
-            rank=runtime.rank,
-            num_workers=config.data.num_workers,
-            pin_memory=runtime.device.type == "cuda",
-        ),
-        val_batches=(
-            validation_batches(
-                datasets.val,
-                world_size=runtime.world_size,
-                rank=runtime.rank,
-                micro_batch_size=layout.micro_batch_size,
-                max_batches=config.train.eval_batches,
-            )
-            if datasets.val is not None
-            else []
-        ),
+        batches=batches,
+        val_batches=val_batches,
         tokens_per_sample=datasets.tokens_per_sample,
         state=state,
         identity=identity,
         storage=storage,
-        ledger=ledger,
-        restored=restored,
+        # After the resume: it says where this attempt starts, and a checkpoint of another
+        # identity is refused with its differences before a ledger of other settings is.
+        ledger=_open_ledger(config, runtime, sampler, start_step=state.step),
         checkpointer=checkpointer,
         metrics=JsonlSink(run_dir / "metrics.jsonl") if runtime.is_main else NullSink(),
         events=events,
         timer=PhaseTimer(device=runtime.device),
         progress=progress,
+        restored=restored,
+    )
+
+
+def _data(
+    config: Config, runtime: Runtime, layout: BatchLayout
+) -> tuple[Datasets, GlobalPositionSampler]:
+    """The datasets (the corpus prepared first if need be) and the global-position sampler."""
+    if config.data.dataset_factory is None:
+        # One process per machine prepares the corpus; the others wait for its verdict.
+        _agreed(lambda: ensure_corpus(config.data) if runtime.local_rank == 0 else None, runtime)
+    datasets = _agreed(lambda: build_datasets(config), runtime)
+    sampler = _agreed(
+        lambda: GlobalPositionSampler(
+            num_samples=len(datasets.train),  # type: ignore[arg-type]
+            global_batch_size=layout.global_batch_size,
+            seed=config.seed,
+        ),
+        runtime,
+    )
+    return datasets, sampler
+
+
+def _validation_batches(
+    datasets: Datasets, config: Config, runtime: Runtime, layout: BatchLayout
+) -> list[MicroBatch]:
+    if datasets.val is None:
+        return []
+    return validation_batches(
+        datasets.val,
+        world_size=runtime.world_size,
+        rank=runtime.rank,
+        micro_batch_size=layout.micro_batch_size,
+        max_batches=config.train.eval_batches,
     )
 
 
@@ -306,7 +324,9 @@ def _agreed(build: Callable[[], T], runtime: Runtime) -> T:
     raise UserError(f"rank {failed_rank}: {message}", reported_elsewhere=True)
 
 
-def _open_ledger(config: Config, runtime: Runtime, sampler: GlobalPositionSampler) -> Ledger:
+def _open_ledger(
+    config: Config, runtime: Runtime, sampler: GlobalPositionSampler, *, start_step: int
+) -> Ledger:
     if not config.data.ledger:
         return NullLedger()
     # Every rank tags its records with the same attempt id, chosen by rank 0.
@@ -317,6 +337,7 @@ def _open_ledger(config: Config, runtime: Runtime, sampler: GlobalPositionSample
             attempt=attempt,
             rank=runtime.rank,
             world_size=runtime.world_size,
+            start_step=start_step,
             num_samples=sampler.num_samples,
             global_batch_size=sampler.global_batch_size,
             seed=sampler.seed,
