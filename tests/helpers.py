@@ -74,6 +74,16 @@ def run_torchrun(*args: str | Path, nproc: int = 2, timeout: float = 240) -> Cli
     return CliResult(completed.returncode, completed.stdout, completed.stderr)
 
 
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (``metrics.jsonl``, ``events.jsonl``)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def events(run_dir: Path, kind: str) -> list[dict[str, Any]]:
+    """The events of one kind in ``RUN_DIR/events.jsonl``, oldest first."""
+    return [record for record in read_jsonl(run_dir / "events.jsonl") if record["event"] == kind]
+
+
 def as_set_args(overrides: list[str]) -> list[str]:
     return [arg for override in overrides for arg in ("--set", override)]
 

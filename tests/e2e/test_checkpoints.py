@@ -18,6 +18,7 @@ from steadytrain.checkpoint.manifest import checksum_of
 from tests.helpers import (
     TINY_CONFIG,
     as_set_args,
+    events,
     run_steadytrain,
     start_steadytrain,
     wait_for_staging,
@@ -61,11 +62,6 @@ def train(run_dir: Path, overrides: list[str], *extra: str, nproc: int = 2):
         *extra,
         *as_set_args(overrides),
     )
-
-
-def events(run_dir: Path, kind: str) -> list[dict]:
-    records = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    return [record for record in records if record["event"] == kind]
 
 
 def final_weights(run_dir: Path) -> bytes:

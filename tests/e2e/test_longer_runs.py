@@ -9,18 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY_CONFIG, as_set_args, run_steadytrain
+from tests.helpers import TINY_CONFIG, as_set_args, events, read_jsonl, run_steadytrain
 
 pytestmark = pytest.mark.slow
 LR, MIN_LR_RATIO = 0.003, 0.1
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def events(run_dir: Path, kind: str) -> list[dict]:
-    return [record for record in read_jsonl(run_dir / "events.jsonl") if record["event"] == kind]
 
 
 def train(run_dir: Path, settings: list[str], *extra: str):

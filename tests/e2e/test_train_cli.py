@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.helpers import TINY_CONFIG, as_set_args, run_steadytrain, run_torchrun
+from tests.helpers import TINY_CONFIG, as_set_args, read_jsonl, run_steadytrain, run_torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -27,10 +27,6 @@ METRIC_KEYS = {
     "optimizer_s",
     "checkpoint_s",
 }
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="module")
