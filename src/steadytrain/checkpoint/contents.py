@@ -75,16 +75,6 @@ class RunIdentity:
         )
 
 
-def identity_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Identity fields whose value differs, as ``{field: (saved, current)}``, sorted."""
-    fields = sorted(set(saved) | set(current))
-    return {
-        field: (saved.get(field), current.get(field))
-        for field in fields
-        if saved.get(field) != current.get(field)
-    }
-
-
 def explained_by(history: list[dict[str, Any]], field: str, *, old: Any, new: Any) -> bool:
     """Whether recorded overrides took ``field`` from ``old`` to ``new`` (in one or more steps)."""
     chain = [override for override in history if override["field"] == field]

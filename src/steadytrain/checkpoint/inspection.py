@@ -6,11 +6,17 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from steadytrain.checkpoint.contents import explained_by, identity_changes
+from steadytrain.checkpoint.contents import explained_by
 from steadytrain.checkpoint.discovery import recorded_overrides, verify_checkpoint
 from steadytrain.checkpoint.location import checkpoint_storage
 from steadytrain.checkpoint.manifest import MANIFEST_NAME, Manifest, ManifestError, step_of
-from steadytrain.config import ConfigError, identity_fields, load_config
+from steadytrain.config import (
+    ConfigError,
+    describe_changes,
+    field_changes,
+    identity_fields,
+    load_config,
+)
 
 
 @dataclass
@@ -60,12 +66,16 @@ def inspect_checkpoints(run_dir: Path, *, verify: bool) -> list[CheckpointStatus
             except (ManifestError, UnicodeDecodeError) as error:
                 problems = [f"manifest.json unreadable: {error}"]
         if verify and manifest is not None:
-            problems += [
-                f"identity differs from {config_path}: {field}: {old!r} -> {new!r}"
-                for field, (old, new) in identity_changes(
+            unexplained = {
+                field: (old, new)
+                for field, (old, new) in field_changes(
                     manifest.identity, identity_fields(config)
                 ).items()
                 if not explained_by(history, field, old=old, new=new)
+            }
+            problems += [
+                f"identity differs from {config_path}: {difference}"
+                for difference in describe_changes(unexplained)
             ]
         total = sum(entry.size for entry in manifest.files.values()) if manifest else 0
         statuses.append(

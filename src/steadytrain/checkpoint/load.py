@@ -19,7 +19,6 @@ from steadytrain.checkpoint.contents import (
     RunIdentity,
     Stateful,
     explained_by,
-    identity_changes,
 )
 from steadytrain.checkpoint.discovery import (
     find_restorable,
@@ -37,6 +36,8 @@ from steadytrain.checkpoint.snapshot import SHARED_STEM, rank_stem
 from steadytrain.checkpoint.storage import CheckpointStorage
 from steadytrain.config import (
     UserError,
+    describe_changes,
+    field_changes,
     identity_differences,
     identity_fields,
     operational_fields,
@@ -287,17 +288,16 @@ def _check_compatible(
         CheckpointRefused: an identity field differs and was not allowed to, or the global
             batch differs.
     """
-    changes = identity_changes(manifest.identity, identity_fields(identity.config))
+    changes = field_changes(manifest.identity, identity_fields(identity.config))
     refused = {
         field: (old, new)
         for field, (old, new) in changes.items()
         if field not in allowed and not explained_by(history, field, old=old, new=new)
     }
     if refused:
-        differences = [f"{field}: {old!r} -> {new!r}" for field, (old, new) in refused.items()]
         raise CheckpointRefused(
             f"checkpoint {location} belongs to a run with another identity ("
-            + "; ".join(differences)
+            + "; ".join(describe_changes(refused))
             + "); restore it with the same settings, accept a deliberate change with "
             "--allow-change FIELD, or start fresh with --no-resume or a new --run-dir"
         )

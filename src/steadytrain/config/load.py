@@ -116,13 +116,20 @@ def identity_fingerprint(config: Config) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+def field_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Fields whose value differs between two field mappings, as ``{key: (old, new)}``, sorted."""
+    keys = sorted(set(old) | set(new))
+    return {key: (old.get(key), new.get(key)) for key in keys if old.get(key) != new.get(key)}
+
+
+def describe_changes(changes: dict[str, tuple[Any, Any]]) -> list[str]:
+    """``key: old -> new`` lines for what ``field_changes`` returned."""
+    return [f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items()]
+
+
 def identity_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Human-readable differences between two identity-field mappings."""
-    differences = []
-    for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
-            differences.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
-    return differences
+    return describe_changes(field_changes(old, new))
 
 
 class _Yaml12Loader(yaml.SafeLoader):

@@ -10,11 +10,11 @@ import torch
 
 import steadytrain
 from steadytrain.config import Config, identity_fields, identity_fingerprint
-from steadytrain.distributed import Runtime
 from steadytrain.train.loop import FitResult, TrainingParts
 
 
-def run_facts(config: Config, runtime: Runtime, parts: TrainingParts) -> dict[str, Any]:
+def run_facts(parts: TrainingParts) -> dict[str, Any]:
+    config, runtime = parts.config, parts.runtime
     return {
         "world_size": runtime.world_size,
         "backend": runtime.backend,

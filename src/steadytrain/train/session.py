@@ -92,9 +92,7 @@ def run_training(config: Config, *, resume: ResumeRequest | None = None) -> FitR
             write_run_config(config)
         started = time.perf_counter()
         if runtime.is_main:
-            parts.events.emit(
-                "train_start", step=parts.state.step, **run_facts(config, runtime, parts)
-            )
+            parts.events.emit("train_start", step=parts.state.step, **run_facts(parts))
         result = fit(parts)
         result.resumed_from = parts.restored.location if parts.restored is not None else None
         elapsed = time.perf_counter() - started
