@@ -23,10 +23,11 @@ from steadytrain.distributed import side_group
 
 
 class Checkpointer(Protocol):
-    """What the loop needs: a chance to save after each committed step, and a final flush."""
+    """What the loop needs: a chance to save after each step, and a final flush."""
 
-    def after_step(self, *, step: int, final: bool) -> SaveOutcome | None:
-        """Save if one is due; returns the outcome of a save that completed, if any."""
+    def after_step(self, *, step: int, final: bool, now: bool = False) -> SaveOutcome | None:
+        """Save if one is due (``now``: save whatever the interval, synchronously, e.g. on
+        preemption); returns the outcome of a save that completed, if any."""
         ...
 
     def finish(self) -> SaveOutcome | None:
@@ -37,7 +38,7 @@ class Checkpointer(Protocol):
 class NoCheckpoints:
     """Checkpointing off (``checkpoint.every_steps: 0``)."""
 
-    def after_step(self, *, step: int, final: bool) -> SaveOutcome | None:
+    def after_step(self, *, step: int, final: bool, now: bool = False) -> SaveOutcome | None:
         return None
 
     def finish(self) -> SaveOutcome | None:
@@ -81,7 +82,9 @@ class PeriodicCheckpointer:
             self._group = side_group(timeout_s=identity.config.dist.timeout_s)
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="steadytrain-checkpoint")
 
-    def after_step(self, *, step: int, final: bool) -> SaveOutcome | None:
+    def after_step(self, *, step: int, final: bool, now: bool = False) -> SaveOutcome | None:
+        if now:
+            return self._save_now(step)
         due = step % self.settings.every_steps == 0 or (final and self.settings.at_end)
         if not due or step == self.last_committed_step:
             if self._executor is not None and self._spare is None and self._staging is None:
@@ -103,6 +106,12 @@ class PeriodicCheckpointer:
         self._spare = snapshot.parts  # reused only after finish(): its write is done by then
         self._in_flight = self._executor.submit(self._write, snapshot, blocked)
         return completed
+
+    def _save_now(self, step: int) -> SaveOutcome:
+        """Wait for a save in flight, then save ``step`` synchronously (training waits)."""
+        started = time.perf_counter()
+        self.finish()
+        return self._write(self._snapshot(step, copy=False), time.perf_counter() - started)
 
     def finish(self) -> SaveOutcome | None:
         if self._in_flight is None:

@@ -83,10 +83,20 @@ def train(
         bool, typer.Option("--no-resume", help="Start fresh even if checkpoints exist.")
     ] = False,
     allow_changes: AllowChangeOpt = None,
+    max_restarts: Annotated[
+        int,
+        typer.Option(
+            "--max-restarts",
+            min=0,
+            help="With --nproc: restart the worker group up to R times after a rank fails; "
+            "each restart resumes from the newest good checkpoint.",
+        ),
+    ] = 0,
 ) -> None:
     """Train: as a torchrun worker, alone, or as the launcher of --nproc local workers.
 
     With checkpoints in the run directory, the same command resumes from the newest good one.
+    Exit code 75 means preempted: a checkpoint was saved; run the same command again.
     """
     if resume_from is not None and no_resume:
         raise ConfigError("--resume-from and --no-resume contradict each other; pick one")
@@ -110,14 +120,27 @@ def train(
             worker_args.append("--no-resume")
         for field in allowed:
             worker_args += ["--allow-change", field]
-        raise typer.Exit(launch_local_workers(nproc=nproc, worker_args=worker_args))
+        raise typer.Exit(
+            launch_local_workers(
+                nproc=nproc,
+                worker_args=worker_args,
+                max_restarts=max_restarts,
+                shutdown_timeout_s=config.fault.preempt_grace_s + 15,
+            )
+        )
     if nproc is not None:
         typer.echo(
             "steadytrain: --nproc is ignored inside torchrun (it sets the world size)", err=True
         )
+    if max_restarts and nproc is None:
+        typer.echo(
+            "steadytrain: --max-restarts needs --nproc (under torchrun, give torchrun "
+            "--max-restarts)",
+            err=True,
+        )
     exit_with_launcher()
     request = ResumeRequest(enabled=not no_resume, from_path=resume_from, allow_changes=allowed)
-    code = _exit_code_of(lambda: run_training(config, resume=request))
+    code = _exit_code_of(lambda: sys.exit(run_training(config, resume=request).exit_code))
     _end_worker(code)
 
 
@@ -163,16 +186,31 @@ def audit(
         status = "complete" if epoch.complete else "partial"
         tail = f", tail of {len(epoch.tail)} not consumed by design" if epoch.complete else ""
         typer.echo(f"epoch {epoch.epoch} ({status}): {epoch.num_consumed:,} samples consumed{tail}")
+        if epoch.skipped_by_guard:
+            shown = ", ".join(map(str, epoch.skipped_by_guard[:20]))
+            more = " …" if len(epoch.skipped_by_guard) > 20 else ""
+            typer.echo(
+                f"  {len(epoch.skipped_by_guard)} samples skipped by the non-finite guard: "
+                f"{shown}{more}"
+            )
+    if report.skipped_steps:
+        typer.echo(
+            f"steps skipped by the non-finite guard (update dropped, data passed over): "
+            f"{', '.join(map(str, report.skipped_steps))}"
+        )
     for problem in report.problems:
         typer.echo(f"PROBLEM: {problem}")
     summary = (
-        f"{report.num_steps} committed steps over {report.num_attempts} attempt(s), "
+        f"{report.num_steps} recorded steps over {report.num_attempts} attempt(s), "
         f"{report.num_samples:,} samples, global batch {report.global_batch_size}"
     )
     if not report.ok:
         typer.echo(f"audit FAILED: {len(report.problems)} problem(s); {summary}")
         raise typer.Exit(EXIT_AUDIT_FAILED)
-    typer.echo(f"audit OK: every sample consumed exactly once; {summary}")
+    once = "consumed exactly once"
+    if report.skipped_steps:
+        once += f" or skipped by the guard ({len(report.skipped_steps)} step(s))"
+    typer.echo(f"audit OK: every sample {once}; {summary}")
 
 
 @data_app.command("prepare")

@@ -8,6 +8,9 @@ EXIT_INTERNAL = 1
 EXIT_USAGE = 2
 EXIT_AUDIT_FAILED = 3
 EXIT_CHECKPOINT_BAD = 4
+EXIT_DIVERGED = 5  # non-finite loss persisted past fault.max_rollbacks: retrying cannot help
+EXIT_REQUEUE = 75  # preempted, state saved: run the same command again (sysexits EX_TEMPFAIL)
+EXIT_HANG = 76  # the watchdog found a rank without progress and ended the process
 
 
 class UserError(Exception):

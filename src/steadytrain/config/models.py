@@ -215,6 +215,40 @@ class DistConfig(_Section):
     )
 
 
+class FaultConfig(_Section):
+    preempt_signals: list[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"]] = operational_field(
+        ["SIGTERM", "SIGUSR1"],
+        description="Signals that ask every rank to checkpoint at the next step and exit 75.",
+    )
+    preempt_grace_s: float = operational_field(
+        60.0,
+        description="Seconds after a preemption signal within which the save must finish; "
+        "past it the process exits and the previous checkpoint stays the newest good one.",
+        gt=0,
+    )
+    max_consecutive_nonfinite: int = operational_field(
+        3,
+        description="Non-finite steps skipped in a row before rolling back to the last good "
+        "checkpoint.",
+        ge=1,
+    )
+    max_rollbacks: int = operational_field(
+        3, description="Rollbacks in one run before it stops as diverged (exit 5).", ge=0
+    )
+    hang_timeout_s: float = operational_field(
+        300.0,
+        description="Seconds without progress inside a step before a rank counts as hung "
+        "(0: no watchdog).",
+        ge=0,
+    )
+    hang_warmup_s: float = operational_field(
+        900.0,
+        description="Allowance before the first step completes, and during checkpoint saves "
+        "and evaluation, before the watchdog counts a rank as hung.",
+        ge=0,
+    )
+
+
 class Config(_Section):
     seed: int = identity_field(1234, description="Seeds the model init and data order.", ge=0)
     deterministic: bool = operational_field(
@@ -231,6 +265,9 @@ class Config(_Section):
     )
     log: LogConfig = Field(default_factory=LogConfig, description="Metrics and console output.")
     dist: DistConfig = Field(default_factory=DistConfig, description="Distributed runtime.")
+    fault: FaultConfig = Field(
+        default_factory=FaultConfig, description="Preemption, hangs and non-finite steps."
+    )
 
 
 @dataclass(frozen=True)

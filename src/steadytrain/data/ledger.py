@@ -44,41 +44,56 @@ class ConsumptionLedger:
         seed: int,
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        self.attempt = attempt
+        self.directory = directory
+        self.rank = rank
+        self.world_size = world_size
         if rank == 0:
             _write_meta(
                 directory, num_samples=num_samples, global_batch_size=global_batch_size, seed=seed
             )
-            with open(directory / "attempts.jsonl", "a") as attempts:
-                attempts.write(
-                    json.dumps(
-                        {
-                            "attempt": self.attempt,
-                            "start_step": start_step,
-                            "world_size": world_size,
-                            "time": time.time(),
-                        }
-                    )
-                    + "\n"
-                )
+        self.begin_attempt(attempt=attempt, start_step=start_step)
         path = directory / f"rank-{rank:05d}.jsonl"
         self._file: IO[str] = open(path, "a")  # noqa: SIM115
         if path.stat().st_size and not _ends_with_newline(path):
             self._file.write("\n")  # end a line torn by a crash, so our first record stands alone
 
-    def record(self, *, step: int, epoch: int, sample_ids: list[int]) -> None:
-        """Record that committed ``step`` consumed ``sample_ids`` on this rank."""
-        self._file.write(
-            json.dumps(
-                {
-                    "attempt": self.attempt,
-                    "step": step,
-                    "epoch": epoch,
-                    "sample_ids": sample_ids,
-                }
+    def begin_attempt(self, *, attempt: str, start_step: int, reason: str = "start") -> None:
+        """From now on records belong to ``attempt``, which starts at ``start_step``.
+
+        A start of training is an attempt, and so is a rollback: records of earlier attempts
+        at ``start_step`` or later no longer count. Every rank must use the same id.
+        """
+        self.attempt = attempt
+        if self.rank != 0:
+            return
+        with open(self.directory / "attempts.jsonl", "a") as attempts:
+            attempts.write(
+                json.dumps(
+                    {
+                        "attempt": attempt,
+                        "start_step": start_step,
+                        "world_size": self.world_size,
+                        "time": time.time(),
+                        "reason": reason,
+                    }
+                )
+                + "\n"
             )
-            + "\n"
-        )
+
+    def record(
+        self, *, step: int, epoch: int, sample_ids: list[int], skipped: bool = False
+    ) -> None:
+        """Record that ``step`` consumed ``sample_ids`` on this rank: committed, or
+        ``skipped`` by the non-finite guard (its update dropped, its data passed over)."""
+        entry: dict[str, Any] = {
+            "attempt": self.attempt,
+            "step": step,
+            "epoch": epoch,
+            "sample_ids": sample_ids,
+        }
+        if skipped:
+            entry["skipped_by_guard"] = True
+        self._file.write(json.dumps(entry) + "\n")
         self._file.flush()
 
     def close(self) -> None:
@@ -93,7 +108,12 @@ def new_attempt_id() -> str:
 class NullLedger:
     """The ledger when ``data.ledger`` is off: records nothing."""
 
-    def record(self, *, step: int, epoch: int, sample_ids: list[int]) -> None:
+    def begin_attempt(self, *, attempt: str, start_step: int, reason: str = "start") -> None:
+        return None
+
+    def record(
+        self, *, step: int, epoch: int, sample_ids: list[int], skipped: bool = False
+    ) -> None:
         return None
 
     def close(self) -> None:
@@ -109,6 +129,7 @@ class EpochAudit:
     missing: list[int] = field(default_factory=list)
     unexpected: list[int] = field(default_factory=list)
     tail: list[int] = field(default_factory=list)
+    skipped_by_guard: list[int] = field(default_factory=list)  # passed over, not trained on
 
 
 @dataclass
@@ -119,6 +140,7 @@ class AuditReport:
     num_attempts: int
     epochs: list[EpochAudit]
     problems: list[str]
+    skipped_steps: list[int] = field(default_factory=list)  # by the non-finite guard
 
     @property
     def ok(self) -> bool:
@@ -126,7 +148,8 @@ class AuditReport:
 
 
 def audit_ledger(run_dir: Path) -> AuditReport:
-    """Check that every sample of every epoch was consumed exactly once across ranks/restarts.
+    """Check that every sample of every epoch was consumed exactly once across ranks/restarts,
+    or skipped by the non-finite guard (listed as such, never counted as missing).
 
     A complete epoch must consume every sample except its reported tail; a partial (last)
     epoch must consume exactly the prefix of its permutation that its steps cover.
@@ -150,11 +173,16 @@ def audit_ledger(run_dir: Path) -> AuditReport:
     by_epoch: dict[int, list[int]] = {
         epoch: [] for epoch in range(-(-num_run_steps // steps_per_epoch))
     }
+    skipped_ids: dict[int, list[int]] = {epoch: [] for epoch in by_epoch}
+    skipped_steps: list[int] = []
     for step in range(num_run_steps):
         if step not in steps:
             problems.append(f"step {step}: no rank recorded it (skipped or lost)")
             continue
-        epoch, sample_ids = steps[step]
+        epoch, sample_ids, skipped = steps[step]
+        if skipped:
+            skipped_steps.append(step)
+            skipped_ids[step // steps_per_epoch].extend(sample_ids)
         if epoch != step // steps_per_epoch:
             problems.append(
                 f"step {step}: recorded in epoch {epoch}, expected {step // steps_per_epoch}"
@@ -170,6 +198,7 @@ def audit_ledger(run_dir: Path) -> AuditReport:
         expected = permutation[: epoch_steps * batch]
         audit = _audit_epoch(epoch, consumed, expected.tolist(), complete=complete)
         audit.tail = permutation[steps_per_epoch * batch :].tolist() if complete else []
+        audit.skipped_by_guard = sorted(skipped_ids[epoch])
         problems.extend(_describe(audit))
         epochs.append(audit)
     return AuditReport(
@@ -179,6 +208,7 @@ def audit_ledger(run_dir: Path) -> AuditReport:
         num_attempts=len(attempts),
         epochs=epochs,
         problems=problems,
+        skipped_steps=skipped_steps,
     )
 
 
@@ -220,16 +250,18 @@ def _describe(audit: EpochAudit) -> list[str]:
 
 def _effective_steps(
     directory: Path, attempts: list[dict[str, Any]]
-) -> tuple[dict[int, tuple[int, list[int]]], list[str]]:
-    """Per step, the epoch and all ranks' sample ids, keeping only steps not rolled back."""
+) -> tuple[dict[int, tuple[int, list[int], bool]], list[str]]:
+    """Per step, the epoch, all ranks' sample ids and whether the guard skipped it, keeping
+    only steps not rolled back."""
     order = {entry["attempt"]: number for number, entry in enumerate(attempts)}
     # A step of attempt i counts only if no later attempt restarted at or before it.
     limit: dict[str, float] = {}
     for number, entry in enumerate(attempts):
         later_starts = [later["start_step"] for later in attempts[number + 1 :]]
         limit[entry["attempt"]] = min(later_starts, default=float("inf"))
-    steps: dict[int, tuple[int, list[int]]] = {}
+    steps: dict[int, tuple[int, list[int], bool]] = {}
     owner: dict[int, str] = {}
+    skipped_on: dict[int, set[bool]] = {}
     problems: list[str] = []
     for rank_file in sorted(directory.glob("rank-*.jsonl")):
         for record in _read_jsonl(rank_file):
@@ -243,8 +275,13 @@ def _effective_steps(
                 problems.append(f"step {step}: recorded by attempts {owner[step]} and {attempt}")
                 continue
             owner[step] = attempt
-            _, ids = steps.setdefault(step, (record["epoch"], []))
+            skipped = bool(record.get("skipped_by_guard", False))
+            _, ids, _ = steps.setdefault(step, (record["epoch"], [], skipped))
             ids.extend(record["sample_ids"])
+            skipped_on.setdefault(step, set()).add(skipped)
+    for step, verdicts in sorted(skipped_on.items()):
+        if len(verdicts) > 1:  # the guard's decision is agreed: a split means a diverged rank
+            problems.append(f"step {step}: skipped by the guard on some ranks, committed on others")
     return steps, problems
 
 

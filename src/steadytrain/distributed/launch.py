@@ -9,6 +9,7 @@ too instead of printing the agent's multi-page failure report.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import sys
@@ -16,15 +17,30 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from types import FrameType
 
-from steadytrain.config import EXIT_INTERNAL, EXIT_USAGE
+from steadytrain.config import EXIT_INTERNAL, EXIT_REQUEUE, EXIT_USAGE
 
 _AGENT_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher")
 LAUNCHER_PID_VARIABLE = "STEADYTRAIN_LAUNCHER_PID"
 
 
-def launch_local_workers(*, nproc: int, worker_args: Sequence[str], max_restarts: int = 0) -> int:
-    """Run ``python -m steadytrain WORKER_ARGS`` as ``nproc`` ranks; return the exit code."""
+def launch_local_workers(
+    *,
+    nproc: int,
+    worker_args: Sequence[str],
+    max_restarts: int = 0,
+    shutdown_timeout_s: float = 30.0,
+) -> int:
+    """Run ``python -m steadytrain WORKER_ARGS`` as ``nproc`` ranks; return the exit code.
+
+    A worker that fails makes the agent restart the whole group, up to ``max_restarts``
+    times; the workers resume from the newest good checkpoint. SIGTERM (or SIGUSR1) to
+    this launcher is passed to the workers as SIGTERM; they checkpoint at the next step
+    and exit, given ``shutdown_timeout_s`` before the agent kills them, and the launcher
+    exits ``EXIT_REQUEUE``.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -41,18 +57,41 @@ def launch_local_workers(*, nproc: int, worker_args: Sequence[str], max_restarts
         max_restarts=max_restarts,
         monitor_interval=0.1,
         start_method="spawn",
+        shutdown_timeout=math.ceil(shutdown_timeout_s),
     )
+    # The agent turns SIGTERM into an orderly shutdown (SIGTERM to every worker); SIGUSR1,
+    # which SLURM sends before a time limit, would otherwise kill the launcher outright.
+    signal.signal(signal.SIGUSR1, _shut_down_as_on_sigterm)
     try:
         elastic_launch(launch_config, entrypoint=sys.executable)("-m", "steadytrain", *worker_args)
+    except SignalException:
+        print(
+            "steadytrain: stopped by a signal; the workers saved a checkpoint if they could "
+            f"(exit code {EXIT_REQUEUE}: run the same command again)",
+            file=sys.stderr,
+        )
+        return EXIT_REQUEUE
     except ChildFailedError as error:
         code = _exit_code_of(error)
-        if code != EXIT_USAGE:
+        if code == EXIT_REQUEUE:
+            print(
+                f"steadytrain: preempted (exit code {code}); run the same command again to "
+                "resume from the checkpoint just saved",
+                file=sys.stderr,
+            )
+        elif code != EXIT_USAGE:
             print(
                 f"steadytrain: a worker failed (exit code {code}); its output is above",
                 file=sys.stderr,
             )
         return code
     return 0
+
+
+def _shut_down_as_on_sigterm(number: int, frame: FrameType | None) -> None:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    raise SignalException("launcher got SIGUSR1", sigval=signal.SIGTERM)
 
 
 def exit_with_launcher(*, poll_seconds: float = 0.1) -> None:

@@ -1,5 +1,6 @@
 """Phase timers, metric and event sinks, progress display and the run summary."""
 
+from steadytrain.telemetry.observers import StepObserver, StepObservers
 from steadytrain.telemetry.progress import (
     ConsoleProgress,
     IntervalStats,
@@ -21,6 +22,8 @@ __all__ = [
     "NullSink",
     "PhaseTimer",
     "Progress",
+    "StepObserver",
+    "StepObservers",
     "interval_record",
     "read_jsonl",
 ]

@@ -20,6 +20,7 @@ class IntervalStats:
     """Sums over the steps since the last log line."""
 
     num_steps: int = 0
+    num_committed: int = 0  # steps whose update was applied (the others were skipped)
     seconds: float = 0.0
     phase_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
@@ -27,7 +28,7 @@ class IntervalStats:
         self.num_steps += 1
         self.seconds += step_seconds
         for name, seconds in phases.items():
-            self.phase_seconds[name] += seconds
+            self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + seconds
 
 
 def interval_record(
@@ -97,7 +98,7 @@ class ConsoleProgress:
     def step(self, record: Mapping[str, Any]) -> None:
         width = len(str(self._max_steps))
         line = (
-            f"step {record['step']:>{width}}/{self._max_steps}  loss {record['loss']:.4f}  "
+            f"step {record['step']:>{width}}/{self._max_steps}  loss {_loss_text(record['loss'])}  "
             f"lr {record['lr']:.2e}  {record['step_time_s'] * 1000:6.1f} ms/step  "
             f"{record['tokens_per_second']:>9,.0f} tok/s  "
             f"sync {record['grad_sync_share'] * 100:4.1f}%"
@@ -134,3 +135,7 @@ def _summary_table(rows: list[tuple[str, str]]) -> Table:
     for key, value in rows:
         table.add_row(Text(key), Text(value))
     return table
+
+
+def _loss_text(loss: float | None) -> str:
+    return "skipped" if loss is None else f"{loss:.4f}"

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from steadytrain.telemetry.observers import StepObservers
+
 
 class MetricSink(Protocol):
     def write(self, record: dict[str, Any]) -> None: ...
@@ -51,12 +53,17 @@ class NullSink:
 class EventLog:
     """Named events (start, epoch end, finish, ...) with time and rank."""
 
-    def __init__(self, sink: MetricSink, *, rank: int) -> None:
+    def __init__(
+        self, sink: MetricSink, *, rank: int, observers: StepObservers | None = None
+    ) -> None:
         self._sink = sink
         self._rank = rank
+        self.observers = observers or StepObservers()
 
     def emit(self, kind: str, **fields: Any) -> None:
-        self._sink.write({"time": time.time(), "event": kind, "rank": self._rank, **fields})
+        record = {"time": time.time(), "event": kind, "rank": self._rank, **fields}
+        self._sink.write(record)
+        self.observers.event(kind, record)
 
     def close(self) -> None:
         self._sink.close()

@@ -13,13 +13,22 @@ from collections.abc import Iterator
 
 import torch
 
+from steadytrain.telemetry.observers import StepObservers
+
 PHASES = ("data_wait", "h2d", "forward", "backward", "grad_sync", "optimizer", "checkpoint")
 
 
 class PhaseTimer:
-    """Accumulates seconds per phase for the current step."""
+    """Accumulates seconds per phase for the current step and tells ``observers``."""
 
-    def __init__(self, *, device: torch.device, sync_every: int = 50) -> None:
+    def __init__(
+        self,
+        *,
+        device: torch.device,
+        sync_every: int = 50,
+        observers: StepObservers | None = None,
+    ) -> None:
+        self.observers = observers or StepObservers()
         self._sync_device = device.type == "cuda"
         self._sync_every = max(1, sync_every)
         self._step_number = 0
@@ -31,7 +40,8 @@ class PhaseTimer:
         """Whether this step pays device syncs for exact phase times."""
         return self._sync_device and self._step_number % self._sync_every == 0
 
-    def start_step(self) -> None:
+    def start_step(self, step: int = 0) -> None:
+        self.observers.step_started(step=step)
         self._seconds = dict.fromkeys(PHASES, 0.0)
         if self.sampling:
             torch.cuda.synchronize()  # device sync (sampled steps only)
@@ -39,13 +49,17 @@ class PhaseTimer:
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        self.observers.phase_started(name)
         started = time.perf_counter()
         try:
             yield
         finally:
             if self.sampling:
                 torch.cuda.synchronize()  # device sync (sampled steps only)
-            self._seconds[name] += time.perf_counter() - started
+            seconds = time.perf_counter() - started
+            # Phases outside the step contract (evaluation) are only seen by the observers.
+            self._seconds[name] = self._seconds.get(name, 0.0) + seconds
+            self.observers.phase_ended(name, seconds=seconds)
 
     def add(self, name: str, seconds: float) -> None:
         """Charge time measured elsewhere (e.g. the gradient all-reduce) to ``name``."""

@@ -16,15 +16,24 @@ import torch
 from torch import nn
 
 from steadytrain.checkpoint import (
+    CheckpointContents,
     Checkpointer,
     CheckpointStorage,
     Restored,
     RunIdentity,
     SaveOutcome,
 )
-from steadytrain.config import BatchLayout, Config
+from steadytrain.config import EXIT_DIVERGED, EXIT_OK, EXIT_REQUEUE, BatchLayout, Config
 from steadytrain.data import GlobalPositionSampler, MicroBatch, StepBatches
 from steadytrain.distributed import ParallelModel, Runtime, mean_across_ranks
+from steadytrain.fault import (
+    GraceDeadline,
+    PreemptionSignals,
+    StepAction,
+    StepDecision,
+    StepGuard,
+    StopReason,
+)
 from steadytrain.model import LossFn
 from steadytrain.telemetry import (
     EventLog,
@@ -34,13 +43,18 @@ from steadytrain.telemetry import (
     Progress,
     interval_record,
 )
+from steadytrain.train.rollback import roll_back, skip_nonfinite_step
 from steadytrain.train.state import TrainState
 
 
 class Ledger(Protocol):
     """What the loop needs of a consumption ledger (``ConsumptionLedger`` or ``NullLedger``)."""
 
-    def record(self, *, step: int, epoch: int, sample_ids: list[int]) -> None: ...
+    def begin_attempt(self, *, attempt: str, start_step: int, reason: str = "start") -> None: ...
+
+    def record(
+        self, *, step: int, epoch: int, sample_ids: list[int], skipped: bool = False
+    ) -> None: ...
 
     def close(self) -> None: ...
 
@@ -73,22 +87,40 @@ class TrainingParts:
     events: EventLog
     timer: PhaseTimer
     progress: Progress
+    contents: CheckpointContents
+    guard: StepGuard
+    preemption: PreemptionSignals
     restored: Restored | None = None  # the checkpoint ``state`` was restored from, if any
+    grad_norm: torch.Tensor = field(default_factory=lambda: torch.zeros(()))  # of this step
 
 
 @dataclass
 class FitResult:
     state: TrainState
+    stop_reason: StopReason = StopReason.FINISHED
     first_loss: float | None = None
     last_loss: float | None = None
     val_loss: float | None = None  # of the final weights (None without validation data)
     last_save: SaveOutcome | None = None
     resumed_from: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    signalled_ranks: tuple[int, ...] = ()  # ranks a preemption signal reached
+
+    @property
+    def exit_code(self) -> int:
+        """The documented exit code of how training stopped (README "Exit codes")."""
+        return {
+            StopReason.FINISHED: EXIT_OK,
+            StopReason.PREEMPTED: EXIT_REQUEUE,
+            StopReason.DIVERGED: EXIT_DIVERGED,
+        }[self.stop_reason]
 
 
 def fit(parts: TrainingParts) -> FitResult:
-    """Train from ``parts.state`` to ``train.max_steps``; returns the final state and losses."""
+    """Train from ``parts.state`` to ``train.max_steps``, or until every rank agrees to stop.
+
+    Returns the final state, the losses, and why training stopped (``stop_reason``).
+    """
     config, timer, state = parts.config, parts.timer, parts.state
     result = FitResult(state=state)
     interval = IntervalStats()
@@ -96,30 +128,36 @@ def fit(parts: TrainingParts) -> FitResult:
     evaluated_at: int | None = None
     parts.model.module.train()
     while state.step < config.train.max_steps:
-        timer.start_step()
+        step = state.step
+        timer.start_step(step)
         with timer.phase("data_wait"):
             micro_batches = parts.batches.next_step()
         step_loss = train_micro_batches(parts, micro_batches)
         with timer.phase("optimizer"):
-            apply_optimizer_step(parts)
-        commit_step(parts, state, micro_batches)
+            decision = decide_step(parts, step_loss)
+        stop = act_on(parts, decision, micro_batches) or decision.stop  # the one branch
         with timer.phase("checkpoint"):
-            save = parts.checkpointer.after_step(
-                step=state.step, final=state.step == config.train.max_steps
-            )
+            save = save_after_step(parts, stop=stop)
         if save is not None:
             result.last_save = save
         step_seconds, phase_seconds = timer.end_step()
+        timer.observers.step_ended(step=step, action=decision.action.value, seconds=step_seconds)
         interval.add(step_seconds, phase_seconds)
-        interval_loss += step_loss
-        if state.step % config.log.every_steps == 0 or state.step == config.train.max_steps:
+        if decision.action is StepAction.COMMIT:
+            interval_loss += step_loss
+            interval.num_committed += 1
+        at_end = state.step >= config.train.max_steps or stop is not None
+        if state.step % config.log.every_steps == 0 or at_end:
             record = observe(parts, state, interval, interval_loss)
             result.history.append(record)
-            result.first_loss = (
-                result.first_loss if result.first_loss is not None else record["loss"]
-            )
-            result.last_loss = record["loss"]
+            if record["loss"] is not None:
+                if result.first_loss is None:
+                    result.first_loss = record["loss"]
+                result.last_loss = record["loss"]
             interval, interval_loss = IntervalStats(), torch.zeros_like(interval_loss)
+        if stop is not None:
+            result.stop_reason, result.signalled_ranks = stop, decision.preempted_ranks
+            return result
         if config.train.eval_every and state.step % config.train.eval_every == 0:
             result.val_loss, evaluated_at = evaluate(parts, state), state.step
     with timer.phase("checkpoint"):
@@ -130,6 +168,56 @@ def fit(parts: TrainingParts) -> FitResult:
         # The final validation loss is of the final weights, whatever eval_every is.
         result.val_loss = evaluate(parts, state)
     return result
+
+
+def decide_step(parts: TrainingParts, step_loss: torch.Tensor) -> StepDecision:
+    """The step's agreed decision: every rank's preemption flag and non-finite loss or
+    gradient norm, in one all-reduce and one host sync (the only one per step besides
+    logging), so every rank commits, skips, rolls back or stops together."""
+    params = [p.grad for p in parts.model.unwrapped.parameters() if p.grad is not None]
+    parts.grad_norm = torch.nn.utils.get_total_norm(params)  # stays on the device
+    return parts.guard.decide(
+        preempt_requested=parts.preemption.requested, loss=step_loss, grad_norm=parts.grad_norm
+    )
+
+
+def act_on(
+    parts: TrainingParts, decision: StepDecision, micro_batches: list[MicroBatch]
+) -> StopReason | None:
+    """Carry out the agreed decision; a rollback with nothing to roll back to stops."""
+    match decision.action:
+        case StepAction.COMMIT:
+            with parts.timer.phase("optimizer"):
+                apply_optimizer_step(parts)
+            commit_step(parts, parts.state, micro_batches)
+            return None
+        case StepAction.SKIP:
+            skip_nonfinite_step(parts, decision, micro_batches)
+            return None
+        case StepAction.ROLL_BACK:
+            with parts.timer.phase("checkpoint"):
+                return roll_back(parts, decision)
+
+
+def save_after_step(parts: TrainingParts, *, stop: StopReason | None) -> SaveOutcome | None:
+    """The periodic save if one is due; on preemption, a save now, within the grace."""
+    step, final = parts.state.step, parts.state.step == parts.config.train.max_steps
+    if stop is not StopReason.PREEMPTED:
+        return parts.checkpointer.after_step(step=step, final=final)
+    deadline = GraceDeadline(
+        grace_s=parts.config.fault.preempt_grace_s,
+        since=parts.preemption.received_at,
+        on_expiry=lambda: parts.events.emit(
+            "preempt_save_abandoned",
+            step=step,
+            grace_s=parts.config.fault.preempt_grace_s,
+            note="the previous checkpoint stays the newest good one",
+        ),
+    )
+    try:
+        return parts.checkpointer.after_step(step=step, final=final, now=True)
+    finally:
+        deadline.cancel()
 
 
 def train_micro_batches(parts: TrainingParts, micro_batches: list[MicroBatch]) -> torch.Tensor:
@@ -161,10 +249,10 @@ def train_micro_batches(parts: TrainingParts, micro_batches: list[MicroBatch]) -
 
 
 def apply_optimizer_step(parts: TrainingParts) -> None:
-    """Clip the global gradient norm, step the optimizer and the schedule, clear grads."""
+    """Clip to the global gradient norm, step the optimizer and the schedule, clear grads."""
     if parts.config.train.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(
-            parts.model.unwrapped.parameters(), parts.config.train.grad_clip
+        torch.nn.utils.clip_grads_with_norm_(
+            parts.model.unwrapped.parameters(), parts.config.train.grad_clip, parts.grad_norm
         )
     parts.optimizer.step()
     parts.scheduler.step()
@@ -195,13 +283,15 @@ def observe(
     parts: TrainingParts, state: TrainState, interval: IntervalStats, interval_loss: torch.Tensor
 ) -> dict[str, Any]:
     """Average the interval's loss over ranks and write one metrics record (rank 0)."""
-    mean_loss = mean_across_ranks(interval_loss / max(1, interval.num_steps))
+    # Skipped steps have non-finite losses: the interval's loss is over committed ones.
+    mean_loss = mean_across_ranks(interval_loss / max(1, interval.num_committed))
     record: dict[str, Any] = {
         "step": state.step,
         "epoch": parts.sampler.epoch,
         "samples_seen": state.samples_seen,
         "tokens_seen": state.tokens_seen,
-        "loss": float(mean_loss.item()),  # host sync (log steps only)
+        # host sync (log steps only)
+        "loss": float(mean_loss.item()) if interval.num_committed else None,
         "lr": parts.scheduler.get_last_lr()[0],
     }
     record.update(

@@ -56,6 +56,7 @@ from steadytrain.distributed import (
     stop_runtime,
     use_deterministic_kernels,
 )
+from steadytrain.fault import PreemptionSignals, StepGuard, StopReason
 from steadytrain.model import build_model, resolve_loss_fn
 from steadytrain.telemetry import (
     ConsoleProgress,
@@ -65,6 +66,7 @@ from steadytrain.telemetry import (
     NullSink,
     PhaseTimer,
     Progress,
+    StepObservers,
 )
 from steadytrain.train.loop import FitResult, Ledger, TrainingParts, fit
 from steadytrain.train.optim import apply_hyperparameters, build_optimizer, build_scheduler
@@ -78,15 +80,21 @@ FINAL_WEIGHTS = Path("final") / "model.safetensors"
 def run_training(config: Config, *, resume: ResumeRequest | None = None) -> FitResult:
     """Join the process group, resume if asked, train to ``train.max_steps``, save the weights.
 
+    Training may also stop early, on every rank together: preempted (a checkpoint saved) or
+    diverged; ``FitResult.stop_reason`` says which, and only a finished run saves final
+    weights.
+
     Raises:
         UserError: for problems with the config, data or user code found while setting up;
             every rank raises, and only the rank that found it has ``reported_elsewhere``
             unset.
     """
+    # First: from here on a preemption signal is a flag the loop acts on, not a death.
+    preemption = PreemptionSignals(list(config.fault.preempt_signals))
     runtime = start_runtime(config)
     try:
         use_deterministic_kernels(config.deterministic)
-        parts = build_parts(config, runtime, resume=resume)
+        parts = build_parts(config, runtime, resume=resume, preemption=preemption)
         if runtime.is_main:
             # Only now: a refused resume must leave the run's own config.yaml as it was.
             write_run_config(config)
@@ -95,20 +103,7 @@ def run_training(config: Config, *, resume: ResumeRequest | None = None) -> FitR
             parts.events.emit("train_start", step=parts.state.step, **run_facts(parts))
         result = fit(parts)
         result.resumed_from = parts.restored.location if parts.restored is not None else None
-        elapsed = time.perf_counter() - started
-        if runtime.is_main:
-            weights = save_final_weights(
-                parts.model.unwrapped, Path(config.run_dir).resolve() / FINAL_WEIGHTS
-            )
-            parts.events.emit(
-                "train_end",
-                step=parts.state.step,
-                seconds=elapsed,
-                weights=str(weights),
-                loss=result.last_loss,
-                val_loss=result.val_loss,
-            )
-            parts.progress.summary(summary(config, parts, result, elapsed, weights))
+        _report_end(parts, result, seconds=time.perf_counter() - started)
         parts.ledger.close()
         parts.metrics.close()
         parts.events.close()
@@ -121,14 +116,73 @@ def run_training(config: Config, *, resume: ResumeRequest | None = None) -> FitR
         barrier(timeout_s=30.0)
         raise
     finally:
+        preemption.restore()
         stop_runtime()
 
 
+def _report_end(parts: TrainingParts, result: FitResult, *, seconds: float) -> None:
+    """Rank 0: the final weights (a finished run only), the closing event and the summary."""
+    config = parts.config
+    if not parts.runtime.is_main:
+        return
+    if result.stop_reason is not StopReason.FINISHED:
+        save = result.last_save
+        parts.events.emit(
+            result.stop_reason.value,
+            step=parts.state.step,
+            seconds=seconds,
+            signal=parts.preemption.received,
+            signalled_ranks=list(result.signalled_ranks),
+            checkpoint=save.location if save is not None and save.committed else None,
+            exit_code=result.exit_code,
+        )
+        parts.progress.say(_stop_line(result, parts))
+        return
+    weights = save_final_weights(
+        parts.model.unwrapped, Path(config.run_dir).resolve() / FINAL_WEIGHTS
+    )
+    parts.events.emit(
+        "train_end",
+        step=parts.state.step,
+        seconds=seconds,
+        weights=str(weights),
+        loss=result.last_loss,
+        val_loss=result.val_loss,
+        skipped_steps=parts.state.num_skipped_steps,
+        rollbacks=parts.state.num_rollbacks,
+    )
+    parts.progress.summary(summary(config, parts, result, seconds, weights))
+
+
+def _stop_line(result: FitResult, parts: TrainingParts) -> str:
+    step = parts.state.step
+    if result.stop_reason is StopReason.PREEMPTED:
+        save = result.last_save
+        saved = (
+            f"checkpoint {save.location}"
+            if save is not None and save.committed
+            else "no new checkpoint (the newest good one stays)"
+        )
+        return (
+            f"preempted at step {step}: {saved}; run the same command again to resume "
+            f"(exit code {result.exit_code})"
+        )
+    return (
+        f"stopped at step {step}: non-finite loss or gradients persisted after "
+        f"{parts.state.num_rollbacks} rollback(s) (exit code {result.exit_code})"
+    )
+
+
 def build_parts(
-    config: Config, runtime: Runtime, *, resume: ResumeRequest | None = None
+    config: Config,
+    runtime: Runtime,
+    *,
+    resume: ResumeRequest | None = None,
+    preemption: PreemptionSignals | None = None,
 ) -> TrainingParts:
     """Build every component, checkpointing and ledger included, at the step training goes on
-    from: the newest good checkpoint's (``resume``, default: automatic), or 0.
+    from: the newest good checkpoint's (``resume``, default: automatic), or 0. Preemption
+    signals reach the loop through ``preemption`` (default: none are handled).
 
     A setup error on any rank stops all ranks before a collective.
 
@@ -161,7 +215,8 @@ def build_parts(
     val_batches = _validation_batches(datasets, config, runtime, layout)
     progress = _progress(config, runtime)
     progress.say(f"data: {datasets.description}")
-    events = EventLog(JsonlSink(run_dir / "events.jsonl"), rank=runtime.rank)
+    observers = StepObservers()
+    events = EventLog(JsonlSink(run_dir / "events.jsonl"), rank=runtime.rank, observers=observers)
     identity = RunIdentity(
         config=config, world_size=runtime.world_size, global_batch_size=layout.global_batch_size
     )
@@ -210,8 +265,18 @@ def build_parts(
         checkpointer=checkpointer,
         metrics=JsonlSink(run_dir / "metrics.jsonl") if runtime.is_main else NullSink(),
         events=events,
-        timer=PhaseTimer(device=runtime.device),
+        timer=PhaseTimer(device=runtime.device, observers=observers),
         progress=progress,
+        contents=contents,
+        guard=StepGuard(
+            rank=runtime.rank,
+            world_size=runtime.world_size,
+            device=runtime.device,
+            max_consecutive_nonfinite=config.fault.max_consecutive_nonfinite,
+            max_rollbacks=config.fault.max_rollbacks,
+            rollbacks_so_far=state.num_rollbacks,
+        ),
+        preemption=preemption or PreemptionSignals([]),
         restored=restored,
     )
 
