@@ -69,3 +69,32 @@ def not_a_module(**kwargs: object) -> str:
 
 def failing_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     raise RuntimeError("this loss fails on purpose")
+
+
+class PoisonedRegression(LinearTeacher):
+    """``LinearTeacher`` whose samples in ``poison_ids`` carry a flag that turns the loss of
+    the rank reading them into NaN (see ``poisonable_mse``): bad data on one rank only."""
+
+    def __init__(self, *, poison_ids: list[int], **kwargs: int) -> None:
+        super().__init__(**kwargs)
+        self.poison_ids = set(poison_ids)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        sample = super().__getitem__(index)
+        sample["poison"] = torch.tensor(index in self.poison_ids)
+        return sample
+
+
+def make_poisoned_regression(
+    *, split: str, poison_ids: list[int], num_samples: int = 256, dim: int = 8
+) -> LinearTeacher:
+    if split != "train":
+        return make_regression(split=split, num_samples=num_samples, dim=dim)
+    return PoisonedRegression(poison_ids=poison_ids, num_samples=num_samples, dim=dim, seed=0)
+
+
+def poisonable_mse(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    loss = F.mse_loss(model(batch["x"]), batch["y"])
+    if "poison" in batch and bool(batch["poison"].any()):
+        return loss * float("nan")
+    return loss

@@ -32,11 +32,13 @@ def train_attempt(
     end_step: int,
     tamper: Tamper | None = None,
     attempt: str | None = None,
+    skipped: Callable[[int, int], bool] = lambda step, rank: False,
 ) -> str:
     """Record steps ``[start_step, end_step)`` as ``world_size`` ranks of one attempt would.
 
     The sampler resumes at ``start_step`` (as from a checkpoint there); each rank records the
-    ids of its micro-batches after each committed step.
+    ids of its micro-batches after each committed step, or as skipped by the guard where
+    ``skipped(step, rank)``.
     """
     attempt = attempt or new_attempt_id()
     sampler = GlobalPositionSampler(
@@ -68,7 +70,7 @@ def train_attempt(
             if tamper is not None:
                 ids = tamper(step, rank, ids)
             if ids is not None:
-                ledger.record(step=step, epoch=epoch, sample_ids=ids)
+                ledger.record(step=step, epoch=epoch, sample_ids=ids, skipped=skipped(step, rank))
         sampler.advance()
     for ledger in ledgers:
         ledger.close()
@@ -235,3 +237,34 @@ def test_ledger_refuses_a_run_dir_recorded_with_other_settings(tmp_path: Path) -
 
 def test_attempt_ids_are_unique() -> None:
     assert len({new_attempt_id() for _ in range(20)}) == 20
+
+
+def test_steps_skipped_by_the_guard_are_listed_never_missing(tmp_path: Path) -> None:
+    # Attempt 1 skips step 9, then rolls back to its checkpoint at step 8 as attempt 2,
+    # which passes over steps 8-10 and trains on; step 13 is skipped once more.
+    train_attempt(tmp_path, world_size=2, start_step=0, end_step=10, skipped=lambda s, r: s == 9)
+    train_attempt(
+        tmp_path,
+        world_size=2,
+        start_step=8,
+        end_step=16,
+        skipped=lambda step, rank: step in (8, 9, 10, 13),
+    )
+    report = audit_ledger(tmp_path)
+    assert report.problems == []
+    assert report.skipped_steps == [8, 9, 10, 13]
+    # Steps 8-15 are epoch 1 (8 steps per epoch): its skipped samples are those of 4 steps.
+    permutation = epoch_permutation(seed=SEED, epoch=1, num_samples=NUM_SAMPLES).tolist()
+    in_epoch = [0, 1, 2, 5]
+    expected = [i for step in in_epoch for i in permutation[step * 12 : (step + 1) * 12]]
+    assert report.epochs[1].skipped_by_guard == sorted(expected)
+    assert report.epochs[0].skipped_by_guard == []
+    assert report.epochs[1].missing == [] and report.epochs[1].duplicates == {}
+
+
+def test_a_skip_on_some_ranks_only_is_a_problem(tmp_path: Path) -> None:
+    train_attempt(
+        tmp_path, world_size=2, start_step=0, end_step=6, skipped=lambda s, r: (s, r) == (3, 1)
+    )
+    report = audit_ledger(tmp_path)
+    assert report.problems == ["step 3: skipped by the guard on some ranks, committed on others"]

@@ -23,6 +23,7 @@ from steadytrain.config import EXIT_INTERNAL, EXIT_REQUEUE, EXIT_USAGE
 
 _AGENT_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher")
 LAUNCHER_PID_VARIABLE = "STEADYTRAIN_LAUNCHER_PID"
+SHARE_STORE_VARIABLE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
 
 def launch_local_workers(
@@ -47,6 +48,10 @@ def launch_local_workers(
     for name in _AGENT_LOGGERS:
         logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ[LAUNCHER_PID_VARIABLE] = str(os.getpid())  # inherited by the workers
+    # Workers that share the agent's rendezvous store read the previous group's addresses
+    # after a restart and fail to connect (pytorch issue #135712): rank 0 hosts a fresh
+    # store for each group instead.
+    os.environ.setdefault(SHARE_STORE_VARIABLE, "1")
     launch_config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,

@@ -59,8 +59,10 @@ class GraceDeadline:
         self, *, grace_s: float, since: float | None, on_expiry: Callable[[], None]
     ) -> None:
         started = since if since is not None else time.monotonic()
-        remaining = max(0.0, grace_s - (time.monotonic() - started))
+        remaining = grace_s - (time.monotonic() - started)
         self._on_expiry = on_expiry
+        if remaining <= 0:  # spent before the step ended: do not start a save at all
+            self._expire()
         self._timer = threading.Timer(remaining, self._expire)
         self._timer.daemon = True
         self._timer.start()

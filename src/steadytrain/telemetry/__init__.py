@@ -8,6 +8,8 @@ from steadytrain.telemetry.progress import (
     Progress,
     interval_record,
 )
+from steadytrain.telemetry.recovery import LastProgress, RecoveryReport, last_logged_progress
+from steadytrain.telemetry.resources import process_start_time
 from steadytrain.telemetry.sinks import EventLog, JsonlSink, MetricSink, NullSink, read_jsonl
 from steadytrain.telemetry.timers import PHASES, PhaseTimer
 
@@ -17,13 +19,17 @@ __all__ = [
     "EventLog",
     "IntervalStats",
     "JsonlSink",
+    "LastProgress",
     "MetricSink",
     "NullProgress",
     "NullSink",
     "PhaseTimer",
     "Progress",
+    "RecoveryReport",
     "StepObserver",
     "StepObservers",
     "interval_record",
+    "last_logged_progress",
+    "process_start_time",
     "read_jsonl",
 ]

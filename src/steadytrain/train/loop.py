@@ -9,6 +9,7 @@ Host/device sync points in the hot loop are marked "host sync".
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -91,6 +92,7 @@ class TrainingParts:
     guard: StepGuard
     preemption: PreemptionSignals
     restored: Restored | None = None  # the checkpoint ``state`` was restored from, if any
+    restore_seconds: float = 0.0  # finding, reading and verifying it
     grad_norm: torch.Tensor = field(default_factory=lambda: torch.zeros(()))  # of this step
 
 
@@ -287,6 +289,7 @@ def observe(
     mean_loss = mean_across_ranks(interval_loss / max(1, interval.num_committed))
     record: dict[str, Any] = {
         "step": state.step,
+        "time": time.time(),
         "epoch": parts.sampler.epoch,
         "samples_seen": state.samples_seen,
         "tokens_seen": state.tokens_seen,

@@ -58,13 +58,7 @@ def roll_back(parts: TrainingParts, decision: StepDecision) -> StopReason | None
         rank=parts.runtime.rank,
         events=parts.events,
     )
-    if restored is None:
-        if parts.runtime.is_main:
-            parts.events.emit(
-                "diverged",
-                step=failing_step,
-                reason="non-finite steps persisted and there is no checkpoint to roll back to",
-            )
+    if restored is None:  # nothing to roll back to
         return StopReason.DIVERGED
     parts.guard.rolled_back()
     window = list(range(parts.state.step, failing_step + 1))

@@ -1,0 +1,131 @@
+"""The agreed step decision's policy, preemption flags and the grace deadline."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from steadytrain.config import EXIT_REQUEUE
+from steadytrain.fault import PreemptionSignals, StepAction, StepGuard, StopReason
+from steadytrain.train.state import TrainState
+
+
+def guard(*, max_consecutive: int = 2, max_rollbacks: int = 1) -> StepGuard:
+    return StepGuard(
+        rank=0,
+        world_size=2,
+        device=torch.device("cpu"),
+        max_consecutive_nonfinite=max_consecutive,
+        max_rollbacks=max_rollbacks,
+    )
+
+
+FINE = [[0, 0], [0, 0], [0, 0]]  # rows: preempt, loss non-finite, gradient non-finite
+NAN_ON_RANK_1 = [[0, 0], [0, 1], [1, 1]]
+
+
+def test_finite_steps_commit_and_a_signal_on_one_rank_stops_all() -> None:
+    decider = guard()
+    assert decider.decide_from(FINE).action is StepAction.COMMIT
+    decision = decider.decide_from([[0, 1], [0, 0], [0, 0]])
+    assert (decision.action, decision.stop) == (StepAction.COMMIT, StopReason.PREEMPTED)
+    assert decision.preempted_ranks == (1,)
+
+
+def test_nonfinite_skips_then_rolls_back_then_diverges() -> None:
+    decider = guard(max_consecutive=2, max_rollbacks=1)
+    first = decider.decide_from(NAN_ON_RANK_1)
+    assert (first.action, first.stop, first.nonfinite_loss_ranks) == (StepAction.SKIP, None, (1,))
+    assert first.gradient_nonfinite and first.consecutive_nonfinite == 1
+    assert decider.decide_from(NAN_ON_RANK_1).action is StepAction.ROLL_BACK
+    decider.rolled_back()
+    assert decider.decide_from(NAN_ON_RANK_1).action is StepAction.SKIP  # a fresh run
+    assert decider.decide_from(FINE).action is StepAction.COMMIT  # a finite step ends it
+    assert decider.decide_from(NAN_ON_RANK_1).action is StepAction.SKIP
+    last = decider.decide_from(NAN_ON_RANK_1)  # no rollback left
+    assert (last.action, last.stop) == (StepAction.SKIP, StopReason.DIVERGED)
+
+
+def test_decide_reads_the_loss_and_gradient_norm_on_the_device() -> None:
+    decider = StepGuard(
+        rank=0,
+        world_size=1,
+        device=torch.device("cpu"),
+        max_consecutive_nonfinite=3,
+        max_rollbacks=0,
+    )
+    one = torch.tensor(1.0)
+    assert decider.decide(preempt_requested=False, loss=one, grad_norm=one).action is (
+        StepAction.COMMIT
+    )
+    nan_loss = decider.decide(
+        preempt_requested=False, loss=torch.tensor(float("nan")), grad_norm=one
+    )
+    assert (nan_loss.action, nan_loss.nonfinite_loss_ranks) == (StepAction.SKIP, (0,))
+    inf_norm = decider.decide(
+        preempt_requested=True, loss=one, grad_norm=torch.tensor(float("inf"))
+    )
+    assert inf_norm.gradient_nonfinite and inf_norm.nonfinite_loss_ranks == ()
+    assert (inf_norm.action, inf_norm.stop) == (StepAction.SKIP, StopReason.PREEMPTED)
+
+
+def test_a_preemption_signal_only_sets_a_flag_and_the_handlers_come_back() -> None:
+    before = signal.getsignal(signal.SIGUSR1)
+    signals = PreemptionSignals(["SIGUSR1", "SIGUSR2"])
+    try:
+        assert not signals.requested
+        os.kill(os.getpid(), signal.SIGUSR2)
+        os.kill(os.getpid(), signal.SIGUSR1)  # a second signal keeps the first one's clock
+        assert signals.requested and signals.received == "SIGUSR2"
+        assert signals.received_at is not None
+    finally:
+        signals.restore()
+    assert signal.getsignal(signal.SIGUSR1) == before
+
+
+DEADLINE_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from steadytrain.fault import GraceDeadline
+    marker = Path(sys.argv[1])
+    deadline = GraceDeadline(grace_s=float(sys.argv[2]), since=None,
+                             on_expiry=lambda: marker.write_text("expired"))
+    time.sleep(float(sys.argv[3]))  # the save
+    deadline.cancel()
+    print("saved")
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("grace", "save_seconds", "code"),
+    [(0.3, 5.0, EXIT_REQUEUE), (5.0, 0.1, 0), (0.0, 0.1, EXIT_REQUEUE)],
+)
+def test_a_save_outliving_the_grace_ends_the_process_with_the_requeue_code(
+    tmp_path: Path, grace: float, save_seconds: float, code: int
+) -> None:
+    marker = tmp_path / "marker"
+    completed = subprocess.run(
+        [sys.executable, "-c", DEADLINE_SCRIPT, str(marker), str(grace), str(save_seconds)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert completed.returncode == code, completed.stderr
+    assert marker.exists() == (code == EXIT_REQUEUE)
+    assert ("saved" in completed.stdout) == (code == 0)
+
+
+def test_train_state_of_version_1_loads_with_no_skips_or_rollbacks() -> None:
+    state = TrainState(num_skipped_steps=3, num_rollbacks=1)
+    state.load_state_dict({"version": 1, "step": 7, "samples_seen": 70, "tokens_seen": 700})
+    assert state == TrainState(step=7, samples_seen=70, tokens_seen=700)
+    assert TrainState().state_dict()["version"] == 2
