@@ -8,6 +8,7 @@ import datetime
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NoReturn
 
 import torch
@@ -63,6 +64,8 @@ def start_runtime(config: Config) -> Runtime:
     if device.type == "cpu":
         torch.set_num_threads(config.dist.cpu_threads or _cores_per_rank(local_world_size))
     timeout = datetime.timedelta(seconds=config.dist.timeout_s)
+    if backend == "nccl":
+        enable_nccl_debugging(config.run_dir)  # read when the process group is created
     if not dist.is_initialized():
         if under_torchrun():
             _joined_group_of_many = world_size > 1
@@ -84,6 +87,33 @@ def start_runtime(config: Config) -> Runtime:
         device=device,
         backend=backend,
     )
+
+
+def nccl_debug_environment(run_dir: str | Path) -> dict[str, str]:
+    """NCCL's watchdog and flight recorder, dumping into ``RUN_DIR/hangs`` (Contract 4).
+
+    Tear the process down on a failed or timed-out collective (3: without cleaning up the
+    communicators, which can hang themselves), keep the last 2000 collectives, dump them on
+    a timeout to ``RUN_DIR/hangs/nccl_trace_rank_<rank>``, and name the rank that did not
+    join. Under torchrun the agent already sets ``TORCH_NCCL_ASYNC_ERROR_HANDLING`` (to 1,
+    which tears down too) unless the launching environment has it.
+    """
+    hangs = Path(run_dir).resolve() / "hangs"  # the watchdog's folder (fault.hang_dump_dir)
+    return {
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3",
+        "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
+        "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+        "TORCH_FR_DUMP_TEMP_FILE": str(hangs / "nccl_trace_rank_"),
+        "TORCH_NCCL_DESYNC_DEBUG": "1",
+    }
+
+
+def enable_nccl_debugging(run_dir: str | Path) -> None:
+    """Set ``nccl_debug_environment`` where the user has not set the variable already."""
+    environment = nccl_debug_environment(run_dir)
+    Path(environment["TORCH_FR_DUMP_TEMP_FILE"]).parent.mkdir(parents=True, exist_ok=True)
+    for name, value in environment.items():
+        os.environ.setdefault(name, value)
 
 
 def stop_runtime() -> None:

@@ -1,13 +1,30 @@
 """Failure handling: preemption signals, the agreed step decision, the hang watchdog."""
 
 from steadytrain.fault.decision import StepAction, StepDecision, StepGuard, StopReason
+from steadytrain.fault.heartbeat import Heartbeat, HeartbeatBoard, Suspect, name_suspect
 from steadytrain.fault.preemption import GraceDeadline, PreemptionSignals
+from steadytrain.fault.watchdog import (
+    HangReport,
+    HangWatchdog,
+    exit_on_hang,
+    hang_dump_dir,
+    hang_watchdog,
+)
 
 __all__ = [
     "GraceDeadline",
+    "HangReport",
+    "HangWatchdog",
+    "Heartbeat",
+    "HeartbeatBoard",
     "PreemptionSignals",
     "StepAction",
     "StepDecision",
     "StepGuard",
     "StopReason",
+    "Suspect",
+    "exit_on_hang",
+    "hang_dump_dir",
+    "hang_watchdog",
+    "name_suspect",
 ]

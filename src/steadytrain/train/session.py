@@ -56,7 +56,13 @@ from steadytrain.distributed import (
     stop_runtime,
     use_deterministic_kernels,
 )
-from steadytrain.fault import PreemptionSignals, StepGuard, StopReason
+from steadytrain.fault import (
+    HangWatchdog,
+    PreemptionSignals,
+    StepGuard,
+    StopReason,
+    hang_watchdog,
+)
 from steadytrain.model import build_model, resolve_loss_fn
 from steadytrain.telemetry import (
     ConsoleProgress,
@@ -92,6 +98,7 @@ def run_training(config: Config, *, resume: ResumeRequest | None = None) -> FitR
     # First: from here on a preemption signal is a flag the loop acts on, not a death.
     preemption = PreemptionSignals(list(config.fault.preempt_signals))
     runtime = start_runtime(config)
+    parts: TrainingParts | None = None
     try:
         use_deterministic_kernels(config.deterministic)
         parts = build_parts(config, runtime, resume=resume, preemption=preemption)
@@ -116,8 +123,16 @@ def run_training(config: Config, *, resume: ResumeRequest | None = None) -> FitR
         barrier(timeout_s=30.0)
         raise
     finally:
+        if parts is not None:
+            _stop_hang_watchdog(parts)
         preemption.restore()
         stop_runtime()
+
+
+def _stop_hang_watchdog(parts: TrainingParts) -> None:
+    for observer in parts.timer.observers.observers:
+        if isinstance(observer, HangWatchdog):
+            observer.stop()
 
 
 def _report_end(parts: TrainingParts, result: FitResult, *, seconds: float) -> None:
@@ -217,6 +232,16 @@ def build_parts(
     progress.say(f"data: {datasets.description}")
     observers = StepObservers()
     events = EventLog(JsonlSink(run_dir / "events.jsonl"), rank=runtime.rank, observers=observers)
+    # After the event log it reports hangs to; its thread starts with the first step.
+    watchdog = hang_watchdog(
+        config.fault,
+        rank=runtime.rank,
+        num_ranks=runtime.world_size,
+        run_dir=run_dir,
+        emit=events.emit,
+    )
+    if watchdog is not None:
+        observers.observers.append(watchdog)
     identity = RunIdentity(
         config=config, world_size=runtime.world_size, global_batch_size=layout.global_batch_size
     )
