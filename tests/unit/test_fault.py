@@ -12,8 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from steadytrain.config import EXIT_REQUEUE
-from steadytrain.fault import PreemptionSignals, StepAction, StepGuard, StopReason
+from steadytrain.config import EXIT_REQUEUE, ConfigError
+from steadytrain.fault import (
+    PreemptionSignals,
+    StepAction,
+    StepGuard,
+    StopReason,
+    plan_faults,
+    same_weights,
+)
 from steadytrain.train.state import TrainState
 
 
@@ -45,7 +52,7 @@ def test_nonfinite_skips_then_rolls_back_then_diverges() -> None:
     assert (first.action, first.stop, first.nonfinite_loss_ranks) == (StepAction.SKIP, None, (1,))
     assert first.gradient_nonfinite and first.consecutive_nonfinite == 1
     assert decider.decide_from(NAN_ON_RANK_1).action is StepAction.ROLL_BACK
-    decider.rolled_back()
+    decider.rolled_back(rollbacks_before=decider.counters.num_rollbacks)
     assert decider.decide_from(NAN_ON_RANK_1).action is StepAction.SKIP  # a fresh run
     assert decider.decide_from(FINE).action is StepAction.COMMIT  # a finite step ends it
     assert decider.decide_from(NAN_ON_RANK_1).action is StepAction.SKIP
@@ -60,20 +67,28 @@ def test_decide_reads_the_loss_and_gradient_norm_on_the_device() -> None:
         device=torch.device("cpu"),
         max_consecutive_nonfinite=3,
         max_rollbacks=0,
+        inject_nonfinite_at=[(7, 0), (8, 1)],
     )
     one = torch.tensor(1.0)
-    assert decider.decide(preempt_requested=False, loss=one, grad_norm=one).action is (
+    assert decider.decide(step=0, preempt_requested=False, loss=one, grad_norm=one).action is (
         StepAction.COMMIT
     )
     nan_loss = decider.decide(
-        preempt_requested=False, loss=torch.tensor(float("nan")), grad_norm=one
+        step=0, preempt_requested=False, loss=torch.tensor(float("nan")), grad_norm=one
     )
     assert (nan_loss.action, nan_loss.nonfinite_loss_ranks) == (StepAction.SKIP, (0,))
     inf_norm = decider.decide(
-        preempt_requested=True, loss=one, grad_norm=torch.tensor(float("inf"))
+        step=0, preempt_requested=True, loss=one, grad_norm=torch.tensor(float("inf"))
     )
     assert inf_norm.gradient_nonfinite and inf_norm.nonfinite_loss_ranks == ()
     assert (inf_norm.action, inf_norm.stop) == (StepAction.SKIP, StopReason.PREEMPTED)
+    # Injected faults: step 7 on this rank (0), step 8 on another rank only.
+    assert decider.decide(step=7, preempt_requested=False, loss=one, grad_norm=one).action is (
+        StepAction.SKIP
+    )
+    assert decider.decide(step=8, preempt_requested=False, loss=one, grad_norm=one).action is (
+        StepAction.COMMIT
+    )
 
 
 def test_a_preemption_signal_only_sets_a_flag_and_the_handlers_come_back() -> None:
@@ -129,3 +144,26 @@ def test_train_state_of_version_1_loads_with_no_skips_or_rollbacks() -> None:
     state.load_state_dict({"version": 1, "step": 7, "samples_seen": 70, "tokens_seen": 700})
     assert state == TrainState(step=7, samples_seen=70, tokens_seen=700)
     assert TrainState().state_dict()["version"] == 2
+
+
+def test_fault_plans_are_seeded_distinct_and_checked() -> None:
+    plan = dict(kinds=["kill", "term", "stop", "nan"], count=6, max_steps=30, nproc=2)
+    first = plan_faults(**plan, seed=7, checkpoint_every=4)  # type: ignore[arg-type]
+    assert first == plan_faults(**plan, seed=7, checkpoint_every=4)  # type: ignore[arg-type]
+    assert first != plan_faults(**plan, seed=8, checkpoint_every=4)  # type: ignore[arg-type]
+    steps = [fault.at_step for fault in first]
+    assert steps == sorted(set(steps)) and steps[0] >= 2 and steps[-1] < 29
+    assert all(f.rank is not None for f in first if f.kind in ("stop", "nan"))
+    with pytest.raises(ConfigError, match="unknown kind"):
+        plan_faults(kinds=["meteor"], count=1, seed=0, max_steps=30, nproc=2, checkpoint_every=4)
+    with pytest.raises(ConfigError, match="room for 3 faults"):
+        plan_faults(kinds=["kill"], count=4, seed=0, max_steps=6, nproc=2, checkpoint_every=4)
+
+
+def test_same_weights_compares_bytes(tmp_path: Path) -> None:
+    for name, content in (("a", b"1"), ("b", b"1"), ("c", b"2")):
+        (tmp_path / name / "final").mkdir(parents=True)
+        (tmp_path / name / "final" / "model.safetensors").write_bytes(content)
+    assert same_weights(tmp_path / "a", tmp_path / "b")
+    assert not same_weights(tmp_path / "a", tmp_path / "c")
+    assert not same_weights(tmp_path / "a", tmp_path / "missing")

@@ -266,3 +266,37 @@ def test_nccl_debug_environment_dumps_beside_the_stacks(
     assert (tmp_path / "run" / "hangs").is_dir()
     assert os.environ["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "100"
     assert os.environ["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
+
+
+def test_a_store_that_never_answers_is_given_up_and_its_host_is_the_suspect() -> None:
+    # A frozen rank 0 serving the store (sharing with the agent turned off) accepts
+    # connections in the kernel but never answers; no call may block the watchdog for long.
+    import socket
+
+    frozen = socket.socket()
+    frozen.bind(("127.0.0.1", 0))
+    frozen.listen(8)
+    try:
+        board = HeartbeatBoard(
+            host="127.0.0.1",
+            port=frozen.getsockname()[1],
+            prefix="steadytrain/heartbeat/test/0",
+            timeout_s=0.5,
+            host_rank=0,
+        )
+        started = time.monotonic()
+        assert board.read(2) is None
+        assert (
+            board.publish(
+                Heartbeat(rank=1, sequence=1, step=3, phase="forward", num_phases_entered=2)
+            )
+            is False
+        )
+        assert time.monotonic() - started < 4
+    finally:
+        frozen.close()
+    own = Heartbeat(rank=1, sequence=9, step=3, phase="grad_sync", num_phases_entered=4)
+    suspect = name_suspect(
+        rank=1, own=own, before=None, after=None, num_ranks=2, store_host_rank=board.host_rank
+    )
+    assert (suspect.rank, suspect.reason) == (0, "store unreachable")

@@ -15,6 +15,7 @@ import typer
 
 from steadytrain.config import (
     EXIT_AUDIT_FAILED,
+    EXIT_CHAOS_DIFFERS,
     EXIT_CHECKPOINT_BAD,
     EXIT_INTERNAL,
     Config,
@@ -172,6 +173,63 @@ def validate(
     for line in preflight(config, world_size=world_size, prepare_corpus=False):
         typer.echo(line)
     typer.echo(f"config {config_path} is valid for {world_size} rank(s)")
+
+
+@app.command()
+def chaos(
+    config_path: ConfigArg,
+    kills: Annotated[int, typer.Option("--kills", min=1, help="How many faults to inject.")] = 3,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds when, what and whom.")] = 0,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="Worker processes.")] = 2,
+    faults: Annotated[
+        str, typer.Option("--faults", help="Fault kinds to draw from: kill,term,stop,nan.")
+    ] = "kill,term,stop,nan",
+    run_dir: Annotated[
+        Path, typer.Option("--run-dir", help="Where the reference and faulty runs go.")
+    ] = Path("runs/chaos"),
+    overrides: SetOpt = None,
+    max_restarts: Annotated[
+        int, typer.Option("--max-restarts", min=0, help="Agent restarts per launch.")
+    ] = 1,
+) -> None:
+    """Inject seeded faults into a job and prove it ends bit-identical to an uninterrupted run.
+
+    Exits 0 when the final weights match and the audit is clean, 6 otherwise.
+    """
+    _load(config_path, overrides, None)  # fail fast on a bad config
+    from rich.console import Console
+    from rich.table import Table
+
+    from steadytrain.fault import run_chaos
+
+    kinds = [kind.strip() for kind in faults.split(",") if kind.strip()]
+    report = run_chaos(
+        config_path,
+        num_faults=kills,
+        seed=seed,
+        nproc=nproc,
+        kinds=kinds,
+        work_dir=run_dir,
+        overrides=list(overrides or []),
+        max_restarts=max_restarts,
+    )
+    console = Console(highlight=False)
+    for fault in report.faults:
+        console.print(f"fault {fault.describe()}", markup=False)
+    table = Table(title=f"steadytrain chaos (seed {seed})")
+    table.add_column("")
+    table.add_column("")
+    for name, value in report.rows():
+        table.add_row(name, value)
+    console.print(table)
+    for problem in report.problems:
+        console.print(f"PROBLEM: {problem}", markup=False)
+    if not report.audit_ok:
+        console.print(report.audit_output, markup=False)
+    if not report.ok:
+        typer.echo(f"chaos FAILED: see {run_dir}/chaos-logs and {run_dir}/chaos/events.jsonl")
+        raise typer.Exit(EXIT_CHAOS_DIFFERS)
+    typer.echo("chaos OK: the faulty run ended bit-identical to the uninterrupted one")
 
 
 @app.command()

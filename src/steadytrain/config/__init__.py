@@ -2,6 +2,7 @@
 
 from steadytrain.config.errors import (
     EXIT_AUDIT_FAILED,
+    EXIT_CHAOS_DIFFERS,
     EXIT_CHECKPOINT_BAD,
     EXIT_DIVERGED,
     EXIT_HANG,
@@ -46,6 +47,7 @@ from steadytrain.config.references import resolve_callable
 __all__ = [
     "DEFAULT_MODEL_FACTORY",
     "EXIT_AUDIT_FAILED",
+    "EXIT_CHAOS_DIFFERS",
     "EXIT_CHECKPOINT_BAD",
     "EXIT_DIVERGED",
     "EXIT_HANG",

@@ -9,6 +9,7 @@ EXIT_USAGE = 2
 EXIT_AUDIT_FAILED = 3
 EXIT_CHECKPOINT_BAD = 4
 EXIT_DIVERGED = 5  # non-finite loss persisted past fault.max_rollbacks: retrying cannot help
+EXIT_CHAOS_DIFFERS = 6  # `chaos`: the faulty run's weights or audit differ from the reference
 EXIT_REQUEUE = 75  # preempted, state saved: run the same command again (sysexits EX_TEMPFAIL)
 EXIT_HANG = 76  # the watchdog found a rank without progress and ended the process
 

@@ -235,6 +235,11 @@ class FaultConfig(_Section):
     max_rollbacks: int = operational_field(
         3, description="Rollbacks in one run before it stops as diverged (exit 5).", ge=0
     )
+    inject_nonfinite_at: list[tuple[int, int]] = operational_field(
+        [],
+        description="Fault injection: (step, rank) pairs whose loss is made NaN on purpose, "
+        "to exercise the guard (the chaos harness sets it).",
+    )
     hang_timeout_s: float = operational_field(
         300.0,
         description="Seconds without progress inside a step before a rank counts as hung "

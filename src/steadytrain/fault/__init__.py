@@ -1,6 +1,20 @@
 """Failure handling: preemption signals, the agreed step decision, the hang watchdog."""
 
-from steadytrain.fault.decision import StepAction, StepDecision, StepGuard, StopReason
+from steadytrain.fault.chaos import (
+    FAULT_KINDS,
+    ChaosReport,
+    Fault,
+    plan_faults,
+    run_chaos,
+    same_weights,
+)
+from steadytrain.fault.decision import (
+    GuardCounters,
+    StepAction,
+    StepDecision,
+    StepGuard,
+    StopReason,
+)
 from steadytrain.fault.heartbeat import Heartbeat, HeartbeatBoard, Suspect, name_suspect
 from steadytrain.fault.preemption import GraceDeadline, PreemptionSignals
 from steadytrain.fault.watchdog import (
@@ -12,7 +26,11 @@ from steadytrain.fault.watchdog import (
 )
 
 __all__ = [
+    "FAULT_KINDS",
+    "ChaosReport",
+    "Fault",
     "GraceDeadline",
+    "GuardCounters",
     "HangReport",
     "HangWatchdog",
     "Heartbeat",
@@ -27,4 +45,7 @@ __all__ = [
     "hang_dump_dir",
     "hang_watchdog",
     "name_suspect",
+    "plan_faults",
+    "run_chaos",
+    "same_weights",
 ]

@@ -11,7 +11,9 @@ rank ever raises, skips or stops on its own, which is the root of most distribut
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -45,14 +47,30 @@ class StepDecision:
     consecutive_nonfinite: int = 0
 
 
+class GuardCounters(Protocol):
+    """Where the guard keeps its counts: saved with every checkpoint (the train state), so a
+    restarted run decides exactly as an uninterrupted one would."""
+
+    consecutive_nonfinite: int
+    num_rollbacks: int
+
+
+@dataclass
+class FreshCounters:
+    consecutive_nonfinite: int = 0
+    num_rollbacks: int = 0
+
+
 class StepGuard:
     """Decides each step from the agreed signals; its state is identical on every rank.
 
     Args:
         max_consecutive_nonfinite: skipped steps in a row before a rollback.
         max_rollbacks: rollbacks a run may take (across restarts) before it stops as
-            diverged; ``rollbacks_so_far`` says how many it has taken.
+            diverged.
+        counters: the run's counts of non-finite steps in a row and of rollbacks.
         world_size: ranks in the group; ``rank``: this one.
+        inject_nonfinite_at: (step, rank) pairs whose loss is treated as NaN, for tests.
     """
 
     def __init__(
@@ -63,23 +81,31 @@ class StepGuard:
         device: torch.device,
         max_consecutive_nonfinite: int,
         max_rollbacks: int,
-        rollbacks_so_far: int = 0,
+        counters: GuardCounters | None = None,
+        inject_nonfinite_at: Iterable[tuple[int, int]] = (),
     ) -> None:
         self.rank = rank
         self.world_size = world_size
         self.device = device
         self.max_consecutive_nonfinite = max_consecutive_nonfinite
         self.max_rollbacks = max_rollbacks
-        self.num_rollbacks = rollbacks_so_far
-        self.consecutive_nonfinite = 0
+        self.counters: GuardCounters = counters if counters is not None else FreshCounters()
+        self._injected_steps = {step for step, at_rank in inject_nonfinite_at if at_rank == rank}
 
     def decide(
-        self, *, preempt_requested: bool, loss: torch.Tensor, grad_norm: torch.Tensor
+        self,
+        *,
+        step: int,
+        preempt_requested: bool,
+        loss: torch.Tensor,
+        grad_norm: torch.Tensor,
     ) -> StepDecision:
-        """The decision for this step (a collective: every rank calls it once per step).
+        """The decision for ``step`` (a collective: every rank calls it once per step).
 
         ``loss`` and ``grad_norm`` stay on the device until the one host sync below.
         """
+        if step in self._injected_steps:  # fault injection (fault.inject_nonfinite_at)
+            loss = loss * float("nan")
         signals = torch.zeros((3, self.world_size), dtype=torch.int32, device=self.device)
         signals[_PREEMPT, self.rank] = int(preempt_requested)
         signals[_LOSS_NONFINITE, self.rank] = ~torch.isfinite(loss)
@@ -96,13 +122,14 @@ class StepGuard:
         loss_ranks = tuple(rank for rank, flag in enumerate(table[_LOSS_NONFINITE]) if flag)
         gradient_nonfinite = any(table[_GRAD_NONFINITE])
         stop = StopReason.PREEMPTED if preempted else None
+        counters = self.counters
         if not (loss_ranks or gradient_nonfinite):
-            self.consecutive_nonfinite = 0
+            counters.consecutive_nonfinite = 0
             return StepDecision(StepAction.COMMIT, stop=stop, preempted_ranks=preempted)
-        self.consecutive_nonfinite += 1
+        counters.consecutive_nonfinite += 1
         action = StepAction.SKIP
-        if self.consecutive_nonfinite >= self.max_consecutive_nonfinite:
-            if self.num_rollbacks >= self.max_rollbacks:
+        if counters.consecutive_nonfinite >= self.max_consecutive_nonfinite:
+            if counters.num_rollbacks >= self.max_rollbacks:
                 stop = StopReason.DIVERGED
             else:
                 action = StepAction.ROLL_BACK
@@ -112,10 +139,11 @@ class StepGuard:
             preempted_ranks=preempted,
             nonfinite_loss_ranks=loss_ranks,
             gradient_nonfinite=gradient_nonfinite,
-            consecutive_nonfinite=self.consecutive_nonfinite,
+            consecutive_nonfinite=counters.consecutive_nonfinite,
         )
 
-    def rolled_back(self) -> None:
-        """A rollback happened (on every rank): count it and start a fresh run of steps."""
-        self.num_rollbacks += 1
-        self.consecutive_nonfinite = 0
+    def rolled_back(self, *, rollbacks_before: int) -> None:
+        """A rollback happened (on every rank) and restored older counters: count it, from
+        ``rollbacks_before``, and start a fresh run of steps."""
+        self.counters.num_rollbacks = rollbacks_before + 1
+        self.counters.consecutive_nonfinite = 0

@@ -205,6 +205,7 @@ class HangWatchdog:
             before=before,
             after=after,
             num_ranks=self.num_ranks,
+            store_host_rank=self._board.host_rank if self._board is not None else None,
         )
         self._publish(position, declared=True)  # peers must not take our exit for a freeze
         report = HangReport(

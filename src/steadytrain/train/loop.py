@@ -179,7 +179,10 @@ def decide_step(parts: TrainingParts, step_loss: torch.Tensor) -> StepDecision:
     params = [p.grad for p in parts.model.unwrapped.parameters() if p.grad is not None]
     parts.grad_norm = torch.nn.utils.get_total_norm(params)  # stays on the device
     return parts.guard.decide(
-        preempt_requested=parts.preemption.requested, loss=step_loss, grad_norm=parts.grad_norm
+        step=parts.state.step,
+        preempt_requested=parts.preemption.requested,
+        loss=step_loss,
+        grad_norm=parts.grad_norm,
     )
 
 
@@ -318,10 +321,11 @@ def evaluate(parts: TrainingParts, state: TrainState) -> float | None:
     model: nn.Module = parts.model.unwrapped
     model.eval()
     total = torch.zeros((), device=parts.runtime.device)
-    for micro in parts.val_batches:
-        total += parts.loss_fn(model, to_device(micro.batch, parts.runtime.device)).float()
+    with parts.timer.phase("eval"):  # the watchdog gives evaluation the long allowance
+        for micro in parts.val_batches:
+            total += parts.loss_fn(model, to_device(micro.batch, parts.runtime.device)).float()
+        val_loss = float(mean_across_ranks(total / len(parts.val_batches)).item())  # host sync
     model.train()
-    val_loss = float(mean_across_ranks(total / len(parts.val_batches)).item())  # host sync
     if parts.runtime.is_main:
         parts.metrics.write({"step": state.step, "val_loss": val_loss})
         parts.events.emit("eval", step=state.step, val_loss=val_loss)

@@ -47,7 +47,7 @@ def roll_back(parts: TrainingParts, decision: StepDecision) -> StopReason | None
     Every rank runs this (the decision is agreed); the checkpoint choice is rank 0's,
     broadcast. Returns ``DIVERGED`` when there is no checkpoint to roll back to.
     """
-    failing_step = parts.state.step
+    failing_step, rollbacks_before = parts.state.step, parts.state.num_rollbacks
     parts.optimizer.zero_grad(set_to_none=True)
     parts.checkpointer.finish()  # a background save must land before we read storage
     restored = restore_checkpoint(
@@ -60,10 +60,9 @@ def roll_back(parts: TrainingParts, decision: StepDecision) -> StopReason | None
     )
     if restored is None:  # nothing to roll back to
         return StopReason.DIVERGED
-    parts.guard.rolled_back()
+    # The restored counters predate this rollback.
+    parts.guard.rolled_back(rollbacks_before=rollbacks_before)
     window = list(range(parts.state.step, failing_step + 1))
-    # The restored counters predate the skips and rollbacks since; these are the run's.
-    parts.state.num_rollbacks = parts.guard.num_rollbacks
     attempt = broadcast_from_main(new_attempt_id() if parts.runtime.is_main else "")
     parts.ledger.begin_attempt(attempt=attempt, start_step=parts.state.step, reason="rollback")
     for _ in window:
@@ -82,7 +81,7 @@ def roll_back(parts: TrainingParts, decision: StepDecision) -> StopReason | None
             to_step=window[0],
             checkpoint=restored.location,
             skipped_steps=window,
-            rollbacks=parts.guard.num_rollbacks,
+            rollbacks=parts.state.num_rollbacks,
             limit=parts.config.fault.max_rollbacks,
             loss_ranks=list(decision.nonfinite_loss_ranks),
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -72,7 +73,10 @@ from steadytrain.telemetry import (
     NullSink,
     PhaseTimer,
     Progress,
+    RecoveryReport,
     StepObservers,
+    last_logged_progress,
+    process_start_time,
 )
 from steadytrain.train.loop import FitResult, Ledger, TrainingParts, fit
 from steadytrain.train.optim import apply_hyperparameters, build_optimizer, build_scheduler
@@ -97,11 +101,16 @@ def run_training(config: Config, *, resume: ResumeRequest | None = None) -> FitR
     """
     # First: from here on a preemption signal is a flag the loop acts on, not a death.
     preemption = PreemptionSignals(list(config.fault.preempt_signals))
+    imports_done = time.time()
     runtime = start_runtime(config)
     parts: TrainingParts | None = None
     try:
         use_deterministic_kernels(config.deterministic)
         parts = build_parts(config, runtime, resume=resume, preemption=preemption)
+        if parts.restored is not None and runtime.is_main:
+            parts.timer.observers.observers.append(
+                _recovery_report(parts, imports_done=imports_done)
+            )
         if runtime.is_main:
             # Only now: a refused resume must leave the run's own config.yaml as it was.
             write_run_config(config)
@@ -149,6 +158,8 @@ def _report_end(parts: TrainingParts, result: FitResult, *, seconds: float) -> N
             signal=parts.preemption.received,
             signalled_ranks=list(result.signalled_ranks),
             checkpoint=save.location if save is not None and save.committed else None,
+            skipped_steps=parts.state.num_skipped_steps,
+            rollbacks=parts.state.num_rollbacks,
             exit_code=result.exit_code,
         )
         parts.progress.say(_stop_line(result, parts))
@@ -167,6 +178,24 @@ def _report_end(parts: TrainingParts, result: FitResult, *, seconds: float) -> N
         rollbacks=parts.state.num_rollbacks,
     )
     parts.progress.summary(summary(config, parts, result, seconds, weights))
+
+
+def _recovery_report(parts: TrainingParts, *, imports_done: float) -> RecoveryReport:
+    """The observer that reports this resume's recovery time when its first step ends."""
+    assert parts.restored is not None
+    return RecoveryReport(
+        emit=parts.events.emit,
+        metrics=parts.metrics,
+        restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
+        resumed_step=parts.restored.step,
+        timeline={
+            "process_started": process_start_time(),
+            "imports_done": imports_done,
+            "setup_done": time.time(),
+            "checkpoint_read_s": parts.restore_seconds,
+        },
+        last_progress=last_logged_progress(Path(parts.config.run_dir) / "metrics.jsonl"),
+    )
 
 
 def _stop_line(result: FitResult, parts: TrainingParts) -> str:
@@ -259,6 +288,7 @@ def build_parts(
     checkpointer = build_checkpointer(
         storage, contents, identity=identity, rank=runtime.rank, events=events
     )
+    restore_started = time.perf_counter()
     restored = restore_checkpoint(
         storage,
         contents,
@@ -267,6 +297,7 @@ def build_parts(
         rank=runtime.rank,
         events=events,
     )
+    restore_seconds = time.perf_counter() - restore_started
     if restored is not None:
         _follow_restored(restored, config, runtime, optimizer, scheduler, state, events)
     return TrainingParts(
@@ -299,10 +330,12 @@ def build_parts(
             device=runtime.device,
             max_consecutive_nonfinite=config.fault.max_consecutive_nonfinite,
             max_rollbacks=config.fault.max_rollbacks,
-            rollbacks_so_far=state.num_rollbacks,
+            counters=state,
+            inject_nonfinite_at=config.fault.inject_nonfinite_at,
         ),
         preemption=preemption or PreemptionSignals([]),
         restored=restored,
+        restore_seconds=restore_seconds,
     )
 
 

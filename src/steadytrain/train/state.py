@@ -21,6 +21,7 @@ class TrainState:
     tokens_seen: int = 0
     num_skipped_steps: int = 0  # steps whose update the non-finite guard dropped
     num_rollbacks: int = 0  # rollbacks to an earlier checkpoint, over the whole run
+    consecutive_nonfinite: int = 0  # the guard's current run of non-finite steps
 
     def commit_step(self, *, num_samples: int, num_tokens: int) -> None:
         self.step += 1
@@ -42,3 +43,4 @@ class TrainState:
         self.tokens_seen = int(state["tokens_seen"])
         self.num_skipped_steps = int(state.get("num_skipped_steps", 0))  # version 1: none
         self.num_rollbacks = int(state.get("num_rollbacks", 0))
+        self.consecutive_nonfinite = int(state.get("consecutive_nonfinite", 0))
