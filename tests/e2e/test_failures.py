@@ -9,6 +9,8 @@ import math
 import os
 import random
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,7 @@ from tests.e2e.test_checkpoints import (
 from tests.helpers import (
     TINY_CONFIG,
     as_set_args,
+    cli_env,
     events,
     run_steadytrain,
     start_steadytrain,
@@ -120,11 +123,37 @@ def test_save_past_the_grace_commits_nothing_and_keeps_the_last_checkpoint(
     assert_audit_ok(tmp_path)
 
 
+def start_under_torchrun(run_dir: Path, overrides: list[str]) -> subprocess.Popen[str]:
+    """Plain ``torchrun --max-restarts 2`` (its agent shares its store with the workers)."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "--max-restarts=2",
+        "-m",
+        "steadytrain",
+        "train",
+        str(TINY_CONFIG),
+        "--run-dir",
+        str(run_dir),
+        *as_set_args(overrides),
+    ]
+    return subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True, env=cli_env()
+    )
+
+
+@pytest.mark.parametrize("launcher", ["steadytrain", "torchrun"])
 def test_kill9_under_max_restarts_recovers_by_itself(
-    reference: Path, overrides: list[str], tmp_path: Path
+    launcher: str, reference: Path, overrides: list[str], tmp_path: Path
 ) -> None:
     kill_at = random.Random(os.environ.get("STEADYTRAIN_TEST_SEED")).randrange(5, MAX_STEPS - 6)
-    process = start_training(tmp_path, overrides, "--max-restarts", "2")
+    if launcher == "steadytrain":
+        process = start_training(tmp_path, overrides, "--max-restarts", "2")
+    else:
+        process = start_under_torchrun(tmp_path, overrides)
     try:
         wait_for_step(tmp_path, kill_at, process)
         os.kill(worker_pids(process)[-1], signal.SIGKILL)

@@ -73,6 +73,9 @@ def start_runtime(config: Config) -> Runtime:
                 backend=backend,
                 timeout=timeout,
                 device_id=device if device.type == "cuda" else None,
+                store=_store_of_this_restart(rank=rank, world_size=world_size, timeout=timeout),
+                rank=rank,
+                world_size=world_size,
             )
         else:
             # A group of one keeps every code path (collectives included) identical.
@@ -87,6 +90,28 @@ def start_runtime(config: Config) -> Runtime:
         device=device,
         backend=backend,
     )
+
+
+def _store_of_this_restart(
+    *, rank: int, world_size: int, timeout: datetime.timedelta
+) -> dist.Store:
+    """The group's store, with keys of this restart only.
+
+    When the workers share torchrun's agent store (``TORCHELASTIC_USE_AGENT_STORE``), its
+    keys outlive a restart of the group, and a restarted rank can read the previous group's
+    addresses before its peer overwrites them and fail to connect (pytorch issue #135712).
+    A prefix of the run and restart count keeps every group to its own keys; on one machine
+    every worker sees the same count. Otherwise rank 0 serves a fresh store per group.
+    """
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return dist.TCPStore(
+            host, port, world_size, is_master=rank == 0, timeout=timeout, multi_tenant=True
+        )
+    agent_store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"steadytrain/{run_id}/restart-{restart}/", agent_store)
 
 
 def nccl_debug_environment(run_dir: str | Path) -> dict[str, str]:
