@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_checkpoints import checkpoint_overrides
 from tests.helpers import TINY_CONFIG, as_set_args, events, run_steadytrain
 
 pytestmark = pytest.mark.slow
@@ -17,10 +16,9 @@ DEFAULT_SEED = "4"
 
 
 def test_chaos_with_every_kind_of_fault_ends_bit_identical(
-    text_corpus: Path, data_cache: Path, tmp_path: Path
+    overrides: list[str], tmp_path: Path
 ) -> None:
     seed = os.environ.get("STEADYTRAIN_TEST_SEED", DEFAULT_SEED)
-    overrides = checkpoint_overrides(text_corpus, data_cache)
     result = run_steadytrain(
         "chaos",
         TINY_CONFIG,

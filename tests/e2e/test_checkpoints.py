@@ -15,6 +15,7 @@ import pytest
 from safetensors.torch import load_file
 
 from steadytrain.checkpoint.manifest import checksum_of
+from tests.e2e.jobs import MAX_STEPS, assert_audit_ok, final_weights, train
 from tests.helpers import (
     TINY_CONFIG,
     as_set_args,
@@ -27,64 +28,7 @@ from tests.helpers import (
 )
 
 pytestmark = pytest.mark.slow
-MAX_STEPS = 24
 SEED_VARIABLE = "STEADYTRAIN_TEST_SEED"
-
-
-def checkpoint_overrides(text_corpus: Path, data_cache: Path) -> list[str]:
-    return [
-        f"data.corpus={text_corpus}",
-        f"data.cache_dir={data_cache}",
-        "data.seq_len=64",
-        "data.ledger=true",
-        "model.kwargs={num_layers: 2, width: 64, num_heads: 2}",
-        f"train.max_steps={MAX_STEPS}",
-        "train.global_batch_size=8",
-        "train.micro_batch_size=2",
-        "train.warmup_steps=4",
-        "train.eval_batches=0",
-        "checkpoint.every_steps=4",
-        "checkpoint.keep_last=3",
-        "log.every_steps=1",
-        "log.console=false",
-        "deterministic=true",
-    ]
-
-
-def train(run_dir: Path, overrides: list[str], *extra: str, nproc: int = 2):
-    return run_steadytrain(
-        "train",
-        TINY_CONFIG,
-        "--nproc",
-        str(nproc),
-        "--run-dir",
-        run_dir,
-        *extra,
-        *as_set_args(overrides),
-    )
-
-
-def final_weights(run_dir: Path) -> bytes:
-    return (run_dir / "final" / "model.safetensors").read_bytes()
-
-
-@pytest.fixture(scope="module")
-def overrides(text_corpus: Path, data_cache: Path) -> list[str]:
-    return checkpoint_overrides(text_corpus, data_cache)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory, overrides: list[str]) -> Path:
-    """An uninterrupted run: the weights every interrupted run must end with."""
-    run_dir = tmp_path_factory.mktemp("reference")
-    result = train(run_dir, overrides)
-    assert result.returncode == 0, result.output
-    return run_dir
-
-
-def assert_audit_ok(run_dir: Path) -> None:
-    audit = run_steadytrain("audit", run_dir)
-    assert audit.returncode == 0, audit.output
 
 
 @pytest.fixture

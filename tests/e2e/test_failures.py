@@ -19,10 +19,9 @@ from safetensors.torch import load_file
 
 from steadytrain.config import EXIT_DIVERGED, EXIT_REQUEUE, BatchLayout
 from steadytrain.data import GlobalPositionSampler, audit_ledger
-from tests.e2e.test_checkpoints import (
+from tests.e2e.jobs import (
     MAX_STEPS,
     assert_audit_ok,
-    checkpoint_overrides,
     final_weights,
     train,
 )
@@ -38,20 +37,6 @@ from tests.helpers import (
 )
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def overrides(text_corpus: Path, data_cache: Path) -> list[str]:
-    return checkpoint_overrides(text_corpus, data_cache)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory, overrides: list[str]) -> Path:
-    """An uninterrupted run: the weights every interrupted run must end with."""
-    run_dir = tmp_path_factory.mktemp("reference")
-    result = train(run_dir, overrides)
-    assert result.returncode == 0, result.output
-    return run_dir
 
 
 def start_training(run_dir: Path, overrides: list[str], *extra: str):

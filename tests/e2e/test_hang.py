@@ -14,11 +14,9 @@ from pathlib import Path
 import pytest
 
 from steadytrain.config import EXIT_HANG
-from tests.e2e.test_checkpoints import (
+from tests.e2e.jobs import (
     assert_audit_ok,
-    checkpoint_overrides,
     final_weights,
-    train,
 )
 from tests.helpers import (
     TINY_CONFIG,
@@ -39,20 +37,6 @@ WATCHDOG_SETTINGS = [
     f"fault.hang_warmup_s={HANG_WARMUP_S}",
     "fault.preempt_grace_s=1",
 ]
-
-
-@pytest.fixture(scope="module")
-def overrides(text_corpus: Path, data_cache: Path) -> list[str]:
-    return checkpoint_overrides(text_corpus, data_cache)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory, overrides: list[str]) -> Path:
-    """An uninterrupted run (without watchdog settings: they are operational)."""
-    run_dir = tmp_path_factory.mktemp("reference")
-    result = train(run_dir, overrides)
-    assert result.returncode == 0, result.output
-    return run_dir
 
 
 def start_time(pid: int) -> int | None:

@@ -25,11 +25,12 @@ from steadytrain.checkpoint import (
     verify_checkpoint,
 )
 from steadytrain.checkpoint.object_store import ObjectStorage
-from tests.e2e.test_checkpoints import MAX_STEPS, checkpoint_overrides, events, final_weights
+from tests.e2e.jobs import MAX_STEPS, final_weights
 from tests.helpers import (
     TINY_CONFIG,
     RecordingEvents,
     as_set_args,
+    events,
     run_steadytrain,
     start_steadytrain,
     wait_for_step,
@@ -38,11 +39,6 @@ from tests.helpers import (
 from tests.s3 import SECRET, SLOW_DOWN, FaultProxy, aws_env, s3fs_for, storage_options
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def overrides(text_corpus: Path, data_cache: Path) -> list[str]:
-    return checkpoint_overrides(text_corpus, data_cache)
 
 
 def train_s3(run_dir: Path, overrides: list[str], uri: str, endpoint: str, *extra: str):

@@ -52,7 +52,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_checkpoints import (
+from tests.e2e.jobs import (
     assert_audit_ok,
     checkpoint_overrides,
     final_weights,

@@ -1,0 +1,55 @@
+"""The small deterministic job most end-to-end tests train, and what they check of it.
+
+``reference`` (tests/e2e/conftest.py) trains it once per session without interruption: the
+weights every interrupted, restarted or faulted run of it must end with.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.helpers import TINY_CONFIG, CliResult, as_set_args, run_steadytrain
+
+MAX_STEPS = 24
+
+
+def checkpoint_overrides(text_corpus: Path, data_cache: Path) -> list[str]:
+    return [
+        f"data.corpus={text_corpus}",
+        f"data.cache_dir={data_cache}",
+        "data.seq_len=64",
+        "data.ledger=true",
+        "model.kwargs={num_layers: 2, width: 64, num_heads: 2}",
+        f"train.max_steps={MAX_STEPS}",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=2",
+        "train.warmup_steps=4",
+        "train.eval_batches=0",
+        "checkpoint.every_steps=4",
+        "checkpoint.keep_last=3",
+        "log.every_steps=1",
+        "log.console=false",
+        "deterministic=true",
+    ]
+
+
+def train(run_dir: Path, overrides: list[str], *extra: str, nproc: int = 2) -> CliResult:
+    return run_steadytrain(
+        "train",
+        TINY_CONFIG,
+        "--nproc",
+        str(nproc),
+        "--run-dir",
+        run_dir,
+        *extra,
+        *as_set_args(overrides),
+    )
+
+
+def final_weights(run_dir: Path) -> bytes:
+    return (run_dir / "final" / "model.safetensors").read_bytes()
+
+
+def assert_audit_ok(run_dir: Path) -> None:
+    audit = run_steadytrain("audit", run_dir)
+    assert audit.returncode == 0, audit.output
