@@ -8,8 +8,8 @@ from steadytrain.train.optim import (
     build_scheduler,
 )
 from steadytrain.train.preflight import preflight
+from steadytrain.train.report import FINAL_WEIGHTS
 from steadytrain.train.session import (
-    FINAL_WEIGHTS,
     build_parts,
     checkpoint_contents,
     run_training,

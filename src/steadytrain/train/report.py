@@ -1,16 +1,24 @@
-"""What a run tells about itself: the facts of ``train_start`` and the closing summary."""
+"""What a run tells about itself: the facts of ``train_start``, the recovery report of a
+resume, and how it ended (final weights, the closing event and summary)."""
 
 from __future__ import annotations
 
+import os
 import platform
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import steadytrain
+from steadytrain.checkpoint import save_final_weights
 from steadytrain.config import Config, identity_fields, identity_fingerprint
+from steadytrain.fault import StopReason
+from steadytrain.telemetry import RecoveryReport, last_logged_progress, process_start_time
 from steadytrain.train.loop import FitResult, TrainingParts
+
+FINAL_WEIGHTS = Path("final") / "model.safetensors"
 
 
 def run_facts(parts: TrainingParts) -> dict[str, Any]:
@@ -75,3 +83,76 @@ def _describe_save(result: FitResult) -> str:
     if save.committed:
         return f"step {save.step} -> {save.location} ({save.seconds_blocked:.2f} s)"
     return f"step {save.step} FAILED: {save.error}"
+
+
+def report_end(parts: TrainingParts, result: FitResult, *, seconds: float) -> None:
+    """Rank 0: the final weights (a finished run only), the closing event and the summary."""
+    config = parts.config
+    if not parts.runtime.is_main:
+        return
+    if result.stop_reason is not StopReason.FINISHED:
+        save = result.last_save
+        parts.events.emit(
+            result.stop_reason.value,
+            step=parts.state.step,
+            seconds=seconds,
+            signal=parts.preemption.received,
+            signalled_ranks=list(result.signalled_ranks),
+            checkpoint=save.location if save is not None and save.committed else None,
+            skipped_steps=parts.state.num_skipped_steps,
+            rollbacks=parts.state.num_rollbacks,
+            exit_code=result.exit_code,
+        )
+        parts.progress.say(stop_line(result, parts))
+        return
+    weights = save_final_weights(
+        parts.model.unwrapped, Path(config.run_dir).resolve() / FINAL_WEIGHTS
+    )
+    parts.events.emit(
+        "train_end",
+        step=parts.state.step,
+        seconds=seconds,
+        weights=str(weights),
+        loss=result.last_loss,
+        val_loss=result.val_loss,
+        skipped_steps=parts.state.num_skipped_steps,
+        rollbacks=parts.state.num_rollbacks,
+    )
+    parts.progress.summary(summary(config, parts, result, seconds, weights))
+
+
+def recovery_report(parts: TrainingParts, *, imports_done: float) -> RecoveryReport:
+    """The observer that reports this resume's recovery time when its first step ends."""
+    assert parts.restored is not None
+    return RecoveryReport(
+        emit=parts.events.emit,
+        metrics=parts.metrics,
+        restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
+        resumed_step=parts.restored.step,
+        timeline={
+            "process_started": process_start_time(),
+            "imports_done": imports_done,
+            "setup_done": time.time(),
+            "checkpoint_read_s": parts.restore_seconds,
+        },
+        last_progress=last_logged_progress(Path(parts.config.run_dir) / "metrics.jsonl"),
+    )
+
+
+def stop_line(result: FitResult, parts: TrainingParts) -> str:
+    step = parts.state.step
+    if result.stop_reason is StopReason.PREEMPTED:
+        save = result.last_save
+        saved = (
+            f"checkpoint {save.location}"
+            if save is not None and save.committed
+            else "no new checkpoint (the newest good one stays)"
+        )
+        return (
+            f"preempted at step {step}: {saved}; run the same command again to resume "
+            f"(exit code {result.exit_code})"
+        )
+    return (
+        f"stopped at step {step}: non-finite loss or gradients persisted after "
+        f"{parts.state.num_rollbacks} rollback(s) (exit code {result.exit_code})"
+    )

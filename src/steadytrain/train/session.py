@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -23,7 +22,6 @@ from steadytrain.checkpoint import (
     checkpoint_storage,
     replace_durably,
     restore_checkpoint,
-    save_final_weights,
 )
 from steadytrain.config import (
     BatchLayout,
@@ -61,7 +59,6 @@ from steadytrain.fault import (
     HangWatchdog,
     PreemptionSignals,
     StepGuard,
-    StopReason,
     hang_watchdog,
 )
 from steadytrain.model import build_model, resolve_loss_fn
@@ -73,18 +70,14 @@ from steadytrain.telemetry import (
     NullSink,
     PhaseTimer,
     Progress,
-    RecoveryReport,
     StepObservers,
-    last_logged_progress,
-    process_start_time,
 )
 from steadytrain.train.loop import FitResult, Ledger, TrainingParts, fit
 from steadytrain.train.optim import apply_hyperparameters, build_optimizer, build_scheduler
-from steadytrain.train.report import run_facts, summary
+from steadytrain.train.report import recovery_report, report_end, run_facts
 from steadytrain.train.state import TrainState
 
 T = TypeVar("T")
-FINAL_WEIGHTS = Path("final") / "model.safetensors"
 
 
 def run_training(config: Config, *, resume: ResumeRequest | None = None) -> FitResult:
@@ -109,7 +102,7 @@ def run_training(config: Config, *, resume: ResumeRequest | None = None) -> FitR
         parts = build_parts(config, runtime, resume=resume, preemption=preemption)
         if parts.restored is not None and runtime.is_main:
             parts.timer.observers.observers.append(
-                _recovery_report(parts, imports_done=imports_done)
+                recovery_report(parts, imports_done=imports_done)
             )
         if runtime.is_main:
             # Only now: a refused resume must leave the run's own config.yaml as it was.
@@ -119,7 +112,7 @@ def run_training(config: Config, *, resume: ResumeRequest | None = None) -> FitR
             parts.events.emit("train_start", step=parts.state.step, **run_facts(parts))
         result = fit(parts)
         result.resumed_from = parts.restored.location if parts.restored is not None else None
-        _report_end(parts, result, seconds=time.perf_counter() - started)
+        report_end(parts, result, seconds=time.perf_counter() - started)
         parts.ledger.close()
         parts.metrics.close()
         parts.events.close()
@@ -142,79 +135,6 @@ def _stop_hang_watchdog(parts: TrainingParts) -> None:
     for observer in parts.timer.observers.observers:
         if isinstance(observer, HangWatchdog):
             observer.stop()
-
-
-def _report_end(parts: TrainingParts, result: FitResult, *, seconds: float) -> None:
-    """Rank 0: the final weights (a finished run only), the closing event and the summary."""
-    config = parts.config
-    if not parts.runtime.is_main:
-        return
-    if result.stop_reason is not StopReason.FINISHED:
-        save = result.last_save
-        parts.events.emit(
-            result.stop_reason.value,
-            step=parts.state.step,
-            seconds=seconds,
-            signal=parts.preemption.received,
-            signalled_ranks=list(result.signalled_ranks),
-            checkpoint=save.location if save is not None and save.committed else None,
-            skipped_steps=parts.state.num_skipped_steps,
-            rollbacks=parts.state.num_rollbacks,
-            exit_code=result.exit_code,
-        )
-        parts.progress.say(_stop_line(result, parts))
-        return
-    weights = save_final_weights(
-        parts.model.unwrapped, Path(config.run_dir).resolve() / FINAL_WEIGHTS
-    )
-    parts.events.emit(
-        "train_end",
-        step=parts.state.step,
-        seconds=seconds,
-        weights=str(weights),
-        loss=result.last_loss,
-        val_loss=result.val_loss,
-        skipped_steps=parts.state.num_skipped_steps,
-        rollbacks=parts.state.num_rollbacks,
-    )
-    parts.progress.summary(summary(config, parts, result, seconds, weights))
-
-
-def _recovery_report(parts: TrainingParts, *, imports_done: float) -> RecoveryReport:
-    """The observer that reports this resume's recovery time when its first step ends."""
-    assert parts.restored is not None
-    return RecoveryReport(
-        emit=parts.events.emit,
-        metrics=parts.metrics,
-        restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
-        resumed_step=parts.restored.step,
-        timeline={
-            "process_started": process_start_time(),
-            "imports_done": imports_done,
-            "setup_done": time.time(),
-            "checkpoint_read_s": parts.restore_seconds,
-        },
-        last_progress=last_logged_progress(Path(parts.config.run_dir) / "metrics.jsonl"),
-    )
-
-
-def _stop_line(result: FitResult, parts: TrainingParts) -> str:
-    step = parts.state.step
-    if result.stop_reason is StopReason.PREEMPTED:
-        save = result.last_save
-        saved = (
-            f"checkpoint {save.location}"
-            if save is not None and save.committed
-            else "no new checkpoint (the newest good one stays)"
-        )
-        return (
-            f"preempted at step {step}: {saved}; run the same command again to resume "
-            f"(exit code {result.exit_code})"
-        )
-    return (
-        f"stopped at step {step}: non-finite loss or gradients persisted after "
-        f"{parts.state.num_rollbacks} rollback(s) (exit code {result.exit_code})"
-    )
 
 
 def build_parts(
