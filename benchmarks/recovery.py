@@ -44,6 +44,7 @@ import torch
 from checkpoint_io import source_provenance
 from checkpoint_io_measurements import ForeignCpu, files_in, resident_bytes, wait_for_quiet
 from overhead import NOISY_FOREIGN_SHARE
+from steadytrain.telemetry import last_logged_progress
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "examples" / "tiny.yaml"
@@ -169,26 +170,11 @@ def wait_for_step(metrics_path: Path, step: int, launcher: subprocess.Popen[byte
     while time.monotonic() < deadline:
         if launcher.poll() is not None:
             sys.exit(f"recovery: the run ended (exit {launcher.returncode}) before step {step}")
-        newest = newest_logged_step(metrics_path)
-        if newest is not None and newest >= step:
-            return newest
+        progress = last_logged_progress(metrics_path)
+        if progress is not None and progress.step >= step:
+            return progress.step
         time.sleep(POLL_S)
     sys.exit(f"recovery: no step {step} in {metrics_path} within 600 s")
-
-
-def newest_logged_step(metrics_path: Path) -> int | None:
-    try:
-        lines = metrics_path.read_text().splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # being written
-        if "loss" in record:
-            return int(record["step"])
-    return None
 
 
 def workers_by_rank(launcher_pid: int) -> dict[int, int]:

@@ -9,7 +9,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -73,9 +73,7 @@ def start_runtime(config: Config) -> Runtime:
                 backend=backend,
                 timeout=timeout,
                 device_id=device if device.type == "cuda" else None,
-                store=_store_of_this_restart(rank=rank, world_size=world_size, timeout=timeout),
-                rank=rank,
-                world_size=world_size,
+                **_store_of_this_restart(world_size=world_size, rank=rank, timeout=timeout),
             )
         else:
             # A group of one keeps every code path (collectives included) identical.
@@ -94,24 +92,23 @@ def start_runtime(config: Config) -> Runtime:
 
 def _store_of_this_restart(
     *, rank: int, world_size: int, timeout: datetime.timedelta
-) -> dist.Store:
-    """The group's store, with keys of this restart only.
+) -> dict[str, Any]:
+    """``init_process_group`` arguments that keep a restarted group to its own store keys.
 
     When the workers share torchrun's agent store (``TORCHELASTIC_USE_AGENT_STORE``), its
     keys outlive a restart of the group, and a restarted rank can read the previous group's
     addresses before its peer overwrites them and fail to connect (pytorch issue #135712).
     A prefix of the run and restart count keeps every group to its own keys; on one machine
-    every worker sees the same count. Otherwise rank 0 serves a fresh store per group.
+    every worker sees the same count. Otherwise (``env://``) rank 0 serves a fresh store.
     """
-    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return dist.TCPStore(
-            host, port, world_size, is_master=rank == 0, timeout=timeout, multi_tenant=True
-        )
+        return {}
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     agent_store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return dist.PrefixStore(f"steadytrain/{run_id}/restart-{restart}/", agent_store)
+    store = dist.PrefixStore(f"steadytrain/{run_id}/restart-{restart}/", agent_store)
+    return {"store": store, "rank": rank, "world_size": world_size}
 
 
 def nccl_debug_environment(run_dir: str | Path) -> dict[str, str]:

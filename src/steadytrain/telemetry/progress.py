@@ -24,8 +24,9 @@ class IntervalStats:
     seconds: float = 0.0
     phase_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
-    def add(self, step_seconds: float, phases: dict[str, float]) -> None:
+    def add(self, step_seconds: float, phases: dict[str, float], *, committed: bool = True) -> None:
         self.num_steps += 1
+        self.num_committed += int(committed)
         self.seconds += step_seconds
         for name, seconds in phases.items():
             self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + seconds

@@ -93,7 +93,6 @@ class TrainingParts:
     preemption: PreemptionSignals
     restored: Restored | None = None  # the checkpoint ``state`` was restored from, if any
     restore_seconds: float = 0.0  # finding, reading and verifying it
-    grad_norm: torch.Tensor = field(default_factory=lambda: torch.zeros(()))  # of this step
 
 
 @dataclass
@@ -136,18 +135,18 @@ def fit(parts: TrainingParts) -> FitResult:
             micro_batches = parts.batches.next_step()
         step_loss = train_micro_batches(parts, micro_batches)
         with timer.phase("optimizer"):
-            decision = decide_step(parts, step_loss)
-        stop = act_on(parts, decision, micro_batches) or decision.stop  # the one branch
+            decision, grad_norm = decide_step(parts, step_loss)
+        stop = act_on(parts, decision, micro_batches, grad_norm) or decision.stop  # one branch
         with timer.phase("checkpoint"):
             save = save_after_step(parts, stop=stop)
         if save is not None:
             result.last_save = save
         step_seconds, phase_seconds = timer.end_step()
         timer.observers.step_ended(step=step, action=decision.action.value, seconds=step_seconds)
-        interval.add(step_seconds, phase_seconds)
-        if decision.action is StepAction.COMMIT:
+        committed = decision.action is StepAction.COMMIT
+        interval.add(step_seconds, phase_seconds, committed=committed)
+        if committed:
             interval_loss += step_loss
-            interval.num_committed += 1
         at_end = state.step >= config.train.max_steps or stop is not None
         if state.step % config.log.every_steps == 0 or at_end:
             record = observe(parts, state, interval, interval_loss)
@@ -172,28 +171,33 @@ def fit(parts: TrainingParts) -> FitResult:
     return result
 
 
-def decide_step(parts: TrainingParts, step_loss: torch.Tensor) -> StepDecision:
+def decide_step(parts: TrainingParts, step_loss: torch.Tensor) -> tuple[StepDecision, torch.Tensor]:
     """The step's agreed decision: every rank's preemption flag and non-finite loss or
     gradient norm, in one all-reduce and one host sync (the only one per step besides
-    logging), so every rank commits, skips, rolls back or stops together."""
-    params = [p.grad for p in parts.model.unwrapped.parameters() if p.grad is not None]
-    parts.grad_norm = torch.nn.utils.get_total_norm(params)  # stays on the device
-    return parts.guard.decide(
+    logging), so every rank commits, skips, rolls back or stops together. Also returns the
+    global gradient norm (on the device), which clipping reuses."""
+    grads = [p.grad for p in parts.model.unwrapped.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.get_total_norm(grads)
+    decision = parts.guard.decide(
         step=parts.state.step,
         preempt_requested=parts.preemption.requested,
         loss=step_loss,
-        grad_norm=parts.grad_norm,
+        grad_norm=grad_norm,
     )
+    return decision, grad_norm
 
 
 def act_on(
-    parts: TrainingParts, decision: StepDecision, micro_batches: list[MicroBatch]
+    parts: TrainingParts,
+    decision: StepDecision,
+    micro_batches: list[MicroBatch],
+    grad_norm: torch.Tensor,
 ) -> StopReason | None:
     """Carry out the agreed decision; a rollback with nothing to roll back to stops."""
     match decision.action:
         case StepAction.COMMIT:
             with parts.timer.phase("optimizer"):
-                apply_optimizer_step(parts)
+                apply_optimizer_step(parts, grad_norm)
             commit_step(parts, parts.state, micro_batches)
             return None
         case StepAction.SKIP:
@@ -253,11 +257,11 @@ def train_micro_batches(parts: TrainingParts, micro_batches: list[MicroBatch]) -
     return step_loss
 
 
-def apply_optimizer_step(parts: TrainingParts) -> None:
+def apply_optimizer_step(parts: TrainingParts, grad_norm: torch.Tensor) -> None:
     """Clip to the global gradient norm, step the optimizer and the schedule, clear grads."""
     if parts.config.train.grad_clip > 0:
         torch.nn.utils.clip_grads_with_norm_(
-            parts.model.unwrapped.parameters(), parts.config.train.grad_clip, parts.grad_norm
+            parts.model.unwrapped.parameters(), parts.config.train.grad_clip, grad_norm
         )
     parts.optimizer.step()
     parts.scheduler.step()
