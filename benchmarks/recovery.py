@@ -6,7 +6,10 @@ checkpoint at 10) the rank-1 worker is killed with SIGKILL. The agent restarts t
 workers resume from the checkpoint, and rank 0 writes a ``recovery`` event when the first step
 after the resume ends (``steadytrain.telemetry.recovery``): the parts from the kill are
 detection + restart (kill -> the new process started), imports, setup, checkpoint read and
-the first step.
+the first step. The restarted workers are forked from the launcher's forkserver, which
+imported torch and steadytrain when the first group started (a warm start, docs/reliability.md
+"Crash and automatic restart"); the floor is nevertheless a fresh process, as the issue that
+set the target defines it.
 
 The floor is what any process that resumes from that checkpoint must pay: a fresh
 ``python -c "import torch"`` (wall time of the whole process, the median of
@@ -44,6 +47,7 @@ import torch
 from checkpoint_io import source_provenance
 from checkpoint_io_measurements import ForeignCpu, files_in, resident_bytes, wait_for_quiet
 from overhead import NOISY_FOREIGN_SHARE
+from steadytrain.distributed import local_worker_pids
 from steadytrain.telemetry import last_logged_progress
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -153,6 +157,7 @@ def run_recovery(*, config_path: Path, steps: int, run_dir: Path) -> dict[str, A
         "killed_at_step": killed_at_step,
         "resumed_step": event["resumed_step"],
         "steps_recomputed": event["steps_recomputed"],
+        "warm_start": event.get("warm_start"),
         "parts_s": parts,
         # kill -> the old group's survivors gone: the agent's detection and teardown.
         "survivors_stopped_s": survivors_gone_at - killed_at,
@@ -178,17 +183,8 @@ def wait_for_step(metrics_path: Path, step: int, launcher: subprocess.Popen[byte
 
 
 def workers_by_rank(launcher_pid: int) -> dict[int, int]:
-    """The launcher's worker processes, by their ``RANK``: children of any of its threads."""
-    found: dict[int, int] = {}
-    for task in Path(f"/proc/{launcher_pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            try:
-                environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
-            except OSError:
-                continue  # already gone
-            for entry in environ:
-                if entry.startswith(b"RANK="):
-                    found[int(entry[5:])] = int(child)
+    """The launcher's worker processes, by rank."""
+    found = local_worker_pids(launcher_pid)
     if sorted(found) != [0, 1]:
         sys.exit(f"recovery: expected workers of rank 0 and 1 under {launcher_pid}, got {found}")
     return found

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from steadytrain.distributed import local_worker_pids
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "examples" / "tiny.yaml"
 PLUGINS_DIR = Path(__file__).resolve().parent / "plugins"
@@ -139,18 +141,27 @@ def wait_for_staging(
 
 
 def worker_pids(launcher: subprocess.Popen[str]) -> list[int]:
-    """The worker processes that ``--nproc`` started (children of the launcher), by rank."""
-    children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children")
-    pids = [int(pid) for pid in children.read_text().split()]
-    return sorted(pids, key=_rank_of)
+    """The worker processes that ``--nproc`` runs now, by rank."""
+    workers = local_worker_pids(launcher.pid)
+    return [workers[rank] for rank in sorted(workers)]
 
 
-def _rank_of(pid: int) -> int:
-    variables = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    for variable in variables:
-        if variable.startswith(b"RANK="):
-            return int(variable.removeprefix(b"RANK="))
-    raise AssertionError(f"process {pid} is not a torchrun worker (no RANK)")
+def wait_until_gone(pids: list[int], *, timeout: float) -> bool:
+    """Poll until none of ``pids`` runs (a zombie counts as gone); False on timeout."""
+
+    def running(pid: int) -> bool:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except (OSError, IndexError):
+            return False
+        return state not in ("Z", "X")
+
+    deadline = time.monotonic() + timeout
+    while any(running(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 class RecordingEvents:

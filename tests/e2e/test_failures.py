@@ -148,6 +148,8 @@ def test_kill9_under_max_restarts_recovers_by_itself(
             process.kill()
     [recovery] = events(tmp_path, "recovery")
     assert recovery["restart"] == 1
+    # --nproc forks restarted workers from its forkserver, torch already imported.
+    assert recovery["warm_start"] is (launcher == "steadytrain")
     for part in ("process_start_s", "imports_s", "checkpoint_read_s", "first_step_s"):
         assert recovery[part] >= 0, recovery
     assert recovery["steps_recomputed"] >= 0

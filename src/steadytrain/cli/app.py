@@ -108,7 +108,7 @@ def train(
     config = _load(config_path, overrides, run_dir)  # before importing torch: fast errors
     allowed = check_allowed_changes(config, allow_changes or [])
     from steadytrain.checkpoint import ResumeRequest
-    from steadytrain.distributed import exit_with_launcher, launch_local_workers, under_torchrun
+    from steadytrain.distributed import launch_local_workers, name_worker_process, under_torchrun
     from steadytrain.train import preflight, run_training
 
     if nproc is not None and not under_torchrun():
@@ -124,7 +124,9 @@ def train(
         raise typer.Exit(
             launch_local_workers(
                 nproc=nproc,
+                entrypoint=run_local_worker,
                 worker_args=worker_args,
+                preload=WORKER_PRELOAD,
                 max_restarts=max_restarts,
                 shutdown_timeout_s=config.fault.preempt_grace_s + 15,
             )
@@ -139,7 +141,8 @@ def train(
             "--max-restarts)",
             err=True,
         )
-    exit_with_launcher()
+    if under_torchrun():
+        name_worker_process()
     request = ResumeRequest(enabled=not no_resume, from_path=resume_from, allow_changes=allowed)
     code = _exit_code_of(lambda: sys.exit(run_training(config, resume=request).exit_code))
     _end_worker(code)
@@ -149,13 +152,29 @@ def _end_worker(code: int) -> NoReturn:
     """End a training process with ``code``.
 
     A worker of a multi-rank group ends without interpreter finalization (see
-    ``exit_process``: gloo threads outlive the group and can abort a finished run).
+    ``exit_process``: gloo threads outlive the group and can abort a finished run); a
+    worker that ``--nproc`` forked leaves that to ``run_local_worker``.
     """
-    from steadytrain.distributed import exit_process, joined_group_of_many
+    from steadytrain.distributed import exit_process, in_local_worker, joined_group_of_many
 
-    if joined_group_of_many():
+    if joined_group_of_many() and not in_local_worker():
         exit_process(code)
     raise typer.Exit(code)
+
+
+# What every training worker imports before its first step, imported once by the forkserver
+# that --nproc forks its workers from. torch._inductor.config is what
+# torch.use_deterministic_algorithms imports (with torch._dynamo and sympy: ~2 s of a
+# worker's start on CPU).
+WORKER_PRELOAD = ("steadytrain.cli.app", "steadytrain.train", "torch._inductor.config")
+
+
+def run_local_worker(args: list[str]) -> None:
+    """A ``--nproc`` worker: ``steadytrain ARGS`` in a process forked by the launcher's agent."""
+    from steadytrain.distributed import become_local_worker, end_local_worker
+
+    become_local_worker()
+    end_local_worker(_exit_code_of(lambda: app(args=args, prog_name="steadytrain")))
 
 
 @app.command()

@@ -1,39 +1,61 @@
 """Start N worker processes on this machine with torchrun's elastic agent (``--nproc N``).
 
 The workers are ordinary torchrun workers (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR… set by
-the agent); each runs the same ``steadytrain`` command without ``--nproc``. A worker that
-fails on user input prints its own one-line error and exits 2; the launcher then exits 2
-too instead of printing the agent's multi-page failure report.
+the agent). They are forked from a multiprocessing *forkserver* that imported torch and
+steadytrain once, when the first group started: a group the agent restarts after a failure
+starts without importing anything again, which is most of what a fresh process would spend
+before its first step. A worker that fails on user input prints its own one-line error and
+exits 2; the launcher then exits 2 too instead of printing the agent's multi-page failure
+report.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import multiprocessing
+import multiprocessing.forkserver
 import os
+import select
 import signal
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from steadytrain.config import EXIT_INTERNAL, EXIT_REQUEUE, EXIT_USAGE
+from steadytrain.distributed.runtime import run_exit_handlers
 
-_AGENT_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher")
+_AGENT_LOGGERS = (
+    "torch.distributed.elastic",
+    "torch.distributed.launcher",
+    "torch.multiprocessing",
+)
 LAUNCHER_PID_VARIABLE = "STEADYTRAIN_LAUNCHER_PID"
+WORKER_NAME_PREFIX = "steadytrain-r"  # + rank: the worker's name in ps, top, /proc/PID/comm
 SHARE_STORE_VARIABLE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
 
 def launch_local_workers(
     *,
     nproc: int,
+    entrypoint: Callable[[list[str]], None],
     worker_args: Sequence[str],
+    preload: Sequence[str] = (),
     max_restarts: int = 0,
     shutdown_timeout_s: float = 30.0,
 ) -> int:
-    """Run ``python -m steadytrain WORKER_ARGS`` as ``nproc`` ranks; return the exit code.
+    """Run ``entrypoint(WORKER_ARGS)`` in ``nproc`` ranks; return the exit code.
+
+    ``entrypoint`` is a module-level function (the forkserver imports it by name); it
+    calls ``become_local_worker`` first and ends with ``end_local_worker``. The modules in
+    ``preload`` are imported once by the forkserver, so every worker, first group or
+    restarted, is forked with them already imported.
 
     A worker that fails makes the agent restart the whole group, up to ``max_restarts``
     times; the workers resume from the newest good checkpoint. SIGTERM (or SIGUSR1) to
@@ -47,6 +69,7 @@ def launch_local_workers(
 
     for name in _AGENT_LOGGERS:
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    multiprocessing.get_context("forkserver").set_forkserver_preload(list(preload))
     os.environ[LAUNCHER_PID_VARIABLE] = str(os.getpid())  # inherited by the workers
     # Workers that share the agent's rendezvous store read the previous group's addresses
     # after a restart and fail to connect (pytorch issue #135712): rank 0 hosts a fresh
@@ -61,14 +84,14 @@ def launch_local_workers(
         rdzv_endpoint="localhost:0",
         max_restarts=max_restarts,
         monitor_interval=0.1,
-        start_method="spawn",
+        start_method="forkserver",
         shutdown_timeout=math.ceil(shutdown_timeout_s),
     )
     # The agent turns SIGTERM into an orderly shutdown (SIGTERM to every worker); SIGUSR1,
     # which SLURM sends before a time limit, would otherwise kill the launcher outright.
     signal.signal(signal.SIGUSR1, _shut_down_as_on_sigterm)
     try:
-        elastic_launch(launch_config, entrypoint=sys.executable)("-m", "steadytrain", *worker_args)
+        elastic_launch(launch_config, entrypoint=entrypoint)(list(worker_args))
     except SignalException:
         print(
             "steadytrain: stopped by a signal; the workers saved a checkpoint if they could "
@@ -90,7 +113,35 @@ def launch_local_workers(
                 file=sys.stderr,
             )
         return code
+    finally:
+        _stop_forkserver()
     return 0
+
+
+def _stop_forkserver(timeout_s: float = 5.0) -> None:
+    """Stop and reap this process's forkserver once the workers are gone, so that nothing
+    the launcher started outlives it (and the workers' CPU time counts as its children's).
+
+    The standard library has no public call for this; ``ForkServer._stop`` would wait
+    without a bound, so this closes the "alive" pipe the server watches (what ``_stop``
+    does) and waits at most ``timeout_s``; a server still held open by a straggling worker
+    exits with it.
+    """
+    server: Any = multiprocessing.forkserver._forkserver
+    pid = getattr(server, "_forkserver_pid", None)
+    alive = getattr(server, "_forkserver_alive_fd", None)
+    if pid is None or alive is None:
+        return
+    os.close(alive)
+    server._forkserver_alive_fd = None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(pid, os.WNOHANG)[0] == 0:
+                time.sleep(0.01)
+                continue
+        break
+    server._forkserver_pid = None
 
 
 def _shut_down_as_on_sigterm(number: int, frame: FrameType | None) -> None:
@@ -99,22 +150,114 @@ def _shut_down_as_on_sigterm(number: int, frame: FrameType | None) -> None:
     raise SignalException("launcher got SIGUSR1", sigval=signal.SIGTERM)
 
 
-def exit_with_launcher(*, poll_seconds: float = 0.1) -> None:
-    """In a worker started by ``--nproc``: die when the launcher dies, even by ``kill -9``.
+_local_worker = False
+_started_warm = False
 
-    Orphaned workers would otherwise train on, and race a resumed run for the same run
-    directory. A daemon thread watches the parent; nothing happens outside ``--nproc``.
+
+def become_local_worker(*, poll_seconds: float = 0.1) -> None:
+    """First thing in a worker that ``launch_local_workers`` forked.
+
+    Puts the working directory first on ``sys.path`` as ``python -m`` would (user factories
+    given as ``module:function`` import from it), and makes the worker die when the launcher
+    dies, even by ``kill -9``: a daemon thread waits for the launcher's exit and kills the
+    worker (the forkserver, the worker's parent, lives as long as its children, so a parent
+    change cannot tell). Orphaned workers would otherwise train on, and race a resumed run
+    for the same run directory.
     """
-    launcher = os.environ.get(LAUNCHER_PID_VARIABLE)
-    if launcher is None or str(os.getppid()) != launcher:
-        return
+    global _local_worker, _started_warm
+    _local_worker = True
+    _started_warm = "torch" in sys.modules  # imported by the forkserver, before the fork
+    if sys.path[:1] != [os.getcwd()]:
+        sys.path.insert(0, os.getcwd())
+    launcher = int(os.environ[LAUNCHER_PID_VARIABLE])
 
     def watch() -> None:
-        while os.getppid() == int(launcher):
-            time.sleep(poll_seconds)
+        _wait_for_exit_of(launcher, poll_seconds=poll_seconds)
         os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="steadytrain-launcher-watch", daemon=True).start()
+
+
+def _wait_for_exit_of(pid: int, *, poll_seconds: float) -> None:
+    """Return once process ``pid`` has exited (a zombie counts): at once, through a pidfd,
+    where the kernel has them (Linux 5.3); else by polling its state."""
+    try:
+        handle = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        while _running(pid):
+            time.sleep(poll_seconds)
+        return
+    try:
+        select.select([handle], [], [])  # readable once the process has exited
+    finally:
+        os.close(handle)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def in_local_worker() -> bool:
+    """True in a worker forked by ``launch_local_workers`` (it ends with ``end_local_worker``)."""
+    return _local_worker
+
+
+def started_warm() -> bool:
+    """True in a worker forked with torch already imported (``launch_local_workers``)."""
+    return _started_warm
+
+
+def end_local_worker(code: int) -> None:
+    """End a forked worker with ``code``: exit now if it failed, else return to the agent.
+
+    The agent counts a worker as finished only once its entry function has returned, so a
+    successful worker returns; a failed one exits with its code. Neither finalizes the
+    interpreter: the forkserver's child leaves with ``os._exit`` after the function (see
+    ``runtime.exit_process`` for why that matters with gloo). ``atexit`` handlers, which
+    that skips, run here.
+    """
+    run_exit_handlers()
+    if code:
+        os._exit(code)
+
+
+def name_worker_process() -> None:
+    """Name this torchrun worker ``steadytrain-rRANK`` in ps and top (Linux), as
+    ``local_worker_pids`` finds it; ranks whose name would not fit 15 bytes stay unnamed."""
+    name = f"{WORKER_NAME_PREFIX}{os.environ.get('RANK', '')}"
+    if len(name) <= 15:
+        with contextlib.suppress(OSError):
+            Path("/proc/self/comm").write_text(name)
+
+
+def local_worker_pids(launcher_pid: int) -> dict[int, int]:
+    """``{rank: pid}`` of the training workers a launcher (``--nproc``, or torchrun) runs now:
+    its descendants named by ``name_worker_process``."""
+    workers: dict[int, int] = {}
+    pending, seen = [launcher_pid], set()
+    while pending:
+        pid = pending.pop()
+        seen.add(pid)
+        with contextlib.suppress(OSError, ValueError):
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+            if pid != launcher_pid and name.startswith(WORKER_NAME_PREFIX):
+                workers[int(name.removeprefix(WORKER_NAME_PREFIX))] = pid
+        for task in _tasks_of(pid):
+            with contextlib.suppress(OSError, ValueError):
+                children = Path(f"/proc/{pid}/task/{task}/children").read_text().split()
+                pending += [int(child) for child in children if int(child) not in seen]
+    return workers
+
+
+def _tasks_of(pid: int) -> list[str]:
+    try:
+        return os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
 
 
 def _exit_code_of(error: object) -> int:

@@ -161,11 +161,17 @@ def exit_process(code: int) -> NoReturn:
     multiprocessing's reaping of loader workers, user code's own), while the interpreter is
     whole. Every file steadytrain writes is flushed or fsynced as it goes.
     """
-    atexit._run_exitfuncs()  # what finalization would run first, minus the teardown
+    run_exit_handlers()
+    os._exit(code)
+
+
+def run_exit_handlers() -> None:
+    """What interpreter finalization would run first, minus the teardown: ``atexit``
+    handlers, then flushing stdout and stderr."""
+    atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # closed or broken pipe: nothing left
             stream.flush()
-    os._exit(code)
 
 
 def barrier(*, timeout_s: float | None = None) -> None:

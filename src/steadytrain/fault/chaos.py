@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from steadytrain.config import ConfigError, load_config
+from steadytrain.distributed import local_worker_pids
 
 FAULT_KINDS = ("kill", "term", "stop", "nan")
 WEIGHTS = Path("final") / "model.safetensors"
@@ -311,7 +312,7 @@ def _inject(fault: Fault, launcher: subprocess.Popen[str], run_dir: Path) -> int
     """Send ``fault``'s signal to its target; returns the pid signalled (None: none left)."""
     if fault.during_save:
         _wait_for_save(run_dir / "checkpoints", launcher)
-    target = launcher.pid if fault.rank is None else _worker_of_rank(launcher.pid, fault.rank)
+    target = launcher.pid if fault.rank is None else local_worker_pids(launcher.pid).get(fault.rank)
     number = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "stop": signal.SIGSTOP}[fault.kind]
     if target is None:
         return None
@@ -328,22 +329,6 @@ def _wait_for_save(checkpoints: Path, launcher: subprocess.Popen[str], timeout: 
         if checkpoints.is_dir() and any(checkpoints.glob(".step_*.partial-*")):
             return
         time.sleep(0.001)
-
-
-def _worker_of_rank(launcher_pid: int, rank: int) -> int | None:
-    children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children")
-    try:
-        pids = [int(pid) for pid in children.read_text().split()]
-    except OSError:
-        return None
-    for pid in pids:
-        try:
-            variables = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"RANK={rank}".encode() in variables:
-            return pid
-    return None
 
 
 def _kill_all(pids: list[int]) -> None:

@@ -52,6 +52,7 @@ class RecoveryReport:
 
     ``timeline`` holds ``time.time()`` stamps: ``process_started`` (may be None),
     ``imports_done``, ``setup_done``, and ``checkpoint_read_s``, the restore's seconds.
+    ``warm_start``: the process was forked with torch already imported.
     """
 
     def __init__(
@@ -63,6 +64,7 @@ class RecoveryReport:
         resumed_step: int,
         timeline: dict[str, float | None],
         last_progress: LastProgress | None,
+        warm_start: bool = False,
     ) -> None:
         self._emit = emit
         self._metrics = metrics
@@ -70,6 +72,7 @@ class RecoveryReport:
         self._resumed_step = resumed_step
         self._timeline = timeline
         self._last_progress = last_progress
+        self._warm_start = warm_start
         self._reported = False
 
     def step_ended(self, *, step: int, action: str, seconds: float) -> None:
@@ -89,6 +92,7 @@ class RecoveryReport:
         return {
             "restart": self._restart,
             "resumed_step": self._resumed_step,
+            "warm_start": self._warm_start,
             "steps_recomputed": max(0, last.step - self._resumed_step) if last else None,
             "process_start_s": started - last.time if started and last else None,
             "imports_s": imports_done - started if started else None,

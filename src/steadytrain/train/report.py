@@ -14,6 +14,7 @@ import torch
 import steadytrain
 from steadytrain.checkpoint import save_final_weights
 from steadytrain.config import Config, identity_fields, identity_fingerprint
+from steadytrain.distributed import started_warm
 from steadytrain.fault import StopReason
 from steadytrain.telemetry import RecoveryReport, last_logged_progress, process_start_time
 from steadytrain.train.loop import FitResult, TrainingParts
@@ -136,6 +137,7 @@ def recovery_report(parts: TrainingParts, *, imports_done: float) -> RecoveryRep
             "checkpoint_read_s": parts.restore_seconds,
         },
         last_progress=last_logged_progress(Path(parts.config.run_dir) / "metrics.jsonl"),
+        warm_start=started_warm(),
     )
 
 
