@@ -6,10 +6,15 @@ PYTHONPATH, exactly as users plug in their own code without forking.
 
 from __future__ import annotations
 
+import os
+import time
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
+
+from steadytrain.model import next_token_loss
 
 
 class BigramModel(nn.Module):
@@ -98,3 +103,10 @@ def poisonable_mse(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     if "poison" in batch and bool(batch["poison"].any()):
         return loss * float("nan")
     return loss
+
+
+def next_token_loss_slow_on_rank1(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """The default loss, 60 ms slower on rank 1: a straggler in its forward phase."""
+    if os.environ.get("RANK") == "1":
+        time.sleep(0.06)
+    return next_token_loss(model, batch)

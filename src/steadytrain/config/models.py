@@ -254,6 +254,21 @@ class FaultConfig(_Section):
     )
 
 
+class TelemetryConfig(_Section):
+    stall_after_s: float = operational_field(
+        120.0,
+        description="Seconds without a completed step before a rank writes a `stall` event "
+        "(0: no alarm). An alarm only: the hang watchdog is what stops a hung run.",
+        ge=0,
+    )
+    straggler_ratio: float = operational_field(
+        1.3,
+        description="A rank whose compute and loading time per step exceeds this multiple of "
+        "the median of the other ranks' is named a straggler (checked every log.every_steps).",
+        gt=1,
+    )
+
+
 class Config(_Section):
     seed: int = identity_field(1234, description="Seeds the model init and data order.", ge=0)
     deterministic: bool = operational_field(
@@ -272,6 +287,9 @@ class Config(_Section):
     dist: DistConfig = Field(default_factory=DistConfig, description="Distributed runtime.")
     fault: FaultConfig = Field(
         default_factory=FaultConfig, description="Preemption, hangs and non-finite steps."
+    )
+    telemetry: TelemetryConfig = Field(
+        default_factory=TelemetryConfig, description="Health, stalls and stragglers."
     )
 
 

@@ -1,5 +1,15 @@
 """Phase timers, metric and event sinks, progress display and the run summary."""
 
+from steadytrain.telemetry.health import (
+    HealthInputs,
+    RunWatch,
+    Straggler,
+    find_stragglers,
+    headline_signals,
+    health_score,
+    own_seconds,
+    resumes_since_fresh_start,
+)
 from steadytrain.telemetry.observers import StepObserver, StepObservers
 from steadytrain.telemetry.progress import (
     ConsoleProgress,
@@ -17,6 +27,7 @@ __all__ = [
     "PHASES",
     "ConsoleProgress",
     "EventLog",
+    "HealthInputs",
     "IntervalStats",
     "JsonlSink",
     "LastProgress",
@@ -26,10 +37,17 @@ __all__ = [
     "PhaseTimer",
     "Progress",
     "RecoveryReport",
+    "RunWatch",
     "StepObserver",
     "StepObservers",
+    "Straggler",
+    "find_stragglers",
+    "headline_signals",
+    "health_score",
     "interval_record",
     "last_logged_progress",
+    "own_seconds",
     "process_start_time",
     "read_jsonl",
+    "resumes_since_fresh_start",
 ]

@@ -9,8 +9,9 @@ Host/device sync points in the hot loop are marked "host sync".
 
 from __future__ import annotations
 
+import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -26,7 +27,7 @@ from steadytrain.checkpoint import (
 )
 from steadytrain.config import EXIT_DIVERGED, EXIT_OK, EXIT_REQUEUE, BatchLayout, Config
 from steadytrain.data import GlobalPositionSampler, MicroBatch, StepBatches
-from steadytrain.distributed import ParallelModel, Runtime, mean_across_ranks
+from steadytrain.distributed import ParallelModel, Runtime, gather_from_all, mean_across_ranks
 from steadytrain.fault import (
     GraceDeadline,
     PreemptionSignals,
@@ -42,6 +43,9 @@ from steadytrain.telemetry import (
     MetricSink,
     PhaseTimer,
     Progress,
+    RunWatch,
+    find_stragglers,
+    headline_signals,
     interval_record,
 )
 from steadytrain.train.rollback import roll_back, skip_nonfinite_step
@@ -91,6 +95,7 @@ class TrainingParts:
     contents: CheckpointContents
     guard: StepGuard
     preemption: PreemptionSignals
+    watch: RunWatch
     restored: Restored | None = None  # the checkpoint ``state`` was restored from, if any
     restore_seconds: float = 0.0  # finding, reading and verifying it
 
@@ -311,7 +316,23 @@ def observe(
             tokens_per_sample=parts.tokens_per_sample,
         )
     )
+    # Every rank's phase times, for the straggler check (one small collective, log steps only).
+    timings = gather_from_all(
+        {"host": socket.gethostname(), **{k: v for k, v in record.items() if k.endswith("_s")}}
+    )
     if parts.runtime.is_main:
+        stragglers = find_stragglers(timings, ratio=parts.config.telemetry.straggler_ratio)
+        for straggler in parts.watch.newly_named(stragglers):
+            parts.events.emit("straggler", step=state.step, **asdict(straggler))
+        record.update(
+            headline_signals(
+                record,
+                watch=parts.watch,
+                stragglers=stragglers,
+                checkpoint_every_steps=parts.config.checkpoint.every_steps,
+                resumed_step=parts.restored.step if parts.restored is not None else 0,
+            )
+        )
         parts.metrics.write(record)
         parts.progress.step(record)
     return record

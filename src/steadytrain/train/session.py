@@ -70,7 +70,10 @@ from steadytrain.telemetry import (
     NullSink,
     PhaseTimer,
     Progress,
+    RunWatch,
     StepObservers,
+    read_jsonl,
+    resumes_since_fresh_start,
 )
 from steadytrain.train.loop import FitResult, Ledger, TrainingParts, fit
 from steadytrain.train.optim import apply_hyperparameters, build_optimizer, build_scheduler
@@ -126,15 +129,16 @@ def run_training(config: Config, *, resume: ResumeRequest | None = None) -> FitR
         raise
     finally:
         if parts is not None:
-            _stop_hang_watchdog(parts)
+            _stop_watchers(parts)
         preemption.restore()
         stop_runtime()
 
 
-def _stop_hang_watchdog(parts: TrainingParts) -> None:
+def _stop_watchers(parts: TrainingParts) -> None:
     for observer in parts.timer.observers.observers:
         if isinstance(observer, HangWatchdog):
             observer.stop()
+    parts.watch.close()
 
 
 def build_parts(
@@ -220,6 +224,14 @@ def build_parts(
     restore_seconds = time.perf_counter() - restore_started
     if restored is not None:
         _follow_restored(restored, config, runtime, optimizer, scheduler, state, events)
+    watch = RunWatch(
+        emit=events.emit,
+        stall_after_s=config.telemetry.stall_after_s,
+        restarts=resumes_since_fresh_start(read_jsonl(run_dir / "events.jsonl"))
+        if restored is not None and runtime.is_main
+        else 0,
+    )
+    observers.observers.append(watch)
     return TrainingParts(
         config=config,
         runtime=runtime,
@@ -254,6 +266,7 @@ def build_parts(
             inject_nonfinite_at=config.fault.inject_nonfinite_at,
         ),
         preemption=preemption or PreemptionSignals([]),
+        watch=watch,
         restored=restored,
         restore_seconds=restore_seconds,
     )

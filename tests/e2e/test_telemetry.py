@@ -1,0 +1,85 @@
+"""The headline signals, stragglers and the stall alarm, on real 2-rank runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+from steadytrain.telemetry import read_jsonl
+from tests.e2e.jobs import train
+from tests.helpers import (
+    TINY_CONFIG,
+    as_set_args,
+    events,
+    start_steadytrain,
+    wait_for_step,
+    worker_pids,
+)
+
+# 12 steps, logged (and checked for stragglers) every 4: each check averages 4 steps.
+TELEMETRY_JOB = ["train.max_steps=12", "log.every_steps=4", "checkpoint.every_steps=4"]
+
+
+def logged_steps(run_dir: Path) -> list[dict]:
+    return [r for r in read_jsonl(run_dir / "metrics.jsonl") if "health_score" in r]
+
+
+def test_a_slowed_rank_is_named_the_straggler_and_an_even_run_names_none(
+    overrides: list[str], tmp_path: Path
+) -> None:
+    even, slowed = tmp_path / "even", tmp_path / "slowed"
+    assert train(even, [*overrides, *TELEMETRY_JOB]).returncode == 0
+    result = train(
+        slowed,
+        [*overrides, *TELEMETRY_JOB, "train.loss_fn=user_plugins:next_token_loss_slow_on_rank1"],
+    )
+    assert result.returncode == 0, result.output
+
+    assert not events(even, "straggler")
+    records = logged_steps(even)
+    assert [r["step"] for r in records] == [4, 8, 12]
+    for record in records:
+        assert record["stragglers"] == []
+        assert record["steps_per_second"] > 0
+        assert 0 <= record["health_score"] <= 100
+        assert 0 <= record["steps_at_risk"] <= 4  # checkpoints every 4 steps
+        assert record["seconds_since_checkpoint"] >= 0
+        assert record["expected_lost_s"] == record["step_time_s"] * 4 / 2
+        assert record["restarts"] == 0
+
+    [named] = events(slowed, "straggler")  # one event per spell, though every check sees it
+    assert (named["rank"], named["phase"], named["host"]) == (1, "forward", socket.gethostname())
+    assert named["ratio"] > 1.3
+    for record in logged_steps(slowed):
+        assert record["stragglers"] == [1]
+        assert any(reason.startswith("rank 1 slow (forward") for reason in record["health_reasons"])
+
+
+def test_a_stopped_rank_raises_the_stall_alarm_and_its_return_clears_it(
+    overrides: list[str], tmp_path: Path
+) -> None:
+    job = [*overrides, "train.max_steps=10", "telemetry.stall_after_s=2", "fault.hang_timeout_s=0"]
+    process = start_steadytrain(
+        "train", TINY_CONFIG, "--nproc", "2", "--run-dir", tmp_path, *as_set_args(job)
+    )
+    try:
+        wait_for_step(tmp_path, 3, process)
+        rank1 = worker_pids(process)[1]
+        os.kill(rank1, signal.SIGSTOP)
+        deadline = time.monotonic() + 60
+        while not events(tmp_path, "stall") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.kill(rank1, signal.SIGCONT)
+        assert process.wait(timeout=120) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    # The stopped rank cannot tell; its peer, blocked on it, can. (Once continued, rank 1 may
+    # raise its own alarm before its next step ends: it did go 2 s without one.)
+    stall = events(tmp_path, "stall")[0]
+    assert stall["rank"] == 0 and stall["seconds_without_step"] > 2
+    [cleared] = [event for event in events(tmp_path, "stall_cleared") if event["rank"] == 0]
+    assert cleared["step"] >= stall["step"]

@@ -1,0 +1,134 @@
+"""The health score, the straggler rule and the run watch, on hand-computed cases."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from steadytrain.telemetry import (
+    HealthInputs,
+    RunWatch,
+    Straggler,
+    find_stragglers,
+    health_score,
+    own_seconds,
+    resumes_since_fresh_start,
+)
+
+
+def healthy(**changes: object) -> HealthInputs:
+    fields: dict[str, object] = {
+        "step_time_s": 0.1,
+        "grad_sync_share": 0.10,
+        "data_wait_share": 0.01,
+        "seconds_since_checkpoint": 30.0,
+        "checkpoint_interval_s": 60.0,
+        "restarts": 0,
+        "skipped_steps": 0,
+    }
+    fields.update(changes)
+    return HealthInputs(**fields)  # type: ignore[arg-type]
+
+
+def test_a_healthy_run_scores_100_with_no_reasons() -> None:
+    assert health_score(healthy()) == (100, [])
+
+
+def test_each_penalty_follows_the_documented_formula() -> None:
+    assert health_score(healthy(grad_sync_share=0.41)) == (84, ["grad sync 41% of step time"])
+    assert health_score(healthy(grad_sync_share=0.95))[0] == 70  # bounded at 30
+    assert health_score(healthy(data_wait_share=0.25)) == (85, ["data wait 25% of step time"])
+    # 38 min without a checkpoint at a 60 s interval: 38 intervals, 2 allowed, bounded at 25.
+    assert health_score(healthy(seconds_since_checkpoint=38 * 60.0)) == (
+        75,
+        ["no checkpoint for 38 min"],
+    )
+    # 3 intervals: (3 - 2) × 10.
+    assert health_score(healthy(seconds_since_checkpoint=180.0))[0] == 90
+    assert health_score(healthy(seconds_since_checkpoint=None)) == (85, ["checkpointing is off"])
+    assert health_score(healthy(restarts=2)) == (90, ["2 restarts"])
+    assert health_score(healthy(restarts=9))[0] == 85
+    assert health_score(healthy(skipped_steps=1)) == (90, ["1 non-finite step(s) skipped"])
+    slow = Straggler(
+        rank=3, host="n1", ratio=1.8, phase="data_wait", own_s=0.18, others_median_s=0.1
+    )
+    reason = "rank 3 slow (data_wait, 1.8× the others)"
+    assert health_score(healthy(stragglers=[slow])) == (90, [reason])
+
+
+def test_reasons_come_largest_first_and_a_stall_is_zero() -> None:
+    score, reasons = health_score(healthy(grad_sync_share=0.30, restarts=3, skipped_steps=1))
+    assert score == 100 - 5 - 15 - 10
+    assert reasons == ["3 restarts", "1 non-finite step(s) skipped", "grad sync 30% of step time"]
+    assert health_score(healthy(stalled_s=95.0)) == (0, ["no step for 95 s"])
+
+
+def phases(**seconds: float) -> dict[str, float]:
+    base = {"data_wait_s": 0.01, "h2d_s": 0.0, "forward_s": 0.04, "backward_s": 0.06}
+    return {**base, "optimizer_s": 0.01, "grad_sync_s": 0.02, **seconds}
+
+
+def test_own_time_leaves_out_the_wait_in_the_gradient_all_reduce() -> None:
+    assert own_seconds(phases()) == pytest.approx(0.01 + 0.04 + 0.06 + 0.01 - 0.02)
+
+
+def test_the_slow_rank_is_named_with_its_slowest_phase_not_the_ranks_waiting_for_it() -> None:
+    # Ranks 0, 1, 3 wait 0.08 s for rank 2 inside backward's all-reduce: same step time.
+    waiting = phases(backward_s=0.14, grad_sync_s=0.10)
+    slow = {**phases(data_wait_s=0.09), "host": "node-b"}
+    per_rank = [{**waiting, "host": "node-a"}] * 2 + [slow] + [{**waiting, "host": "node-a"}]
+    [straggler] = find_stragglers(per_rank, ratio=1.3)
+    assert (straggler.rank, straggler.host, straggler.phase) == (2, "node-b", "data_wait")
+    assert straggler.ratio == pytest.approx(0.18 / 0.10)
+
+
+def test_even_ranks_and_a_single_rank_name_no_straggler() -> None:
+    assert find_stragglers([phases(), phases(forward_s=0.045)], ratio=1.3) == []
+    assert find_stragglers([phases(forward_s=10.0)], ratio=1.3) == []
+
+
+def test_restarts_count_resumes_since_the_last_fresh_start_and_not_rollbacks() -> None:
+    events = [
+        {"event": "train_start", "step": 0},
+        {"event": "resume", "step": 4},
+        {"event": "train_start", "step": 4},
+        {"event": "resume", "step": 8},
+        {"event": "rolled_back", "step": 10},
+        {"event": "resume", "step": 8},
+    ]
+    assert resumes_since_fresh_start(events) == 2
+    assert resumes_since_fresh_start([*events, {"event": "train_start", "step": 0}]) == 0
+
+
+def test_posture_counts_from_the_last_committed_checkpoint() -> None:
+    now = [100.0]
+    watch = RunWatch(emit=lambda *a, **k: None, stall_after_s=0, restarts=0, clock=lambda: now[0])
+    now[0] = 130.0
+    assert watch.posture(step=7, resumed_step=4) == (30.0, 3)  # since the resume, from step 4
+    watch.event("checkpoint_saved", {"time": 125.0, "step": 6})
+    assert watch.posture(step=7, resumed_step=4) == (5.0, 1)
+
+
+def test_the_stall_alarm_fires_once_after_the_first_step_and_clears_with_the_next() -> None:
+    emitted: list[tuple[str, dict]] = []
+    fired = threading.Event()
+
+    def emit(kind: str, **fields: object) -> None:
+        emitted.append((kind, fields))
+        fired.set()
+
+    watch = RunWatch(emit=emit, stall_after_s=0.2, restarts=0)
+    try:
+        time.sleep(0.4)
+        assert emitted == []  # not armed before the first step: setup is not a stall
+        watch.step_ended(step=0, action="commit", seconds=0.1)
+        assert fired.wait(timeout=10)
+        time.sleep(0.4)
+        [(kind, fields)] = emitted  # once per stall
+        assert kind == "stall" and fields["step"] == 1 and fields["seconds_without_step"] >= 0.2
+        watch.step_ended(step=1, action="commit", seconds=2.0)
+        assert emitted[-1] == ("stall_cleared", {"step": 2})
+    finally:
+        watch.close()
