@@ -6,6 +6,7 @@ launcher's multi-page failure report.
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,20 @@ def test_validate_accepts_and_refuses_by_world_size() -> None:
 def test_validate_applies_overrides() -> None:
     result = run_steadytrain("validate", TINY_CONFIG, "--set", "train.micro_batch_size=0")
     assert_one_line_error(result, mentions=["train.micro_batch_size"])
+
+
+def test_a_busy_prometheus_port_is_one_line(small_overrides: list[str], tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_steadytrain(
+            "train",
+            TINY_CONFIG,
+            "--nproc",
+            "2",
+            "--run-dir",
+            tmp_path,
+            *as_set_args([*small_overrides, f"telemetry.prometheus_port={port}"]),
+        )
+    assert_one_line_error(result, mentions=["telemetry.prometheus_port", f"127.0.0.1:{port}"])

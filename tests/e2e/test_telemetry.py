@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
+import subprocess
 import time
+import urllib.request
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from steadytrain.telemetry import read_jsonl
 from tests.e2e.jobs import train
@@ -27,16 +32,68 @@ def logged_steps(run_dir: Path) -> list[dict]:
     return [r for r in read_jsonl(run_dir / "metrics.jsonl") if "health_score" in r]
 
 
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """One scrape of the real endpoint, parsed by prometheus-client's own parser."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def scrape_while_training(run_dir: Path, process: subprocess.Popen[str]) -> list[dict]:
+    """Scrapes of the run's endpoint, one per newly logged step, until the run ends."""
+    scrapes: list[dict] = []
+    while process.poll() is None:
+        log = run_dir / "events.jsonl"
+        started = events(run_dir, "prometheus_started") if log.exists() else []
+        if started:
+            with contextlib.suppress(OSError):
+                sample = scrape(started[0]["port"])
+                step = sample[("steadytrain_step", ())]
+                if step >= 4 and (not scrapes or step > scrapes[-1][("steadytrain_step", ())]):
+                    scrapes.append(sample)
+        time.sleep(0.1)
+    return scrapes
+
+
 def test_a_slowed_rank_is_named_the_straggler_and_an_even_run_names_none(
     overrides: list[str], tmp_path: Path
 ) -> None:
     even, slowed = tmp_path / "even", tmp_path / "slowed"
     assert train(even, [*overrides, *TELEMETRY_JOB]).returncode == 0
-    result = train(
-        slowed,
-        [*overrides, *TELEMETRY_JOB, "train.loss_fn=user_plugins:next_token_loss_slow_on_rank1"],
+    slow_job = [
+        *overrides,
+        *TELEMETRY_JOB,
+        "train.max_steps=24",
+        "train.loss_fn=user_plugins:next_token_loss_slow_on_rank1",
+        "telemetry.prometheus_port=0",
+    ]
+    process = start_steadytrain(
+        "train", TINY_CONFIG, "--nproc", "2", "--run-dir", slowed, *as_set_args(slow_job)
     )
-    assert result.returncode == 0, result.output
+    try:
+        scrapes = scrape_while_training(slowed, process)
+        assert process.wait(timeout=120) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    [started] = events(slowed, "prometheus_started")
+    assert started["host"] == "127.0.0.1"  # loopback unless configured otherwise
+    assert len(scrapes) >= 2, "the endpoint was never scraped twice during the run"
+    first, last = scrapes[0], scrapes[-1]
+    assert last[("steadytrain_step", ())] > first[("steadytrain_step", ())]
+    assert last[("steadytrain_samples_per_second", ())] > 0
+    assert 0 <= last[("steadytrain_health_score", ())] <= 100
+    assert last[("steadytrain_restarts_total", ())] == 0
+    assert last[("steadytrain_straggler", (("rank", "1"),))] == 1
+    assert last[("steadytrain_straggler", (("rank", "0"),))] == 0
+    host = socket.gethostname()
+    own = [last[("steadytrain_rank_own_seconds", (("host", host), ("rank", r)))] for r in "01"]
+    assert own[1] > 1.3 * own[0]
+    assert last[("steadytrain_seconds_since_last_step", ())] >= 0
 
     assert not events(even, "straggler")
     records = logged_steps(even)

@@ -267,6 +267,18 @@ class TelemetryConfig(_Section):
         "the median of the other ranks' is named a straggler (checked every log.every_steps).",
         gt=1,
     )
+    prometheus_port: int | None = operational_field(
+        None,
+        description="Serve Prometheus metrics from rank 0 on this port (0: any free port, "
+        "named in the `prometheus_started` event; None: off).",
+        ge=0,
+        le=65535,
+    )
+    prometheus_host: str = operational_field(
+        "127.0.0.1",
+        description="Address the Prometheus endpoint binds to; anything but loopback (e.g. "
+        "0.0.0.0 for a scraper on another machine) is an explicit choice.",
+    )
 
 
 class Config(_Section):

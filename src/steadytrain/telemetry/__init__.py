@@ -18,15 +18,24 @@ from steadytrain.telemetry.progress import (
     Progress,
     interval_record,
 )
+from steadytrain.telemetry.prometheus import PrometheusSink
 from steadytrain.telemetry.recovery import LastProgress, RecoveryReport, last_logged_progress
 from steadytrain.telemetry.resources import process_start_time
-from steadytrain.telemetry.sinks import EventLog, JsonlSink, MetricSink, NullSink, read_jsonl
+from steadytrain.telemetry.sinks import (
+    EventLog,
+    FanOutSink,
+    JsonlSink,
+    MetricSink,
+    NullSink,
+    read_jsonl,
+)
 from steadytrain.telemetry.timers import PHASES, PhaseTimer
 
 __all__ = [
     "PHASES",
     "ConsoleProgress",
     "EventLog",
+    "FanOutSink",
     "HealthInputs",
     "IntervalStats",
     "JsonlSink",
@@ -36,6 +45,7 @@ __all__ = [
     "NullSink",
     "PhaseTimer",
     "Progress",
+    "PrometheusSink",
     "RecoveryReport",
     "RunWatch",
     "StepObserver",

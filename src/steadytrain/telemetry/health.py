@@ -219,6 +219,11 @@ class RunWatch:
         self._named = ranks
         return new
 
+    def seconds_since_step(self) -> float:
+        """Seconds since the last step completed (or since this watch began)."""
+        with self._lock:
+            return self._clock() - self._last_step_done
+
     def take_skipped(self) -> int:
         """Steps skipped since the last call."""
         with self._lock:
@@ -248,6 +253,7 @@ def headline_signals(
     record: Mapping[str, Any],
     *,
     watch: RunWatch,
+    per_rank: Sequence[Mapping[str, Any]],
     stragglers: Sequence[Straggler],
     checkpoint_every_steps: int,
     resumed_step: int,
@@ -279,6 +285,8 @@ def headline_signals(
         "restarts": watch.restarts,
         "skipped_in_interval": skipped,
         "stragglers": [straggler.rank for straggler in stragglers],
+        "rank_own_s": [own_seconds(entry) for entry in per_rank],
+        "rank_hosts": [str(entry.get("host", "")) for entry in per_rank],
         "health_score": score,
         "health_reasons": reasons[:3],
     }

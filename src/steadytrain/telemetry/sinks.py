@@ -50,6 +50,21 @@ class NullSink:
         return None
 
 
+class FanOutSink:
+    """Writes every record to each of ``sinks`` in order (metrics.jsonl, then Prometheus)."""
+
+    def __init__(self, sinks: list[MetricSink]) -> None:
+        self.sinks = sinks
+
+    def write(self, record: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            sink.write(record)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
 class EventLog:
     """Named events (start, epoch end, finish, ...) with time and rank."""
 

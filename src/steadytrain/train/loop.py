@@ -328,6 +328,7 @@ def observe(
             headline_signals(
                 record,
                 watch=parts.watch,
+                per_rank=timings,
                 stragglers=stragglers,
                 checkpoint_every_steps=parts.config.checkpoint.every_steps,
                 resumed_step=parts.restored.step if parts.restored is not None else 0,

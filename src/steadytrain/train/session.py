@@ -26,9 +26,11 @@ from steadytrain.checkpoint import (
 from steadytrain.config import (
     BatchLayout,
     Config,
+    ConfigError,
     UserError,
     batch_layout,
     dump_config,
+    identity_fingerprint,
 )
 from steadytrain.data import (
     ConsumptionLedger,
@@ -65,11 +67,14 @@ from steadytrain.model import build_model, resolve_loss_fn
 from steadytrain.telemetry import (
     ConsoleProgress,
     EventLog,
+    FanOutSink,
     JsonlSink,
+    MetricSink,
     NullProgress,
     NullSink,
     PhaseTimer,
     Progress,
+    PrometheusSink,
     RunWatch,
     StepObservers,
     read_jsonl,
@@ -251,7 +256,7 @@ def build_parts(
         # identity is refused with its differences before a ledger of other settings is.
         ledger=_open_ledger(config, runtime, sampler, start_step=state.step),
         checkpointer=checkpointer,
-        metrics=JsonlSink(run_dir / "metrics.jsonl") if runtime.is_main else NullSink(),
+        metrics=_agreed(lambda: _metrics_sink(config, runtime, watch, events), runtime),
         events=events,
         timer=PhaseTimer(device=runtime.device, observers=observers),
         progress=progress,
@@ -357,6 +362,40 @@ def write_run_config(config: Config) -> Path:
     target = Path(config.run_dir) / "config.yaml"
     replace_durably(target, BytesPayload(dump_config(config).encode()))
     return target
+
+
+def _metrics_sink(
+    config: Config, runtime: Runtime, watch: RunWatch, events: EventLog
+) -> MetricSink:
+    """``metrics.jsonl`` on rank 0, and the Prometheus endpoint beside it when configured."""
+    if not runtime.is_main:
+        return NullSink()
+    jsonl = JsonlSink(Path(config.run_dir) / "metrics.jsonl")
+    port = config.telemetry.prometheus_port
+    if port is None:
+        return jsonl
+    host = config.telemetry.prometheus_host
+    try:
+        prometheus = PrometheusSink(
+            host=host,
+            port=port,
+            run={
+                "run_dir": str(config.run_dir),
+                "identity_fingerprint": identity_fingerprint(config),
+                "world_size": str(runtime.world_size),
+            },
+            seconds_since_step=watch.seconds_since_step,
+            restarts=watch.restarts,
+        )
+    except OSError as error:
+        jsonl.close()
+        raise ConfigError(
+            f"telemetry.prometheus_port: cannot serve on {host}:{port} "
+            f"({error.strerror or error}); choose a free port, or 0 for any"
+        ) from None
+    bound_host, bound_port = prometheus.address
+    events.emit("prometheus_started", host=bound_host, port=bound_port)
+    return FanOutSink([jsonl, prometheus])
 
 
 def _agreed(build: Callable[[], T], runtime: Runtime) -> T:
