@@ -150,6 +150,11 @@ def test_kill9_under_max_restarts_recovers_by_itself(
     assert recovery["restart"] == 1
     # --nproc forks restarted workers from its forkserver, torch already imported.
     assert recovery["warm_start"] is (launcher == "steadytrain")
+    shown = run_steadytrain("status", tmp_path, "--json")
+    assert shown.returncode == 0, shown.output
+    status = json.loads(shown.stdout)
+    assert status["state"] == "finished" and status["restarts"] == 1
+    assert [r["restart"] for r in status["recoveries"]] == [1]
     for part in ("process_start_s", "imports_s", "checkpoint_read_s", "first_step_s"):
         assert recovery[part] >= 0, recovery
     assert recovery["steps_recomputed"] >= 0

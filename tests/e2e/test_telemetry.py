@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -19,6 +20,7 @@ from tests.helpers import (
     TINY_CONFIG,
     as_set_args,
     events,
+    run_steadytrain,
     start_steadytrain,
     wait_for_step,
     worker_pids,
@@ -26,6 +28,12 @@ from tests.helpers import (
 
 # 12 steps, logged (and checked for stragglers) every 4: each check averages 4 steps.
 TELEMETRY_JOB = ["train.max_steps=12", "log.every_steps=4", "checkpoint.every_steps=4"]
+
+
+def status_of(run_dir: Path) -> dict:
+    shown = run_steadytrain("status", run_dir, "--json")
+    assert shown.returncode == 0, shown.output
+    return json.loads(shown.stdout)
 
 
 def logged_steps(run_dir: Path) -> list[dict]:
@@ -96,6 +104,14 @@ def test_a_slowed_rank_is_named_the_straggler_and_an_even_run_names_none(
     assert last[("steadytrain_seconds_since_last_step", ())] >= 0
 
     assert not events(even, "straggler")
+    shown = status_of(even)
+    assert shown["state"] == "finished"
+    assert (shown["progress"]["step"], shown["progress"]["max_steps"]) == (12, 12)
+    assert shown["checkpoint"]["step"] == 12 and shown["restarts"] == 0
+    assert shown["health"]["score"] == logged_steps(even)[-1]["health_score"]
+    screen = run_steadytrain("status", even)
+    assert screen.returncode == 0, screen.output
+    assert f"{even}: finished" in screen.stdout and "step 12/12 (100%)" in screen.stdout
     records = logged_steps(even)
     assert [r["step"] for r in records] == [4, 8, 12]
     for record in records:
@@ -110,7 +126,10 @@ def test_a_slowed_rank_is_named_the_straggler_and_an_even_run_names_none(
     [named] = events(slowed, "straggler")  # one event per spell, though every check sees it
     assert (named["rank"], named["phase"], named["host"]) == (1, "forward", socket.gethostname())
     assert named["ratio"] > 1.3
-    for record in logged_steps(slowed):
+    assert named["step"] == 8  # over the ratio at 2 checks in a row (straggler_checks)
+    first, *later = logged_steps(slowed)
+    assert first["step"] == 4 and first["stragglers"] == []
+    for record in later:
         assert record["stragglers"] == [1]
         assert any(reason.startswith("rank 1 slow (forward") for reason in record["health_reasons"])
 
@@ -129,6 +148,7 @@ def test_a_stopped_rank_raises_the_stall_alarm_and_its_return_clears_it(
         deadline = time.monotonic() + 60
         while not events(tmp_path, "stall") and time.monotonic() < deadline:
             time.sleep(0.2)
+        stalled = status_of(tmp_path)
         os.kill(rank1, signal.SIGCONT)
         assert process.wait(timeout=120) == 0
     finally:
@@ -136,6 +156,8 @@ def test_a_stopped_rank_raises_the_stall_alarm_and_its_return_clears_it(
             process.kill()
     # The stopped rank cannot tell; its peer, blocked on it, can. (Once continued, rank 1 may
     # raise its own alarm before its next step ends: it did go 2 s without one.)
+    assert stalled["state"].startswith("no step logged for"), stalled["state"]
+    assert "stall" in [event["event"] for event in stalled["recent_events"]]
     stall = events(tmp_path, "stall")[0]
     assert stall["rank"] == 0 and stall["seconds_without_step"] > 2
     [cleared] = [event for event in events(tmp_path, "stall_cleared") if event["rank"] == 0]

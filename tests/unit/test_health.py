@@ -132,3 +132,14 @@ def test_the_stall_alarm_fires_once_after_the_first_step_and_clears_with_the_nex
         assert emitted[-1] == ("stall_cleared", {"step": 2})
     finally:
         watch.close()
+
+
+def test_a_rank_is_named_after_consecutive_checks_and_once_per_spell() -> None:
+    watch = RunWatch(emit=lambda *a, **k: None, stall_after_s=0, restarts=0)
+    slow = Straggler(rank=1, host="a", ratio=2.0, phase="forward", own_s=0.2, others_median_s=0.1)
+    assert watch.confirm([slow], checks=2) == ([], [])  # one check: maybe a noisy neighbour
+    assert watch.confirm([slow], checks=2) == ([slow], [slow])  # named
+    assert watch.confirm([slow], checks=2) == ([slow], [])  # still slow: no second event
+    assert watch.confirm([], checks=2) == ([], [])  # recovered
+    assert watch.confirm([slow], checks=2) == ([], [])  # a new spell starts from one check
+    assert watch.confirm([slow], checks=1) == ([slow], [slow])

@@ -9,7 +9,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -288,6 +288,86 @@ def audit(
     if report.skipped_steps:
         once += f" or skipped by the guard ({len(report.skipped_steps)} step(s))"
     typer.echo(f"audit OK: every sample {once}; {summary}")
+
+
+@app.command()
+def status(
+    run_dir: RunDirArg,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+) -> None:
+    """Where a run stands: progress and ETA, health, the three headline signals, the last
+    checkpoint, restarts, stragglers and recent events (while it runs, and after)."""
+    from steadytrain.telemetry import run_status
+
+    report = run_status(run_dir)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    for line in _status_screen(report):
+        typer.echo(line)
+
+
+def _status_screen(report: dict[str, Any]) -> list[str]:
+    progress, health, signals = report["progress"], report["health"], report["signals"]
+    total = progress["max_steps"]
+    done = f" ({progress['fraction']:.0%})" if progress["fraction"] is not None else ""
+    eta = f", ETA {_ago(progress['eta_s'])}" if progress["eta_s"] is not None else ""
+    loss = f", loss {progress['loss']:.4f}" if progress["loss"] is not None else ""
+    val = f", val loss {progress['val_loss']:.4f}" if progress["val_loss"] is not None else ""
+    reasons = "; ".join(health["reasons"]) or "nothing to report"
+    score = health["score"] if health["score"] is not None else "-"
+    lines = [
+        f"run         {report['run_dir']}: {report['state']}",
+        f"progress    step {progress['step']}/{total}{done}{eta}{loss}{val}",
+        f"health      {score}/100: {reasons}",
+    ]
+    if signals["steps_per_second"] is not None:
+        lines.append(
+            f"throughput  {signals['steps_per_second']:.2f} steps/s, "
+            f"{signals['samples_per_second']:,.0f} samples/s, "
+            f"{signals['tokens_per_second']:,.0f} tokens/s"
+        )
+        lines.append(f"comm        grad sync {signals['grad_sync_share']:.0%} of step time")
+    checkpoint = report["checkpoint"]
+    at_risk = signals["steps_at_risk"]
+    risk = f"; {at_risk} step(s) at risk" if at_risk is not None else ""
+    if signals["expected_lost_s"] is not None:
+        risk += f"; a failure loses {_ago(signals['expected_lost_s'])} of work on average"
+    if checkpoint is None:
+        lines.append(f"recovery    no checkpoint yet{risk}")
+    else:
+        lines.append(
+            f"recovery    checkpoint at step {checkpoint['step']}, "
+            f"{_ago(checkpoint['seconds_ago'])} ago{risk}"
+        )
+    recoveries = ", ".join(
+        f"{r['total_s']:.1f} s" + (" warm" if r["warm_start"] else "")
+        for r in report["recoveries"]
+        if r["total_s"] is not None
+    )
+    lines.append(
+        f"restarts    {report['restarts']}" + (f" (recoveries: {recoveries})" if recoveries else "")
+    )
+    stragglers = report["stragglers"]
+    now = ", ".join(f"rank {rank}" for rank in stragglers["now"]) or "none"
+    named = "; ".join(
+        f"rank {s['rank']} on {s['host']} at step {s['step']} ({s['phase']}, {s['ratio']:.1f}×)"
+        for s in stragglers["named"][-3:]
+    )
+    lines.append(f"stragglers  {now}" + (f" (named: {named})" if named else ""))
+    lines.append("recent events")
+    for event in report["recent_events"]:
+        step = f"step {event['step']}" if event["step"] is not None else ""
+        lines.append(f"  {_ago(event['seconds_ago']):>8} ago  {step:<11} {event['event']}")
+    return lines
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 @data_app.command("prepare")

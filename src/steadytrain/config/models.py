@@ -264,8 +264,15 @@ class TelemetryConfig(_Section):
     straggler_ratio: float = operational_field(
         1.3,
         description="A rank whose compute and loading time per step exceeds this multiple of "
-        "the median of the other ranks' is named a straggler (checked every log.every_steps).",
+        "the median of the other ranks' at straggler_checks consecutive checks (one every "
+        "log.every_steps) is named a straggler.",
         gt=1,
+    )
+    straggler_checks: int = operational_field(
+        2,
+        description="Consecutive checks a rank must be over straggler_ratio before it is "
+        "named (1: at the first; more: fewer false alarms from a noisy neighbour).",
+        ge=1,
     )
     prometheus_port: int | None = operational_field(
         None,

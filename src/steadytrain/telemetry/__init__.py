@@ -29,6 +29,7 @@ from steadytrain.telemetry.sinks import (
     NullSink,
     read_jsonl,
 )
+from steadytrain.telemetry.status import run_status
 from steadytrain.telemetry.timers import PHASES, PhaseTimer
 
 __all__ = [
@@ -60,4 +61,5 @@ __all__ = [
     "process_start_time",
     "read_jsonl",
     "resumes_since_fresh_start",
+    "run_status",
 ]

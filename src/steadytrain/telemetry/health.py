@@ -176,6 +176,7 @@ class RunWatch:
         self._stall_after_s = stall_after_s
         self._stalled = False
         self._named: set[int] = set()
+        self._streaks: dict[int, int] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if stall_after_s > 0:
@@ -212,12 +213,17 @@ class RunWatch:
                 self._protected_step = int(fields["step"])
 
     # Signals --------------------------------------------------------------------------
-    def newly_named(self, stragglers: Sequence[Straggler]) -> list[Straggler]:
-        """The stragglers not named at the previous check (each gets one event per spell)."""
-        ranks = {straggler.rank for straggler in stragglers}
-        new = [straggler for straggler in stragglers if straggler.rank not in self._named]
-        self._named = ranks
-        return new
+    def confirm(
+        self, candidates: Sequence[Straggler], *, checks: int
+    ) -> tuple[list[Straggler], list[Straggler]]:
+        """Of this check's ``candidates``, the stragglers (over the ratio at ``checks``
+        consecutive checks) and those just named (each gets one event per spell)."""
+        streaks = {c.rank: self._streaks.get(c.rank, 0) + 1 for c in candidates}
+        self._streaks = streaks
+        confirmed = [c for c in candidates if streaks[c.rank] >= checks]
+        new = [c for c in confirmed if c.rank not in self._named]
+        self._named = {c.rank for c in confirmed}
+        return confirmed, new
 
     def seconds_since_step(self) -> float:
         """Seconds since the last step completed (or since this watch began)."""

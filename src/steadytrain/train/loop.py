@@ -321,8 +321,12 @@ def observe(
         {"host": socket.gethostname(), **{k: v for k, v in record.items() if k.endswith("_s")}}
     )
     if parts.runtime.is_main:
-        stragglers = find_stragglers(timings, ratio=parts.config.telemetry.straggler_ratio)
-        for straggler in parts.watch.newly_named(stragglers):
+        telemetry = parts.config.telemetry
+        stragglers, named = parts.watch.confirm(
+            find_stragglers(timings, ratio=telemetry.straggler_ratio),
+            checks=telemetry.straggler_checks,
+        )
+        for straggler in named:
             parts.events.emit("straggler", step=state.step, **asdict(straggler))
         record.update(
             headline_signals(
