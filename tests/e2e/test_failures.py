@@ -155,6 +155,12 @@ def test_kill9_under_max_restarts_recovers_by_itself(
     status = json.loads(shown.stdout)
     assert status["state"] == "finished" and status["restarts"] == 1
     assert [r["restart"] for r in status["recoveries"]] == [1]
+    # Logged every step, so exact: each step once, and the recomputed ones twice.
+    usage = status["usage"]
+    assert usage["steps_computed"] == MAX_STEPS + recovery["steps_recomputed"]
+    assert usage["useful_steps"] == MAX_STEPS
+    assert usage["goodput"] == MAX_STEPS / usage["steps_computed"]
+    assert usage["device_hours"] > 0 and usage["cost"] is None
     for part in ("process_start_s", "imports_s", "checkpoint_read_s", "first_step_s"):
         assert recovery[part] >= 0, recovery
     assert recovery["steps_recomputed"] >= 0

@@ -27,7 +27,12 @@ from tests.helpers import (
 )
 
 # 12 steps, logged (and checked for stragglers) every 4: each check averages 4 steps.
-TELEMETRY_JOB = ["train.max_steps=12", "log.every_steps=4", "checkpoint.every_steps=4"]
+TELEMETRY_JOB = [
+    "train.max_steps=12",
+    "log.every_steps=4",
+    "checkpoint.every_steps=4",
+    "telemetry.price_per_device_hour=2.5",
+]
 
 
 def status_of(run_dir: Path) -> dict:
@@ -122,6 +127,9 @@ def test_a_slowed_rank_is_named_the_straggler_and_an_even_run_names_none(
         assert record["seconds_since_checkpoint"] >= 0
         assert record["expected_lost_s"] == record["step_time_s"] * 4 / 2
         assert record["restarts"] == 0
+        assert record["steps_computed"] == record["useful_steps"] == record["step"]
+        assert record["goodput"] == 1.0
+        assert record["cost"] == record["device_hours"] * 2.5 > 0
 
     [named] = events(slowed, "straggler")  # one event per spell, though every check sees it
     assert (named["rank"], named["phase"], named["host"]) == (1, "forward", socket.gethostname())

@@ -11,7 +11,10 @@ from steadytrain.telemetry import (
     HealthInputs,
     RunWatch,
     Straggler,
+    Usage,
+    earlier_usage,
     find_stragglers,
+    goodput_fields,
     health_score,
     own_seconds,
     resumes_since_fresh_start,
@@ -143,3 +146,53 @@ def test_a_rank_is_named_after_consecutive_checks_and_once_per_spell() -> None:
     assert watch.confirm([], checks=2) == ([], [])  # recovered
     assert watch.confirm([slow], checks=2) == ([], [])  # a new spell starts from one check
     assert watch.confirm([slow], checks=1) == ([slow], [slow])
+
+
+def test_earlier_attempts_count_their_device_time_and_every_step_they_computed() -> None:
+    events = [
+        {"time": 0.0, "event": "train_start", "step": 0, "world_size": 8},  # an older run
+        {"time": 100.0, "event": "train_start", "step": 0, "world_size": 2},
+        {"time": 150.0, "event": "train_start", "step": 10, "world_size": 4},
+        {"time": 151.0, "event": "recovery", "process_started_at": 140.0},
+        {"time": 165.0, "event": "rolled_back", "step": 20, "to_step": 12},
+    ]
+    metrics = [
+        {"time": 110.0, "step": 5, "step_time_s": 1.0},
+        {"time": 130.0, "step": 15, "step_time_s": 1.0},  # crash after 15; resumed from 10
+        {"time": 160.0, "step": 20, "step_time_s": 1.0},
+        {"time": 170.0, "step": 16, "step_time_s": 1.0},  # 12 -> 16 after the rollback
+        {"time": 171.0, "step": 16, "val_loss": 1.0},  # not a training record
+    ]
+    usage = earlier_usage(events, metrics)
+    # 2 ranks × 30 s, then 4 ranks × (170 − 140) s from the recovered process's start.
+    assert usage.device_seconds == 2 * 30 + 4 * 30
+    assert usage.steps_computed == 15 + 10 + 4
+
+
+def test_goodput_fields_follow_their_definitions() -> None:
+    fields = goodput_fields(Usage(7200.0, 40), useful_steps=30, price_per_device_hour=3.0)
+    assert fields == {
+        "device_hours": 2.0,
+        "steps_computed": 40,
+        "useful_steps": 30,
+        "goodput": 0.75,
+        "cost": 6.0,
+    }
+    assert goodput_fields(Usage(), useful_steps=0, price_per_device_hour=None)["goodput"] is None
+
+
+def test_the_watch_adds_this_process_to_earlier_attempts() -> None:
+    now = [1000.0]
+    watch = RunWatch(
+        emit=lambda *a, **k: None,
+        stall_after_s=0,
+        restarts=1,
+        world_size=2,
+        earlier=Usage(60.0, 15),
+        process_started=990.0,
+        clock=lambda: now[0],
+    )
+    for step in range(10, 13):
+        watch.step_ended(step=step, action="commit", seconds=1.0)
+    now[0] = 1005.0
+    assert watch.usage() == Usage(60.0 + 2 * 15.0, 18)

@@ -340,6 +340,14 @@ def _status_screen(report: dict[str, Any]) -> list[str]:
             f"recovery    checkpoint at step {checkpoint['step']}, "
             f"{_ago(checkpoint['seconds_ago'])} ago{risk}"
         )
+    usage = report["usage"]
+    if usage["goodput"] is not None:
+        cost = f", cost {usage['cost']:,.2f}" if usage["cost"] is not None else ""
+        lines.append(
+            f"goodput     {usage['goodput']:.0%} ({usage['useful_steps']} useful of "
+            f"{usage['steps_computed']} steps computed), {usage['device_hours']:.3f} "
+            f"device-hours{cost}"
+        )
     recoveries = ", ".join(
         f"{r['total_s']:.1f} s" + (" warm" if r["warm_start"] else "")
         for r in report["recoveries"]

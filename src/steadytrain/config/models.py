@@ -274,6 +274,12 @@ class TelemetryConfig(_Section):
         "named (1: at the first; more: fewer false alarms from a noisy neighbour).",
         ge=1,
     )
+    price_per_device_hour: float | None = operational_field(
+        None,
+        description="Price of one device (GPU) for an hour, in any currency: metrics and "
+        "status then report the cost so far (None: no cost).",
+        ge=0,
+    )
     prometheus_port: int | None = operational_field(
         None,
         description="Serve Prometheus metrics from rank 0 on this port (0: any free port, "

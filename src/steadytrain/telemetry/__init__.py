@@ -1,5 +1,6 @@
 """Phase timers, metric and event sinks, progress display and the run summary."""
 
+from steadytrain.telemetry.goodput import Usage, earlier_usage, goodput_fields
 from steadytrain.telemetry.health import (
     HealthInputs,
     RunWatch,
@@ -52,7 +53,10 @@ __all__ = [
     "StepObserver",
     "StepObservers",
     "Straggler",
+    "Usage",
+    "earlier_usage",
     "find_stragglers",
+    "goodput_fields",
     "headline_signals",
     "health_score",
     "interval_record",

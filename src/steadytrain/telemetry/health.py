@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from steadytrain.telemetry.goodput import Usage, goodput_fields
+
 # Phases in which a rank computes or loads; the others wait for peers (grad_sync) or are
 # shared work done at the same step boundary by every rank (checkpoint).
 OWN_PHASES = ("data_wait", "h2d", "forward", "backward", "optimizer")
@@ -162,11 +164,18 @@ class RunWatch:
         emit: Callable[..., None],
         stall_after_s: float,
         restarts: int,
+        world_size: int = 1,
+        earlier: Usage | None = None,
+        process_started: float | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._emit = emit
         self._clock = clock
         self.restarts = restarts
+        self._world_size = world_size
+        self._earlier = earlier or Usage()
+        self._process_started = clock() if process_started is None else process_started
+        self._computed = 0
         self._lock = threading.Lock()
         self._protected_since = clock()  # work before this is in a durable checkpoint
         self._protected_step: int | None = None
@@ -201,6 +210,7 @@ class RunWatch:
     def step_ended(self, *, step: int, action: str, seconds: float) -> None:
         with self._lock:
             self._last_step_done, self._last_step = self._clock(), step
+            self._computed += 1
             self._skipped += action == "skip"
             stalled, self._stalled = self._stalled, False
         if stalled:
@@ -229,6 +239,13 @@ class RunWatch:
         """Seconds since the last step completed (or since this watch began)."""
         with self._lock:
             return self._clock() - self._last_step_done
+
+    def usage(self) -> Usage:
+        """Device time and steps computed: earlier attempts' and this process's so far."""
+        with self._lock:
+            computed = self._computed
+        now = Usage(self._world_size * (self._clock() - self._process_started), computed)
+        return self._earlier.plus(now)
 
     def take_skipped(self) -> int:
         """Steps skipped since the last call."""
@@ -263,6 +280,8 @@ def headline_signals(
     stragglers: Sequence[Straggler],
     checkpoint_every_steps: int,
     resumed_step: int,
+    useful_steps: int,
+    price_per_device_hour: float | None = None,
 ) -> dict[str, Any]:
     """The fields a logged step adds to its metrics record: the three headline signals
     (forward progress, communication cost, recovery posture) and the health score."""
@@ -295,6 +314,9 @@ def headline_signals(
         "rank_hosts": [str(entry.get("host", "")) for entry in per_rank],
         "health_score": score,
         "health_reasons": reasons[:3],
+        **goodput_fields(
+            watch.usage(), useful_steps=useful_steps, price_per_device_hour=price_per_device_hour
+        ),
     }
 
 

@@ -42,6 +42,9 @@ _GAUGES = {
         "Work a failure at a random moment loses on average, by the checkpoint interval.",
     ),
     "health_score": ("health_score", "Health score, 0 to 100 (docs/telemetry.md)."),
+    "goodput": ("goodput_ratio", "Useful steps / steps computed, over all attempts."),
+    "steps_computed": ("steps_computed", "Steps computed over all attempts, recomputed included."),
+    "cost": ("cost", "Cost so far at telemetry.price_per_device_hour."),
     "host_rss_mb": ("host_resident_megabytes", "Resident memory of rank 0's process."),
 }
 
@@ -97,6 +100,11 @@ class PrometheusSink:
             "Steps whose update the non-finite guard dropped, since this process started.",
             registry=self.registry,
         )
+        self._device_seconds = Gauge(
+            _PREFIX + "device_seconds",
+            "Device time used over all attempts (world size × wall time).",
+            registry=self.registry,
+        )
         since = Gauge(
             _PREFIX + "seconds_since_last_step",
             "Seconds since this process last completed a step (live at each scrape).",
@@ -112,6 +120,8 @@ class PrometheusSink:
             value = record.get(field)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 gauge.set(value)
+        if isinstance(record.get("device_hours"), (int, float)):
+            self._device_seconds.set(record["device_hours"] * 3600)
         for phase in PHASES:
             if f"{phase}_s" in record:
                 self._phase.labels(phase=phase).set(record[f"{phase}_s"])

@@ -79,6 +79,10 @@ def run_status(run_dir: Path, *, now: float | None = None) -> dict[str, Any]:
             "location": checkpoint.get("location"),
             "seconds_ago": now - float(checkpoint["time"]),
         },
+        "usage": {
+            key: last.get(key)
+            for key in ("device_hours", "steps_computed", "useful_steps", "goodput", "cost")
+        },
         "restarts": last.get("restarts", 0),
         "recoveries": [
             {key: event.get(key) for key in ("restart", "resumed_step", "total_s", "warm_start")}

@@ -336,6 +336,8 @@ def observe(
                 stragglers=stragglers,
                 checkpoint_every_steps=parts.config.checkpoint.every_steps,
                 resumed_step=parts.restored.step if parts.restored is not None else 0,
+                useful_steps=state.step - state.num_skipped_steps,
+                price_per_device_hour=telemetry.price_per_device_hour,
             )
         )
         parts.metrics.write(record)

@@ -77,6 +77,8 @@ from steadytrain.telemetry import (
     PrometheusSink,
     RunWatch,
     StepObservers,
+    earlier_usage,
+    process_start_time,
     read_jsonl,
     resumes_since_fresh_start,
 )
@@ -229,12 +231,17 @@ def build_parts(
     restore_seconds = time.perf_counter() - restore_started
     if restored is not None:
         _follow_restored(restored, config, runtime, optimizer, scheduler, state, events)
+    # Earlier attempts of this run (rank 0 reports them): read back once, at the start.
+    history = restored is not None and runtime.is_main
+    earlier_events = read_jsonl(run_dir / "events.jsonl") if history else []
+    earlier_metrics = read_jsonl(run_dir / "metrics.jsonl") if history else []
     watch = RunWatch(
         emit=events.emit,
         stall_after_s=config.telemetry.stall_after_s,
-        restarts=resumes_since_fresh_start(read_jsonl(run_dir / "events.jsonl"))
-        if restored is not None and runtime.is_main
-        else 0,
+        restarts=resumes_since_fresh_start(earlier_events),
+        world_size=runtime.world_size,
+        earlier=earlier_usage(earlier_events, earlier_metrics),
+        process_started=process_start_time(),
     )
     observers.observers.append(watch)
     return TrainingParts(

@@ -1,0 +1,84 @@
+"""Goodput and cost: how much of the devices' time went into steps that count.
+
+``steps_computed`` counts every step a process ran, including the ones recomputed after a
+restart (the work since the last checkpoint) and after a rollback, and the ones whose update
+the non-finite guard dropped; ``useful_steps`` is the progress reached less the dropped ones.
+``device_seconds`` is the world size times each attempt's wall time, from its process start
+(or its ``train_start`` event) to its last record. Earlier attempts are read back from the run
+directory's files, so their steps are exact with ``log.every_steps: 1`` and a lower bound
+otherwise (the steps after an attempt's last logged one leave no trace); the current attempt
+counts every step it runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Usage:
+    device_seconds: float = 0.0
+    steps_computed: int = 0
+
+    def plus(self, other: Usage) -> Usage:
+        return Usage(
+            self.device_seconds + other.device_seconds, self.steps_computed + other.steps_computed
+        )
+
+
+def earlier_usage(
+    events: Sequence[Mapping[str, Any]], metrics: Sequence[Mapping[str, Any]]
+) -> Usage:
+    """The usage of the attempts recorded in ``events.jsonl`` and ``metrics.jsonl``, since the
+    run directory's last fresh start (a ``train_start`` at step 0)."""
+    timeline = sorted(
+        [(float(e["time"]), 0, e) for e in events if "time" in e]
+        + [(float(r["time"]), 1, r) for r in metrics if "time" in r and "step_time_s" in r],
+        key=lambda item: (item[0], item[1]),
+    )
+    attempts: list[list[Mapping[str, Any]]] = []
+    for _, is_metric, record in timeline:
+        if not is_metric and record.get("event") == "train_start":
+            if record.get("step") == 0:
+                attempts = []
+            attempts.append([record])
+        elif attempts:
+            attempts[-1].append(record)
+    usage = Usage()
+    for attempt in attempts:
+        usage = usage.plus(_attempt_usage(attempt))
+    return usage
+
+
+def _attempt_usage(records: Sequence[Mapping[str, Any]]) -> Usage:
+    start = records[0]
+    world_size = int(start.get("world_size", 1))
+    began = float(start["time"])
+    position, computed = int(start.get("step", 0)), 0
+    for record in records[1:]:
+        if record.get("event") == "recovery" and record.get("process_started_at"):
+            began = min(began, float(record["process_started_at"]))
+        elif record.get("event") == "rolled_back":
+            position = int(record.get("to_step", position))
+        elif "step_time_s" in record:
+            step = int(record["step"])
+            computed += max(0, step - position)
+            position = step
+    ended = max(float(record["time"]) for record in records)
+    return Usage(device_seconds=world_size * (ended - began), steps_computed=computed)
+
+
+def goodput_fields(
+    usage: Usage, *, useful_steps: int, price_per_device_hour: float | None
+) -> dict[str, Any]:
+    """The metrics-record fields: device-hours, goodput and (with a price) the cost so far."""
+    device_hours = usage.device_seconds / 3600
+    return {
+        "device_hours": device_hours,
+        "steps_computed": usage.steps_computed,
+        "useful_steps": useful_steps,
+        "goodput": useful_steps / usage.steps_computed if usage.steps_computed else None,
+        "cost": device_hours * price_per_device_hour if price_per_device_hour is not None else None,
+    }
