@@ -146,3 +146,42 @@ def test_summary_on_a_narrow_console_prints_every_value_below_the_title() -> Non
     console = Console(file=buffer, width=20, force_terminal=False, color_system=None)
     ConsoleProgress(max_steps=10, console=console).summary({"steps": "7 (224 samples)"})
     assert buffer.getvalue().splitlines() == ["steadytrain run summary", "steps: 7 (224 samples)"]
+
+
+def terminal_progress(
+    monkeypatch: pytest.MonkeyPatch, *, ci: bool
+) -> tuple[ConsoleProgress, io.StringIO]:
+    if ci:
+        monkeypatch.setenv("CI", "true")
+    else:
+        monkeypatch.delenv("CI", raising=False)
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=120, force_terminal=True, color_system=None)
+    return ConsoleProgress(max_steps=10, console=console), buffer
+
+
+def test_a_terminal_shows_a_bar_with_eta_loss_tokens_and_health(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    progress, buffer = terminal_progress(monkeypatch, ci=False)
+    progress.say("data: 5 shards")
+    progress.step({**RECORD, "health_score": 84})
+    progress.step({**RECORD, "step": 6, "loss": 1.25, "health_score": 90})
+    progress.summary({"steps": "10"})
+    output = buffer.getvalue()
+    assert "data: 5 shards" in output
+    last_bar = [line for line in output.replace("\r", "\n").splitlines() if "step 6/10" in line]
+    assert last_bar, output
+    assert "loss 1.2500" in last_bar[-1] and "12,345 tok/s" in last_bar[-1]
+    assert "health 90" in last_bar[-1]
+    assert "━" in last_bar[-1]  # the bar itself
+    assert "│ steps │ 10 │" in output  # the summary, after the bar it closed
+    assert "ms/step" not in output  # no plain step lines in a terminal
+
+
+def test_under_ci_a_terminal_gets_plain_lines_with_health(monkeypatch: pytest.MonkeyPatch) -> None:
+    progress, buffer = terminal_progress(monkeypatch, ci=True)
+    progress.step({**RECORD, "health_score": 84})
+    progress.close()
+    [line] = buffer.getvalue().splitlines()
+    assert line.startswith("step  3/10  loss 1.5000") and line.endswith("health 84")

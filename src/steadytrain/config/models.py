@@ -200,7 +200,9 @@ class LogConfig(_Section):
     every_steps: int = operational_field(
         10, description="Write metrics (and a console line) every N steps.", gt=0
     )
-    console: bool = operational_field(True, description="Print progress lines on rank 0.")
+    console: bool = operational_field(
+        True, description="Show progress on rank 0: a bar in a terminal, lines otherwise."
+    )
 
 
 class DistConfig(_Section):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from rich.cells import cell_len
 from rich.console import Console
+from rich.progress import BarColumn, TaskID, TextColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgress
 from rich.table import Table
 from rich.text import Text
 
@@ -64,6 +67,8 @@ class Progress(Protocol):
 
     def summary(self, summary: Mapping[str, object]) -> None: ...
 
+    def close(self) -> None: ...
+
 
 class NullProgress:
     """Progress that shows nothing: ranks other than 0, or ``log.console: false``."""
@@ -77,10 +82,16 @@ class NullProgress:
     def summary(self, summary: Mapping[str, object]) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
 
 class ConsoleProgress:
-    """One line per logged step and a summary table at the end, on a rich console.
+    """A progress bar in a terminal, one line per logged step elsewhere; a summary at the end.
 
+    In a terminal (and not under CI: ``CI`` set in the environment), a rich progress bar on one
+    line shows the step, the ETA, loss, tokens/s and health, and other messages print above
+    it. Otherwise each logged step prints one plain line, which logs and CI keep readably.
     Everything is printed as plain ``Text``: paths and error messages may hold ``[...]``, which
     rich would otherwise read as markup and drop.
 
@@ -92,19 +103,55 @@ class ConsoleProgress:
     def __init__(self, *, max_steps: int, console: Console | None = None) -> None:
         self._console = console if console is not None else Console(highlight=False)
         self._max_steps = max_steps
+        self._bar_wanted = self._console.is_terminal and not os.environ.get("CI")
+        self._bar: RichProgress | None = None
+        self._task: TaskID | None = None
 
     def say(self, message: str) -> None:
-        self._console.print(Text(message), soft_wrap=True)
+        self._console.print(Text(message), soft_wrap=True)  # above the bar, while one shows
 
     def step(self, record: Mapping[str, Any]) -> None:
+        if self._bar_wanted:
+            self._advance_bar(record)
+            return
         width = len(str(self._max_steps))
+        health = record.get("health_score")
         line = (
             f"step {record['step']:>{width}}/{self._max_steps}  loss {_loss_text(record['loss'])}  "
             f"lr {record['lr']:.2e}  {record['step_time_s'] * 1000:6.1f} ms/step  "
             f"{record['tokens_per_second']:>9,.0f} tok/s  "
             f"sync {record['grad_sync_share'] * 100:4.1f}%"
+            + (f"  health {health}" if health is not None else "")
         )
         self._console.print(Text(line), soft_wrap=True)
+
+    def _advance_bar(self, record: Mapping[str, Any]) -> None:
+        fields = {
+            "loss": _loss_text(record["loss"]),
+            "tokens": f"{record['tokens_per_second']:,.0f}",
+            "health": record.get("health_score", "-"),
+        }
+        if self._bar is None:
+            self._bar = RichProgress(
+                TextColumn("step {task.completed}/{task.total}"),
+                BarColumn(),
+                TimeRemainingColumn(),
+                TextColumn("loss {task.fields[loss]}  {task.fields[tokens]} tok/s"),
+                TextColumn("health {task.fields[health]}"),
+                console=self._console,
+                auto_refresh=False,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task("train", total=self._max_steps, **fields)
+        assert self._task is not None
+        self._bar.update(self._task, completed=int(record["step"]), **fields)
+        self._bar.refresh()
+
+    def close(self) -> None:
+        """Take the bar off the screen's live area (it stays printed); safe to call twice."""
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
 
     def summary(self, summary: Mapping[str, object]) -> None:
         """Print the table; a value too long for its row is printed whole on a line below it.
@@ -112,6 +159,7 @@ class ConsoleProgress:
         Users copy the run dir, weights and checkpoint paths out of the summary, so no value is
         ever cut with an ellipsis or folded across lines.
         """
+        self.close()
         rows = [(key, str(value)) for key, value in summary.items()]
         # The width of the table without its values: key column, borders and padding.
         frame_width = self._console.measure(_summary_table([(key, "") for key, _ in rows])).maximum

@@ -137,6 +137,7 @@ def run_training(config: Config, *, resume: ResumeRequest | None = None) -> FitR
     finally:
         if parts is not None:
             _stop_watchers(parts)
+            parts.progress.close()
         preemption.restore()
         stop_runtime()
 
