@@ -308,10 +308,12 @@ def status(
 
 
 def _status_screen(report: dict[str, Any]) -> list[str]:
+    from steadytrain.telemetry import format_duration
+
     progress, health, signals = report["progress"], report["health"], report["signals"]
     total = progress["max_steps"]
     done = f" ({progress['fraction']:.0%})" if progress["fraction"] is not None else ""
-    eta = f", ETA {_ago(progress['eta_s'])}" if progress["eta_s"] is not None else ""
+    eta = f", ETA {format_duration(progress['eta_s'])}" if progress["eta_s"] is not None else ""
     loss = f", loss {progress['loss']:.4f}" if progress["loss"] is not None else ""
     val = f", val loss {progress['val_loss']:.4f}" if progress["val_loss"] is not None else ""
     reasons = "; ".join(health["reasons"]) or "nothing to report"
@@ -332,13 +334,14 @@ def _status_screen(report: dict[str, Any]) -> list[str]:
     at_risk = signals["steps_at_risk"]
     risk = f"; {at_risk} step(s) at risk" if at_risk is not None else ""
     if signals["expected_lost_s"] is not None:
-        risk += f"; a failure loses {_ago(signals['expected_lost_s'])} of work on average"
+        lost = format_duration(signals["expected_lost_s"])
+        risk += f"; a failure loses {lost} of work on average"
     if checkpoint is None:
         lines.append(f"recovery    no checkpoint yet{risk}")
     else:
         lines.append(
             f"recovery    checkpoint at step {checkpoint['step']}, "
-            f"{_ago(checkpoint['seconds_ago'])} ago{risk}"
+            f"{format_duration(checkpoint['seconds_ago'])} ago{risk}"
         )
     usage = report["usage"]
     if usage["goodput"] is not None:
@@ -366,16 +369,9 @@ def _status_screen(report: dict[str, Any]) -> list[str]:
     lines.append("recent events")
     for event in report["recent_events"]:
         step = f"step {event['step']}" if event["step"] is not None else ""
-        lines.append(f"  {_ago(event['seconds_ago']):>8} ago  {step:<11} {event['event']}")
+        ago = format_duration(event["seconds_ago"])
+        lines.append(f"  {ago:>8} ago  {step:<11} {event['event']}")
     return lines
-
-
-def _ago(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 @data_app.command("prepare")

@@ -101,7 +101,7 @@ def health_score(inputs: HealthInputs) -> tuple[int, list[str]]:
     100 minus penalties, each bounded; a stall is 0 by itself.
     """
     if inputs.stalled_s is not None:
-        return 0, [f"no step for {_duration(inputs.stalled_s)}"]
+        return 0, [f"no step for {format_duration(inputs.stalled_s)}"]
     penalties: list[tuple[float, str]] = []
     if inputs.grad_sync_share > 0.25:
         penalties.append(
@@ -125,7 +125,7 @@ def health_score(inputs: HealthInputs) -> tuple[int, list[str]]:
             penalties.append(
                 (
                     min(25.0, (overdue - 2) * 10),
-                    f"no checkpoint for {_duration(inputs.seconds_since_checkpoint)}",
+                    f"no checkpoint for {format_duration(inputs.seconds_since_checkpoint)}",
                 )
             )
     if inputs.restarts:
@@ -145,7 +145,8 @@ def health_score(inputs: HealthInputs) -> tuple[int, list[str]]:
     return max(0, round(score)), [reason for _, reason in penalties]
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """``45 s``, ``38 min``, ``2.5 h``: a duration as people read it."""
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 7200:
