@@ -7,7 +7,14 @@ import io
 import pytest
 from rich.console import Console
 
-from steadytrain.telemetry import ConsoleProgress, NullProgress, Progress
+from steadytrain.telemetry import (
+    PHASES,
+    ConsoleProgress,
+    IntervalStats,
+    NullProgress,
+    Progress,
+    interval_record,
+)
 
 WIDTH = 80
 RUN_DIR = (
@@ -185,3 +192,25 @@ def test_under_ci_a_terminal_gets_plain_lines_with_health(monkeypatch: pytest.Mo
     progress.close()
     [line] = buffer.getvalue().splitlines()
     assert line.startswith("step  3/10  loss 1.5000") and line.endswith("health 84")
+
+
+def test_synced_phase_samples_are_reported_apart_from_host_timed_steps() -> None:
+    stats = IntervalStats()
+    host = {name: 0.001 for name in PHASES}
+    exact = {name: 0.010 for name in PHASES}
+    for _ in range(3):
+        stats.add(0.02, host)
+    stats.add(0.05, exact, synced=True)
+    record = interval_record(stats, samples_per_step=8, tokens_per_sample=10)
+    assert record["step_time_s"] == pytest.approx((3 * 0.02 + 0.05) / 4)  # every step's wall time
+    assert record["forward_s"] == pytest.approx(0.001)  # host-timed steps only
+    assert record["synced_steps"] == 1
+    assert record["synced_forward_s"] == pytest.approx(0.010)  # the exact sample, on its own
+
+
+def test_an_interval_without_synced_steps_has_no_synced_fields() -> None:
+    stats = IntervalStats()
+    stats.add(0.02, {name: 0.002 for name in PHASES})
+    record = interval_record(stats, samples_per_step=8, tokens_per_sample=10)
+    assert record["backward_s"] == pytest.approx(0.002)
+    assert not [key for key in record if key.startswith("synced_")]

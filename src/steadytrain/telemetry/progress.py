@@ -18,27 +18,56 @@ from steadytrain.telemetry.resources import host_rss_bytes
 from steadytrain.telemetry.timers import PHASES
 
 
+def _no_phases() -> dict[str, float]:
+    return dict.fromkeys(PHASES, 0.0)
+
+
 @dataclass
 class IntervalStats:
-    """Sums over the steps since the last log line."""
+    """Sums over the steps since the last log line.
+
+    On CUDA most steps time their phases on the host (kernel launches, not the device's
+    work); every ``sync_every``-th step is *synced* and exact. The two kinds are summed apart,
+    so they are never averaged together.
+    """
 
     num_steps: int = 0
     num_committed: int = 0  # steps whose update was applied (the others were skipped)
     seconds: float = 0.0
-    phase_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    phase_seconds: dict[str, float] = field(default_factory=_no_phases)  # unsynced steps
+    num_unsynced: int = 0
+    synced_phase_seconds: dict[str, float] = field(default_factory=_no_phases)
+    num_synced: int = 0
 
-    def add(self, step_seconds: float, phases: dict[str, float], *, committed: bool = True) -> None:
+    def add(
+        self,
+        step_seconds: float,
+        phases: dict[str, float],
+        *,
+        committed: bool = True,
+        synced: bool = False,
+    ) -> None:
         self.num_steps += 1
         self.num_committed += int(committed)
         self.seconds += step_seconds
+        sums = self.synced_phase_seconds if synced else self.phase_seconds
+        if synced:
+            self.num_synced += 1
+        else:
+            self.num_unsynced += 1
         for name, seconds in phases.items():
-            self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + seconds
+            sums[name] = sums.get(name, 0.0) + seconds
 
 
 def interval_record(
     stats: IntervalStats, *, samples_per_step: int, tokens_per_sample: int
 ) -> dict[str, Any]:
-    """Per-step averages of an interval: step time, throughput and each phase's seconds."""
+    """Per-step averages of an interval: step time, throughput and each phase's seconds.
+
+    ``<phase>_s`` are means over the interval's unsynced steps (over its synced ones when it
+    has no other); ``synced_<phase>_s`` are means over its synced steps, present when it had
+    any (CUDA only), with ``synced_steps`` their count.
+    """
     steps = max(1, stats.num_steps)
     step_time = stats.seconds / steps
     samples_per_second = samples_per_step / step_time if step_time > 0 else 0.0
@@ -47,8 +76,14 @@ def interval_record(
         "samples_per_second": samples_per_second,
         "tokens_per_second": samples_per_second * tokens_per_sample,
     }
+    host = stats.phase_seconds if stats.num_unsynced else stats.synced_phase_seconds
+    host_steps = max(1, stats.num_unsynced or stats.num_synced)
     for name in PHASES:
-        record[f"{name}_s"] = stats.phase_seconds[name] / steps
+        record[f"{name}_s"] = host[name] / host_steps
+    if stats.num_synced:
+        record["synced_steps"] = stats.num_synced
+        for name in PHASES:
+            record[f"synced_{name}_s"] = stats.synced_phase_seconds[name] / stats.num_synced
     # Communication cost: the share of step time with a gradient all-reduce in flight.
     record["grad_sync_share"] = record["grad_sync_s"] / step_time if step_time > 0 else 0.0
     record["host_rss_mb"] = host_rss_bytes() / 2**20

@@ -146,10 +146,11 @@ def fit(parts: TrainingParts) -> FitResult:
             save = save_after_step(parts, stop=stop)
         if save is not None:
             result.last_save = save
+        synced = timer.sampling  # this step's phase times are exact device times (CUDA)
         step_seconds, phase_seconds = timer.end_step()
         timer.observers.step_ended(step=step, action=decision.action.value, seconds=step_seconds)
         committed = decision.action is StepAction.COMMIT
-        interval.add(step_seconds, phase_seconds, committed=committed)
+        interval.add(step_seconds, phase_seconds, committed=committed, synced=synced)
         if committed:
             interval_loss += step_loss
         at_end = state.step >= config.train.max_steps or stop is not None
