@@ -307,6 +307,17 @@ def status(
         typer.echo(line)
 
 
+@app.command()
+def report(run_dir: RunDirArg) -> None:
+    """Write RUN_DIR/report/: PNG plots and index.html, a page that needs no network (loss,
+    throughput, phases, health, per-rank times, with checkpoints, restarts, preemptions,
+    hangs and skipped steps marked)."""
+    from steadytrain.telemetry import write_report
+
+    written = write_report(run_dir)
+    typer.echo(f"report: {written.page} ({len(written.images)} plots in {written.directory})")
+
+
 def _status_screen(report: dict[str, Any]) -> list[str]:
     from steadytrain.telemetry import format_duration
 

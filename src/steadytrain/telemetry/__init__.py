@@ -22,6 +22,7 @@ from steadytrain.telemetry.progress import (
 )
 from steadytrain.telemetry.prometheus import PrometheusSink
 from steadytrain.telemetry.recovery import LastProgress, RecoveryReport, last_logged_progress
+from steadytrain.telemetry.report import Report, write_report
 from steadytrain.telemetry.resources import process_start_time
 from steadytrain.telemetry.sinks import (
     EventLog,
@@ -50,6 +51,7 @@ __all__ = [
     "Progress",
     "PrometheusSink",
     "RecoveryReport",
+    "Report",
     "RunWatch",
     "StepObserver",
     "StepObservers",
@@ -68,4 +70,5 @@ __all__ = [
     "read_jsonl",
     "resumes_since_fresh_start",
     "run_status",
+    "write_report",
 ]
