@@ -33,8 +33,8 @@ browser:
 		true; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		echo "make: installing chromium with apt-get (for the report's browser test)"; \
-		{ apt-get install -y -qq chromium >/dev/null 2>&1 || \
-		  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1; }; } || \
+		{ DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq chromium >/dev/null 2>&1 || \
+		  { timeout 300 apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq chromium >/dev/null 2>&1; }; } || \
 		echo "make: could not install chromium; the report's browser test will be skipped"; \
 	else \
 		echo "make: no chromium, and apt-get needs root; the report's browser test will be skipped"; \
