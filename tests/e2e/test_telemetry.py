@@ -12,7 +12,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from steadytrain.telemetry import read_jsonl
 from tests.e2e.jobs import train
@@ -76,7 +78,7 @@ def test_a_slowed_rank_is_named_the_straggler_and_an_even_run_names_none(
     overrides: list[str], tmp_path: Path
 ) -> None:
     even, slowed = tmp_path / "even", tmp_path / "slowed"
-    assert train(even, [*overrides, *TELEMETRY_JOB]).returncode == 0
+    assert train(even, [*overrides, *TELEMETRY_JOB, "telemetry.tensorboard=true"]).returncode == 0
     slow_job = [
         *overrides,
         *TELEMETRY_JOB,
@@ -109,6 +111,14 @@ def test_a_slowed_rank_is_named_the_straggler_and_an_even_run_names_none(
     assert last[("steadytrain_seconds_since_last_step", ())] >= 0
 
     assert not events(even, "straggler")
+    # The same records as TensorBoard scalars, read back with TensorBoard's own reader.
+    scalars = EventAccumulator(str(even / "tensorboard"))
+    scalars.Reload()
+    loss = scalars.Scalars("steadytrain/loss")
+    assert [event.step for event in loss] == [4, 8, 12]
+    logged_loss = [r["loss"] for r in logged_steps(even)]
+    assert [event.value for event in loss] == pytest.approx(logged_loss)
+    assert [e.step for e in scalars.Scalars("rank_own_s/rank1")] == [4, 8, 12]
     shown = status_of(even)
     assert shown["state"] == "finished"
     assert (shown["progress"]["step"], shown["progress"]["max_steps"]) == (12, 12)

@@ -1,17 +1,21 @@
-"""The Prometheus endpoint on its own (a real server on loopback) and the example dashboard."""
+"""The Prometheus endpoint on its own (a real server on loopback), the example dashboard, and
+the TensorBoard sink's refusal without its package."""
 
 from __future__ import annotations
 
 import json
 import math
 import re
+import sys
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from steadytrain.telemetry import PrometheusSink
+from steadytrain.config import ConfigError
+from steadytrain.telemetry import PrometheusSink, TensorBoardSink
 from tests.helpers import REPO
 
 DASHBOARD = REPO / "deploy" / "grafana" / "steadytrain.json"
@@ -92,3 +96,11 @@ def test_the_dashboard_queries_only_metrics_the_endpoint_serves(sink: Prometheus
     assert queried <= served, sorted(queried - served)
     ids = [panel["id"] for panel in dashboard["panels"]]
     assert len(ids) == len(set(ids))
+
+
+def test_tensorboard_without_its_package_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"telemetry.tensorboard: true needs the tensorboard"):
+        TensorBoardSink(tmp_path / "tensorboard")

@@ -282,6 +282,11 @@ class TelemetryConfig(_Section):
         "status then report the cost so far (None: no cost).",
         ge=0,
     )
+    tensorboard: bool = operational_field(
+        False,
+        description="Also write the logged metrics as TensorBoard scalars under "
+        "RUN_DIR/tensorboard/ (needs the tensorboard package).",
+    )
     prometheus_port: int | None = operational_field(
         None,
         description="Serve Prometheus metrics from rank 0 on this port (0: any free port, "

@@ -33,6 +33,7 @@ from steadytrain.telemetry.sinks import (
     read_jsonl,
 )
 from steadytrain.telemetry.status import run_status
+from steadytrain.telemetry.tensorboard import TensorBoardSink
 from steadytrain.telemetry.timers import PHASES, PhaseTimer
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "StepObserver",
     "StepObservers",
     "Straggler",
+    "TensorBoardSink",
     "Usage",
     "earlier_usage",
     "find_stragglers",

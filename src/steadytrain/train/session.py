@@ -77,6 +77,7 @@ from steadytrain.telemetry import (
     PrometheusSink,
     RunWatch,
     StepObservers,
+    TensorBoardSink,
     earlier_usage,
     process_start_time,
     read_jsonl,
@@ -379,9 +380,16 @@ def _metrics_sink(
     if not runtime.is_main:
         return NullSink()
     jsonl = JsonlSink(Path(config.run_dir) / "metrics.jsonl")
+    sinks: list[MetricSink] = [jsonl]
+    if config.telemetry.tensorboard:
+        try:
+            sinks.append(TensorBoardSink(Path(config.run_dir) / "tensorboard"))
+        except ConfigError:
+            jsonl.close()
+            raise
     port = config.telemetry.prometheus_port
     if port is None:
-        return jsonl
+        return sinks[0] if len(sinks) == 1 else FanOutSink(sinks)
     host = config.telemetry.prometheus_host
     try:
         prometheus = PrometheusSink(
@@ -396,14 +404,15 @@ def _metrics_sink(
             restarts=watch.restarts,
         )
     except OSError as error:
-        jsonl.close()
+        for sink in sinks:
+            sink.close()
         raise ConfigError(
             f"telemetry.prometheus_port: cannot serve on {host}:{port} "
             f"({error.strerror or error}); choose a free port, or 0 for any"
         ) from None
     bound_host, bound_port = prometheus.address
     events.emit("prometheus_started", host=bound_host, port=bound_port)
-    return FanOutSink([jsonl, prometheus])
+    return FanOutSink([*sinks, prometheus])
 
 
 def _agreed(build: Callable[[], T], runtime: Runtime) -> T:
