@@ -155,7 +155,13 @@ def test_a_slowed_rank_is_named_the_straggler_and_an_even_run_names_none(
 def test_a_stopped_rank_raises_the_stall_alarm_and_its_return_clears_it(
     overrides: list[str], tmp_path: Path
 ) -> None:
-    job = [*overrides, "train.max_steps=10", "telemetry.stall_after_s=2", "fault.hang_timeout_s=0"]
+    job = [
+        *overrides,
+        "train.max_steps=10",
+        "telemetry.stall_after_s=2",
+        "fault.hang_timeout_s=0",
+        "checkpoint.every_steps=0",  # a save is waited out: the stop must land in a step
+    ]
     process = start_steadytrain(
         "train", TINY_CONFIG, "--nproc", "2", "--run-dir", tmp_path, *as_set_args(job)
     )
@@ -166,6 +172,7 @@ def test_a_stopped_rank_raises_the_stall_alarm_and_its_return_clears_it(
         deadline = time.monotonic() + 60
         while not events(tmp_path, "stall") and time.monotonic() < deadline:
             time.sleep(0.2)
+        time.sleep(1.0)  # status allows a logging interval (one 0.1 s step) beyond the 2 s
         stalled = status_of(tmp_path)
         os.kill(rank1, signal.SIGCONT)
         assert process.wait(timeout=120) == 0
@@ -175,6 +182,7 @@ def test_a_stopped_rank_raises_the_stall_alarm_and_its_return_clears_it(
     # The stopped rank cannot tell; its peer, blocked on it, can. (Once continued, rank 1 may
     # raise its own alarm before its next step ends: it did go 2 s without one.)
     assert stalled["state"].startswith("no step logged for"), stalled["state"]
+    assert stalled["health"]["score"] == 0
     assert "stall" in [event["event"] for event in stalled["recent_events"]]
     stall = events(tmp_path, "stall")[0]
     assert stall["rank"] == 0 and stall["seconds_without_step"] > 2

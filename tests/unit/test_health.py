@@ -154,19 +154,24 @@ def test_earlier_attempts_count_their_device_time_and_every_step_they_computed()
         {"time": 100.0, "event": "train_start", "step": 0, "world_size": 2},
         {"time": 150.0, "event": "train_start", "step": 10, "world_size": 4},
         {"time": 151.0, "event": "recovery", "process_started_at": 140.0},
-        {"time": 165.0, "event": "rolled_back", "step": 20, "to_step": 12},
+        {"time": 131.0, "event": "checkpoint_saved", "step": 16},  # computed past the log
+        # The next process starts at 140 (its recovery event says so): its startup events
+        # must not stretch the first attempt over the time in between.
+        {"time": 149.0, "event": "resume", "step": 10},
+        {"time": 165.0, "event": "rolled_back", "step": 21, "to_step": 12},
+        {"time": 175.0, "event": "resume", "step": 20},  # this process, after `before`
     ]
     metrics = [
         {"time": 110.0, "step": 5, "step_time_s": 1.0},
-        {"time": 130.0, "step": 15, "step_time_s": 1.0},  # crash after 15; resumed from 10
+        {"time": 130.0, "step": 15, "step_time_s": 1.0},  # crash after 16; resumed from 10
         {"time": 160.0, "step": 20, "step_time_s": 1.0},
-        {"time": 170.0, "step": 16, "step_time_s": 1.0},  # 12 -> 16 after the rollback
-        {"time": 171.0, "step": 16, "val_loss": 1.0},  # not a training record
+        {"time": 170.0, "step": 24, "step_time_s": 1.0},  # 20, 21 (failed), then 22..24
+        {"time": 171.0, "step": 24, "val_loss": 1.0},  # not a training record
     ]
-    usage = earlier_usage(events, metrics)
-    # 2 ranks × 30 s, then 4 ranks × (170 − 140) s from the recovered process's start.
-    assert usage.device_seconds == 2 * 30 + 4 * 30
-    assert usage.steps_computed == 15 + 10 + 4
+    usage = earlier_usage(events, metrics, before=172.0)
+    # 2 ranks × 31 s, then 4 ranks × (170 − 140) s from the recovered process's start.
+    assert usage.device_seconds == 2 * 31 + 4 * 30
+    assert usage.steps_computed == 16 + (20 - 10) + (22 - 20) + (24 - 22)
 
 
 def test_goodput_fields_follow_their_definitions() -> None:
@@ -179,6 +184,11 @@ def test_goodput_fields_follow_their_definitions() -> None:
         "cost": 6.0,
     }
     assert goodput_fields(Usage(), useful_steps=0, price_per_device_hour=None)["goodput"] is None
+    # An earlier attempt's count is a lower bound: never fewer computed steps than useful ones.
+    assert (
+        goodput_fields(Usage(60.0, 18), useful_steps=20, price_per_device_hour=None)["goodput"]
+        == 1.0
+    )
 
 
 def test_the_watch_adds_this_process_to_earlier_attempts() -> None:

@@ -166,7 +166,10 @@ def become_local_worker(*, poll_seconds: float = 0.1) -> None:
     """
     global _local_worker, _started_warm
     _local_worker = True
-    _started_warm = "torch" in sys.modules  # imported by the forkserver, before the fork
+    # Forked from a forkserver that had imported torch before this group: a restart by the
+    # agent (the first group's forkserver imported it just before forking).
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    _started_warm = restarted and "torch" in sys.modules
     if sys.path[:1] != [os.getcwd()]:
         sys.path.insert(0, os.getcwd())
     launcher = int(os.environ[LAUNCHER_PID_VARIABLE])

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from steadytrain.distributed.runtime import Runtime
+from steadytrain.distributed.runtime import Runtime, keep_until_exit
 
 
 class GradSyncClock:
@@ -63,6 +63,7 @@ class ParallelModel:
                 hook=_timed_mean_allreduce,
             )
             self.module = ddp
+            keep_until_exit(ddp)  # its reducer's gloo group must never be destroyed
         else:
             self.module = self.unwrapped
 

@@ -149,6 +149,23 @@ def joined_group_of_many() -> bool:
     return _joined_group_of_many
 
 
+_KEPT: list[object] = []
+
+
+def keep_until_exit(obj: object) -> None:
+    """Never free ``obj`` (a DDP module, the training parts) in this process.
+
+    Freeing the last reference to a gloo process group (DDP's reducer holds one, async saves
+    hold a side group) runs its destructor, which joins gloo's run-loop thread while holding
+    the GIL; if that thread is just then dropping a finished collective's tensors it waits for
+    the GIL, and the process hangs at the end of a run that succeeded (seen with ``--nproc``
+    workers returning from their entry function). Processes of a multi-rank group leave
+    through ``os._exit`` (``exit_process``, or the forkserver's child after its function), so
+    nothing is lost by keeping them.
+    """
+    _KEPT.append(obj)
+
+
 def exit_process(code: int) -> NoReturn:
     """End this process with ``code`` now, without interpreter finalization.
 

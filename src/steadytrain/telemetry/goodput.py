@@ -28,16 +28,42 @@ class Usage:
         )
 
 
+# Events a process writes while it starts, before its ``train_start``: they belong to the
+# attempt that follows, and must not stretch the one before it over the time in between.
+STARTUP_EVENTS = frozenset(
+    {
+        "resume",
+        "checkpoint_rejected",
+        "checkpoint_debris_removed",
+        "checkpoint_space_low",
+        "config_changed",
+        "identity_override",
+        "rng_reseeded",
+        "prometheus_started",
+    }
+)
+
+
 def earlier_usage(
-    events: Sequence[Mapping[str, Any]], metrics: Sequence[Mapping[str, Any]]
+    events: Sequence[Mapping[str, Any]],
+    metrics: Sequence[Mapping[str, Any]],
+    *,
+    before: float | None = None,
 ) -> Usage:
     """The usage of the attempts recorded in ``events.jsonl`` and ``metrics.jsonl``, since the
-    run directory's last fresh start (a ``train_start`` at step 0)."""
+    run directory's last fresh start (a ``train_start`` at step 0); records from ``before``
+    on (this process's own start) are left out."""
     timeline = sorted(
-        [(float(e["time"]), 0, e) for e in events if "time" in e]
+        [
+            (float(e["time"]), 0, e)
+            for e in events
+            if "time" in e and e.get("event") not in STARTUP_EVENTS
+        ]
         + [(float(r["time"]), 1, r) for r in metrics if "time" in r and "step_time_s" in r],
         key=lambda item: (item[0], item[1]),
     )
+    if before is not None:
+        timeline = [item for item in timeline if item[0] < before]
     attempts: list[list[Mapping[str, Any]]] = []
     for _, is_metric, record in timeline:
         if not is_metric and record.get("event") == "train_start":
@@ -61,11 +87,15 @@ def _attempt_usage(records: Sequence[Mapping[str, Any]]) -> Usage:
         if record.get("event") == "recovery" and record.get("process_started_at"):
             began = min(began, float(record["process_started_at"]))
         elif record.get("event") == "rolled_back":
-            position = int(record.get("to_step", position))
-        elif "step_time_s" in record:
-            step = int(record["step"])
+            # Computed through the failing step; the window is passed over, not recomputed,
+            # and training goes on after it.
+            step = int(record.get("step", position)) + 1
             computed += max(0, step - position)
             position = step
+        elif "step_time_s" in record or record.get("event") == "checkpoint_saved":
+            step = int(record["step"])  # a checkpoint of step N proves N steps were computed
+            computed += max(0, step - position)
+            position = max(position, step)
     ended = max(float(record["time"]) for record in records)
     return Usage(device_seconds=world_size * (ended - began), steps_computed=computed)
 
@@ -75,10 +105,12 @@ def goodput_fields(
 ) -> dict[str, Any]:
     """The metrics-record fields: device-hours, goodput and (with a price) the cost so far."""
     device_hours = usage.device_seconds / 3600
+    # Earlier attempts' counts are lower bounds; every useful step was computed at least once.
+    computed = max(usage.steps_computed, useful_steps)
     return {
         "device_hours": device_hours,
-        "steps_computed": usage.steps_computed,
+        "steps_computed": computed,
         "useful_steps": useful_steps,
-        "goodput": useful_steps / usage.steps_computed if usage.steps_computed else None,
+        "goodput": useful_steps / computed if computed else None,
         "cost": device_hours * price_per_device_hour if price_per_device_hour is not None else None,
     }

@@ -7,6 +7,7 @@ stragglers named) and raises the stall alarm from a daemon thread.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import threading
 import time
@@ -19,6 +20,8 @@ from steadytrain.telemetry.goodput import Usage, goodput_fields
 # Phases in which a rank computes or loads; the others wait for peers (grad_sync) or are
 # shared work done at the same step boundary by every rank (checkpoint).
 OWN_PHASES = ("data_wait", "h2d", "forward", "backward", "optimizer")
+# Phases the stall alarm waits out: long by nature, and guarded by the hang watchdog's allowance.
+QUIET_PHASES = ("eval", "checkpoint")
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,7 @@ class RunWatch:
         self._skipped = 0
         self._stall_after_s = stall_after_s
         self._stalled = False
+        self._quiet = False
         self._named: set[int] = set()
         self._streaks: dict[int, int] = {}
         self._stop = threading.Event()
@@ -203,10 +207,14 @@ class RunWatch:
         return None
 
     def phase_started(self, phase: str, *, step: int) -> None:
-        return None
+        if phase in QUIET_PHASES:  # long by nature: evaluation, a synchronous save
+            with self._lock:
+                self._quiet = True
 
     def phase_ended(self, phase: str, *, step: int, seconds: float) -> None:
-        return None
+        if phase in QUIET_PHASES:
+            with self._lock:  # the stall clock restarts when the long phase ends
+                self._quiet, self._last_step_done = False, self._clock()
 
     def step_ended(self, *, step: int, action: str, seconds: float) -> None:
         with self._lock:
@@ -235,6 +243,11 @@ class RunWatch:
         new = [c for c in confirmed if c.rank not in self._named]
         self._named = {c.rank for c in confirmed}
         return confirmed, new
+
+    def is_stalled(self) -> bool:
+        """Whether the stall alarm is raised now (until the next step completes)."""
+        with self._lock:
+            return self._stalled
 
     def seconds_since_step(self) -> float:
         """Seconds since the last step completed (or since this watch began)."""
@@ -265,12 +278,18 @@ class RunWatch:
         while not self._stop.wait(period):
             with self._lock:  # armed by the first step: setup and compilation are not stalls
                 idle = self._clock() - self._last_step_done
-                due = self._last_step >= 0 and idle > self._stall_after_s and not self._stalled
+                due = (
+                    self._last_step >= 0
+                    and not self._quiet
+                    and idle > self._stall_after_s
+                    and not self._stalled
+                )
                 if due:
                     self._stalled = True
                 step = self._last_step + 1
             if due:
-                self._emit("stall", step=step, seconds_without_step=round(idle, 1))
+                with contextlib.suppress(OSError, ValueError):  # the event log may be closing
+                    self._emit("stall", step=step, seconds_without_step=round(idle, 1))
 
 
 def headline_signals(

@@ -9,6 +9,8 @@ for counters, ``_ratio`` for shares (docs/telemetry.md lists them).
 
 from __future__ import annotations
 
+import errno
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -63,6 +65,8 @@ class PrometheusSink:
         run: Mapping[str, str],
         seconds_since_step: Callable[[], float],
         restarts: int,
+        stalled: Callable[[], bool] = lambda: False,
+        bind_retry_s: float = 0.0,
     ) -> None:
         self.registry = CollectorRegistry()
         self._gauges = {
@@ -71,6 +75,9 @@ class PrometheusSink:
         }
         for gauge in self._gauges.values():
             gauge.set(float("nan"))  # not measured yet (a validation loss before evaluation)
+        self._health = float("nan")
+        # A stall scores 0 at once (docs/telemetry.md), though no record comes to say so.
+        self._gauges["health_score"].set_function(lambda: 0.0 if stalled() else self._health)
         self._phase = Gauge(
             _PREFIX + "phase_seconds",
             "Mean seconds per step in each phase over the last logged interval (rank 0).",
@@ -112,14 +119,17 @@ class PrometheusSink:
         )
         since.set_function(seconds_since_step)
         Info(_PREFIX + "run", "The run's identity.", registry=self.registry).info(dict(run))
-        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        self._server, self._thread = _serve(port, host, self.registry, retry_s=bind_retry_s)
         self.address = (host, int(self._server.server_port))
 
     def write(self, record: dict[str, Any]) -> None:
         for field, gauge in self._gauges.items():
             value = record.get(field)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                gauge.set(value)
+                if field == "health_score":
+                    self._health = float(value)
+                else:
+                    gauge.set(value)
         if isinstance(record.get("device_hours"), (int, float)):
             self._device_seconds.set(record["device_hours"] * 3600)
         for phase in PHASES:
@@ -137,3 +147,16 @@ class PrometheusSink:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def _serve(port: int, host: str, registry: CollectorRegistry, *, retry_s: float) -> Any:
+    """Start the client's HTTP server; retry a busy port for ``retry_s`` (a restarted rank 0
+    may find the port still held by its predecessor's exiting processes)."""
+    deadline = time.monotonic() + retry_s
+    while True:
+        try:
+            return start_http_server(port, addr=host, registry=registry)
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)

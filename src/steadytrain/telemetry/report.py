@@ -49,7 +49,9 @@ def write_report(run_dir: Path) -> Report:
     """Write ``RUN_DIR/report/*.png`` and ``index.html``; return where they are."""
     status = run_status(run_dir)  # refuses what is not a run directory
     records = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
-    steps = [record for record in records if "step_time_s" in record]
+    # After a restart the steps since the checkpoint are logged again: the later one wins.
+    by_step = {int(record["step"]): record for record in records if "step_time_s" in record}
+    steps = [by_step[step] for step in sorted(by_step)]
     if not steps:
         raise ConfigError(
             f"{run_dir} has no logged step yet; run `steadytrain report` once training has "
@@ -57,10 +59,16 @@ def write_report(run_dir: Path) -> Report:
         )
     events = read_jsonl(run_dir / "events.jsonl") if (run_dir / "events.jsonl").exists() else []
     out = run_dir / "report"
-    out.mkdir(exist_ok=True)
-    images = tuple(_plot(name, steps, records, events, out) for name in PLOTS)
-    page = out / "index.html"
-    _write_atomically(page, _page(status, images))
+    try:
+        out.mkdir(exist_ok=True)
+        images = tuple(_plot(name, steps, records, events, out) for name in PLOTS)
+        page = out / "index.html"
+        _write_atomically(page, _page(status, images))
+    except OSError as error:
+        raise ConfigError(
+            f"cannot write the report in {out} ({error.strerror or error}); make the run "
+            "directory writable, or report a copy of it"
+        ) from None
     return Report(directory=out, page=page, images=images)
 
 

@@ -46,12 +46,19 @@ def run_status(run_dir: Path, *, now: float | None = None) -> dict[str, Any]:
     max_steps = int(config.get("train", {}).get("max_steps", 0))
     step = int(last.get("step", 0))
     stall_after = float(config.get("telemetry", {}).get("stall_after_s", 120.0))
+    # Records come every log.every_steps steps: a healthy run is that long between them.
+    log_every = int(config.get("log", {}).get("every_steps", 10))
+    quiet_for = stall_after + log_every * float(last.get("step_time_s") or 0.0)
     age = now - float(last["time"]) if "time" in last else None
     rate = float(last.get("steps_per_second") or 0.0)
     checkpoint = _last_of(events, "checkpoint_saved")
+    state = _state(events, age=age, stall_after_s=quiet_for if stall_after else 0.0)
+    health = {"score": last.get("health_score"), "reasons": last.get("health_reasons", [])}
+    if state.startswith("no step logged"):  # the score of a stall (docs/telemetry.md)
+        health = {"score": 0, "reasons": [state.split(":")[0]]}
     return {
         "run_dir": str(run_dir),
-        "state": _state(events, age=age, stall_after_s=stall_after),
+        "state": state,
         "progress": {
             "step": step,
             "max_steps": max_steps,
@@ -61,7 +68,7 @@ def run_status(run_dir: Path, *, now: float | None = None) -> dict[str, Any]:
             "loss": last.get("loss"),
             "val_loss": _last_value(records, "val_loss"),
         },
-        "health": {"score": last.get("health_score"), "reasons": last.get("health_reasons", [])},
+        "health": health,
         "signals": {
             "steps_per_second": last.get("steps_per_second"),
             "samples_per_second": last.get("samples_per_second"),

@@ -51,6 +51,7 @@ from steadytrain.distributed import (
     barrier,
     broadcast_from_main,
     first_failure,
+    keep_until_exit,
     rank_seed,
     seed_all,
     start_runtime,
@@ -111,6 +112,8 @@ def run_training(config: Config, *, resume: ResumeRequest | None = None) -> FitR
     try:
         use_deterministic_kernels(config.deterministic)
         parts = build_parts(config, runtime, resume=resume, preemption=preemption)
+        if runtime.is_distributed:
+            keep_until_exit(parts)  # its gloo groups must not be destroyed (see there)
         if parts.restored is not None and runtime.is_main:
             parts.timer.observers.observers.append(
                 recovery_report(parts, imports_done=imports_done)
@@ -122,6 +125,7 @@ def run_training(config: Config, *, resume: ResumeRequest | None = None) -> FitR
         if runtime.is_main:
             parts.events.emit("train_start", step=parts.state.step, **run_facts(parts))
         result = fit(parts)
+        parts.watch.close()  # no stall alarm while the run ends (saves, barrier)
         result.resumed_from = parts.restored.location if parts.restored is not None else None
         report_end(parts, result, seconds=time.perf_counter() - started)
         parts.ledger.close()
@@ -234,6 +238,7 @@ def build_parts(
     if restored is not None:
         _follow_restored(restored, config, runtime, optimizer, scheduler, state, events)
     # Earlier attempts of this run (rank 0 reports them): read back once, at the start.
+    started = process_start_time() or time.time()
     history = restored is not None and runtime.is_main
     earlier_events = read_jsonl(run_dir / "events.jsonl") if history else []
     earlier_metrics = read_jsonl(run_dir / "metrics.jsonl") if history else []
@@ -242,8 +247,8 @@ def build_parts(
         stall_after_s=config.telemetry.stall_after_s,
         restarts=resumes_since_fresh_start(earlier_events),
         world_size=runtime.world_size,
-        earlier=earlier_usage(earlier_events, earlier_metrics),
-        process_started=process_start_time(),
+        earlier=earlier_usage(earlier_events, earlier_metrics, before=started),
+        process_started=started,
     )
     observers.observers.append(watch)
     return TrainingParts(
@@ -402,6 +407,10 @@ def _metrics_sink(
             },
             seconds_since_step=watch.seconds_since_step,
             restarts=watch.restarts,
+            stalled=watch.is_stalled,
+            # A resumed run's rank 0 may find the port held a few seconds more by the exiting
+            # processes of the attempt before (its loader workers inherit the socket).
+            bind_retry_s=10.0 if watch.restarts else 0.0,
         )
     except OSError as error:
         for sink in sinks:
