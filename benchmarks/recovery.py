@@ -47,7 +47,7 @@ import torch
 from checkpoint_io import source_provenance
 from checkpoint_io_measurements import ForeignCpu, files_in, resident_bytes, wait_for_quiet
 from overhead import NOISY_FOREIGN_SHARE
-from steadytrain.distributed import local_worker_pids
+from steadytrain.distributed import local_worker_pids, process_running
 from steadytrain.telemetry import last_logged_progress
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -192,15 +192,7 @@ def workers_by_rank(launcher_pid: int) -> dict[int, int]:
 
 def wait_until_gone(pids: list[int]) -> float:
     """Poll until every process of ``pids`` has exited (a zombie counts as gone); when."""
-
-    def running(pid: int) -> bool:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-        except (OSError, IndexError):
-            return False
-        return state not in ("Z", "X")
-
-    while any(running(pid) for pid in pids):
+    while any(process_running(pid) for pid in pids):
         time.sleep(POLL_S)
     return time.time()
 

@@ -7,11 +7,14 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from steadytrain.distributed import local_worker_pids
+from prometheus_client.parser import text_string_to_metric_families
+
+from steadytrain.distributed import local_worker_pids, process_running
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "examples" / "tiny.yaml"
@@ -148,20 +151,24 @@ def worker_pids(launcher: subprocess.Popen[str]) -> list[int]:
 
 def wait_until_gone(pids: list[int], *, timeout: float) -> bool:
     """Poll until none of ``pids`` runs (a zombie counts as gone); False on timeout."""
-
-    def running(pid: int) -> bool:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-        except (OSError, IndexError):
-            return False
-        return state not in ("Z", "X")
-
     deadline = time.monotonic() + timeout
-    while any(running(pid) for pid in pids):
+    while any(process_running(pid) for pid in pids):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.05)
     return True
+
+
+def prometheus_samples(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """One scrape of a real Prometheus endpoint, parsed by prometheus-client's own parser:
+    ``{(name, sorted labels): value}``."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 class RecordingEvents:

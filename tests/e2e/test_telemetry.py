@@ -9,11 +9,9 @@ import signal
 import socket
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from steadytrain.telemetry import read_jsonl
@@ -22,6 +20,7 @@ from tests.helpers import (
     TINY_CONFIG,
     as_set_args,
     events,
+    prometheus_samples,
     run_steadytrain,
     start_steadytrain,
     wait_for_step,
@@ -48,14 +47,7 @@ def logged_steps(run_dir: Path) -> list[dict]:
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """One scrape of the real endpoint, parsed by prometheus-client's own parser."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+    return prometheus_samples(f"http://127.0.0.1:{port}/metrics")
 
 
 def scrape_while_training(run_dir: Path, process: subprocess.Popen[str]) -> list[dict]:

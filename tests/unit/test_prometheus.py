@@ -7,16 +7,14 @@ import json
 import math
 import re
 import sys
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from steadytrain.config import ConfigError
 from steadytrain.telemetry import PrometheusSink, TensorBoardSink
-from tests.helpers import REPO
+from tests.helpers import REPO, prometheus_samples
 
 DASHBOARD = REPO / "deploy" / "grafana" / "steadytrain.json"
 
@@ -36,13 +34,7 @@ def sink() -> Iterator[PrometheusSink]:
 
 def samples(sink: PrometheusSink) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     host, port = sink.address
-    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+    return prometheus_samples(f"http://{host}:{port}/metrics")
 
 
 def test_a_logged_record_becomes_gauges_with_per_rank_labels(sink: PrometheusSink) -> None:

@@ -16,6 +16,7 @@ from steadytrain.distributed.launch import (
     launch_local_workers,
     local_worker_pids,
     name_worker_process,
+    process_running,
     started_warm,
 )
 from steadytrain.distributed.parallel import GradSyncClock, ParallelModel
@@ -61,6 +62,7 @@ __all__ = [
     "max_across_ranks",
     "mean_across_ranks",
     "name_worker_process",
+    "process_running",
     "rank_seed",
     "restore_rng_state",
     "seed_all",

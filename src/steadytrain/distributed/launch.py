@@ -187,7 +187,7 @@ def _wait_for_exit_of(pid: int, *, poll_seconds: float) -> None:
     try:
         handle = os.pidfd_open(pid)
     except (AttributeError, OSError):
-        while _running(pid):
+        while process_running(pid):
             time.sleep(poll_seconds)
         return
     try:
@@ -196,7 +196,8 @@ def _wait_for_exit_of(pid: int, *, poll_seconds: float) -> None:
         os.close(handle)
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
+    """Whether process ``pid`` runs (Linux ``/proc``); a zombie counts as gone."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
     except (OSError, IndexError):
