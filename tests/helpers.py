@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -77,6 +78,13 @@ def run_torchrun(*args: str | Path, nproc: int = 2, timeout: float = 240) -> Cli
         command, capture_output=True, text=True, timeout=timeout, env=cli_env(), cwd=REPO
     )
     return CliResult(completed.returncode, completed.stdout, completed.stderr)
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on just now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

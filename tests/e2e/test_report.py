@@ -10,8 +10,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from tests.e2e.jobs import train
-from tests.helpers import events, run_steadytrain
+from tests.helpers import run_steadytrain
 
 PLOTS = ("loss_lr", "throughput", "phases", "health", "ranks")
 
@@ -21,19 +20,6 @@ def chromium() -> str | None:
         if found := shutil.which(name):
             return found
     return None
-
-
-@pytest.fixture(scope="module")
-def restarted_run(tmp_path_factory: pytest.TempPathFactory, overrides: list[str]) -> Path:
-    """8 steps with a NaN on rank 1 at step 5 (skipped), then the same run resumed to 12."""
-    run_dir = tmp_path_factory.mktemp("report-run")
-    job = [*overrides, "log.every_steps=2", "fault.inject_nonfinite_at=[[5, 1]]"]
-    first = train(run_dir, [*job, "train.max_steps=8"])
-    assert first.returncode == 0, first.output
-    second = train(run_dir, [*job, "train.max_steps=12"], "--allow-change", "train.max_steps")
-    assert second.returncode == 0, second.output
-    assert events(run_dir, "resume") and events(run_dir, "nonfinite_step_skipped")
-    return run_dir
 
 
 def test_report_writes_every_plot_and_a_self_contained_page(restarted_run: Path) -> None:

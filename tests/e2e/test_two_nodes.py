@@ -43,7 +43,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -58,19 +57,21 @@ from tests.e2e.jobs import (
     final_weights,
     train,
 )
-from tests.helpers import REPO, TINY_CONFIG, as_set_args, cli_env, events, wait_for_step
+from tests.helpers import (
+    REPO,
+    TINY_CONFIG,
+    as_set_args,
+    cli_env,
+    events,
+    free_port,
+    wait_for_step,
+)
 
 pytestmark = pytest.mark.slow
 NUM_NODES = 2
 KILL_AT_STEP = 6  # past the first checkpoint (every 4 steps), well before the last (24)
 RDZV_TIMEOUTS = "keep_alive_interval=1,keep_alive_max_attempt=2,join_timeout=60"
 FINISH_TIMEOUT_S = 120
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class Node:

@@ -299,6 +299,30 @@ class TelemetryConfig(_Section):
         description="Address the Prometheus endpoint binds to; anything but loopback (e.g. "
         "0.0.0.0 for a scraper on another machine) is an explicit choice.",
     )
+    mlflow_tracking_uri: str | None = operational_field(
+        None,
+        description="Also track the run in MLflow (rank 0): a tracking server URL "
+        "(http://host:5000), any MLflow store URI (sqlite:///mlflow.db), or a local folder "
+        "(holds mlflow.db and artifacts/). None: off. Credentials come from MLflow's own "
+        "environment variables (MLFLOW_TRACKING_TOKEN, ...), never from this URI.",
+    )
+    mlflow_experiment: str = operational_field(
+        "steadytrain",
+        description="MLflow experiment the run is tracked under (created when missing).",
+        min_length=1,
+    )
+
+    @field_validator("mlflow_tracking_uri")
+    @classmethod
+    def _no_password_in_tracking_uri(cls, uri: str | None) -> str | None:
+        # The URI is saved with the config and logged as a parameter.
+        if uri is not None and "://" in uri and urlsplit(uri).password is not None:
+            raise ValueError(
+                "holds a password, which would be saved with the config; set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+                "MLFLOW_TRACKING_TOKEN) in the environment instead"
+            )
+        return uri
 
 
 class Config(_Section):
@@ -321,7 +345,8 @@ class Config(_Section):
         default_factory=FaultConfig, description="Preemption, hangs and non-finite steps."
     )
     telemetry: TelemetryConfig = Field(
-        default_factory=TelemetryConfig, description="Health, stalls and stragglers."
+        default_factory=TelemetryConfig,
+        description="Health, stalls, stragglers and where metrics go besides metrics.jsonl.",
     )
 
 

@@ -12,6 +12,7 @@ from steadytrain.telemetry.health import (
     own_seconds,
     resumes_since_fresh_start,
 )
+from steadytrain.telemetry.mlflow_tracking import MlflowTracker, resolve_tracking_uri
 from steadytrain.telemetry.observers import StepObserver, StepObservers
 from steadytrain.telemetry.progress import (
     ConsoleProgress,
@@ -46,6 +47,7 @@ __all__ = [
     "JsonlSink",
     "LastProgress",
     "MetricSink",
+    "MlflowTracker",
     "NullProgress",
     "NullSink",
     "PhaseTimer",
@@ -70,6 +72,7 @@ __all__ = [
     "own_seconds",
     "process_start_time",
     "read_jsonl",
+    "resolve_tracking_uri",
     "resumes_since_fresh_start",
     "run_status",
     "write_report",

@@ -18,6 +18,25 @@ class MetricSink(Protocol):
     def close(self) -> None: ...
 
 
+def numeric_fields(record: dict[str, Any]) -> list[tuple[str, float]]:
+    """The numbers of a logged record as ``(name, value)``, for scalar stores (TensorBoard,
+    MLflow): per-rank lists become ``<field>/rank<r>``; ``step``, ``time``, booleans, text
+    and ``None`` are left out."""
+    found: list[tuple[str, float]] = []
+    for key, value in record.items():
+        if key in ("step", "time"):
+            continue
+        if _is_number(value):
+            found.append((key, float(value)))
+        elif isinstance(value, list) and value and all(_is_number(v) for v in value):
+            found.extend((f"{key}/rank{rank}", float(item)) for rank, item in enumerate(value))
+    return found
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 class JsonlSink:
     """One JSON object per line; each record is a single ``write`` on an O_APPEND file.
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from steadytrain.config import ConfigError
+from steadytrain.telemetry.sinks import numeric_fields
 
 
 class TensorBoardSink:
@@ -31,19 +32,10 @@ class TensorBoardSink:
         step = record.get("step")
         if not isinstance(step, int):
             return
-        for key, value in record.items():
-            if key in ("step", "time"):
-                continue
-            if _is_number(value):
-                self._writer.add_scalar(f"steadytrain/{key}", value, global_step=step)
-            elif isinstance(value, list) and value and all(_is_number(v) for v in value):
-                for rank, item in enumerate(value):
-                    self._writer.add_scalar(f"{key}/rank{rank}", item, global_step=step)
+        for key, value in numeric_fields(record):
+            tag = key if "/rank" in key else f"steadytrain/{key}"
+            self._writer.add_scalar(tag, value, global_step=step)
         self._writer.flush()
 
     def close(self) -> None:
         self._writer.close()
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -30,7 +30,9 @@ from steadytrain.config import (
     UserError,
     batch_layout,
     dump_config,
+    identity_fields,
     identity_fingerprint,
+    operational_fields,
 )
 from steadytrain.data import (
     ConsumptionLedger,
@@ -71,6 +73,7 @@ from steadytrain.telemetry import (
     FanOutSink,
     JsonlSink,
     MetricSink,
+    MlflowTracker,
     NullProgress,
     NullSink,
     PhaseTimer,
@@ -83,6 +86,7 @@ from steadytrain.telemetry import (
     process_start_time,
     read_jsonl,
     resumes_since_fresh_start,
+    write_report,
 )
 from steadytrain.train.loop import FitResult, Ledger, TrainingParts, fit
 from steadytrain.train.optim import apply_hyperparameters, build_optimizer, build_scheduler
@@ -392,6 +396,13 @@ def _metrics_sink(
         except ConfigError:
             jsonl.close()
             raise
+    if config.telemetry.mlflow_tracking_uri is not None:
+        try:
+            sinks.append(_mlflow_tracker(config, runtime, events))
+        except ConfigError:
+            for sink in sinks:
+                sink.close()
+            raise
     port = config.telemetry.prometheus_port
     if port is None:
         return sinks[0] if len(sinks) == 1 else FanOutSink(sinks)
@@ -422,6 +433,26 @@ def _metrics_sink(
     bound_host, bound_port = prometheus.address
     events.emit("prometheus_started", host=bound_host, port=bound_port)
     return FanOutSink([*sinks, prometheus])
+
+
+def _mlflow_tracker(config: Config, runtime: Runtime, events: EventLog) -> MlflowTracker:
+    """The MLflow run of this run directory, opened or reopened; it also observes events."""
+    assert config.telemetry.mlflow_tracking_uri is not None
+    tracker = MlflowTracker(
+        tracking_uri=config.telemetry.mlflow_tracking_uri,
+        experiment=config.telemetry.mlflow_experiment,
+        run_dir=Path(config.run_dir),
+        params={**identity_fields(config), **operational_fields(config)},
+        tags={
+            "steadytrain.run_dir": str(Path(config.run_dir).resolve()),
+            "steadytrain.identity_fingerprint": identity_fingerprint(config),
+        },
+        emit=events.emit,
+        save_file=lambda path, data: replace_durably(path, BytesPayload(data)),
+        write_report=lambda run_dir: write_report(run_dir).directory,
+    )
+    events.observers.observers.append(tracker)
+    return tracker
 
 
 def _agreed(build: Callable[[], T], runtime: Runtime) -> T:
