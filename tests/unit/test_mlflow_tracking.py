@@ -45,11 +45,14 @@ class Recorder:
         return [kind for kind, _ in self.events]
 
 
-def open_tracker(run_dir: Path, folder: Path, emit: Recorder, **params: Any) -> MlflowTracker:
+def open_tracker(
+    run_dir: Path, folder: Path, emit: Recorder, write_report: Any = None, **params: Any
+) -> MlflowTracker:
     def save_file(path: Path, data: bytes) -> None:
         path.write_bytes(data)
 
     return MlflowTracker(
+        write_report=write_report,
         tracking_uri=str(folder),
         experiment="unit",
         run_dir=run_dir,
@@ -135,3 +138,25 @@ def test_no_server_at_the_tracking_url_is_a_config_error_at_once(tmp_path: Path)
             save_file=lambda path, data: None,
         )
     assert time.monotonic() - started < 30
+
+
+def test_a_finished_run_is_marked_finished_even_when_its_report_cannot_be_written(
+    tmp_path: Path,
+) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "events.jsonl").write_text("")
+    (run_dir / "config.yaml").write_text("seed: 1\n")
+
+    def no_report(run_dir: Path) -> Path:
+        raise ConfigError(f"{run_dir} has no logged step yet")
+
+    emit = Recorder()
+    tracker = open_tracker(run_dir, tmp_path / "track", emit, write_report=no_report)
+    tracker.event("train_end", {"weights": str(run_dir / "missing.safetensors")})
+    tracker.close()
+    assert [kind for kind in emit.kinds() if kind.startswith("mlflow_e")] == ["mlflow_error"]
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(str(tmp_path / "track"))[0])
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert {f.path for f in client.list_artifacts(tracker.run_id)} == {"config.yaml", "events.json"}

@@ -224,24 +224,27 @@ class MlflowTracker:
             )
 
     def _finish(self, kind: str, fields: dict[str, Any]) -> None:
-        """At the run's end (in the thread): events table, artifacts, tags, status."""
+        """At the run's end (in the thread): events table, artifacts, tags, then the status,
+        which is set even when an upload before it failed."""
         client, run_id = self._client, self.run_id
-        events = read_jsonl(self.run_dir / "events.jsonl")
-        client.log_table(run_id, data=_event_table(events), artifact_file="events.json")
-        client.set_tag(
-            run_id, "steadytrain.stop_reason", "finished" if kind == "train_end" else kind
-        )
-        if kind == "train_end":
-            config = self.run_dir / "config.yaml"
-            if config.exists():
-                client.log_artifact(run_id, str(config))
-            weights = fields.get("weights")
-            if isinstance(weights, str) and Path(weights).exists():
-                client.log_artifact(run_id, weights, artifact_path="weights")
-            if self._write_report is not None:
-                report_dir = self._write_report(self.run_dir)
-                client.log_artifacts(run_id, str(report_dir), artifact_path="report")
-        client.set_terminated(run_id, status=_END_STATUS[kind])
+        try:
+            events = read_jsonl(self.run_dir / "events.jsonl")
+            client.log_table(run_id, data=_event_table(events), artifact_file="events.json")
+            client.set_tag(
+                run_id, "steadytrain.stop_reason", "finished" if kind == "train_end" else kind
+            )
+            if kind == "train_end":
+                config = self.run_dir / "config.yaml"
+                if config.exists():
+                    client.log_artifact(run_id, str(config))
+                weights = fields.get("weights")
+                if isinstance(weights, str) and Path(weights).exists():
+                    client.log_artifact(run_id, weights, artifact_path="weights")
+                if self._write_report is not None:
+                    report_dir = self._write_report(self.run_dir)
+                    client.log_artifacts(run_id, str(report_dir), artifact_path="report")
+        finally:
+            client.set_terminated(run_id, status=_END_STATUS[kind])
 
     def _submit(self, call: Callable[[], object]) -> None:
         if self._closed:
