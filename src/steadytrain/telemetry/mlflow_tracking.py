@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from steadytrain.config import ConfigError
+from steadytrain.telemetry.observers import QuietObserver
 from steadytrain.telemetry.sinks import numeric_fields, read_jsonl
 
 LINK_FILE = "mlflow.json"  # in RUN_DIR: which MLflow run this run directory is
@@ -56,7 +57,7 @@ def resolve_tracking_uri(uri: str, *, base: Path | None = None) -> tuple[str, st
     return f"sqlite:///{folder / 'mlflow.db'}", (folder / "artifacts").as_uri()
 
 
-class MlflowTracker:
+class MlflowTracker(QuietObserver):
     """Opens (or reopens) the MLflow run of ``run_dir`` and logs to it from a thread.
 
     ``save_file(path, data)`` writes the link file atomically; ``write_report(run_dir)``
@@ -183,18 +184,6 @@ class MlflowTracker:
 
     # --- StepObserver ---------------------------------------------------------------------
 
-    def step_started(self, *, step: int) -> None:
-        return None
-
-    def phase_started(self, phase: str, *, step: int) -> None:
-        return None
-
-    def phase_ended(self, phase: str, *, step: int, seconds: float) -> None:
-        return None
-
-    def step_ended(self, *, step: int, action: str, seconds: float) -> None:
-        return None
-
     def event(self, kind: str, fields: dict[str, Any]) -> None:
         if kind == "train_start":
             self.log_params(_flat_facts(fields))
@@ -215,7 +204,7 @@ class MlflowTracker:
                 new.append(Param(name, text))
             elif self._params[name] != text:
                 changed.append(RunTag(f"param_changed.{name}", text))
-            self._params[name] = self._params.get(name, text)
+            self._params.setdefault(name, text)
         for start in range(0, max(len(new), len(changed)), _BATCH_LIMIT):
             params_chunk = new[start : start + _BATCH_LIMIT]
             tags_chunk = changed[start : start + _BATCH_LIMIT]

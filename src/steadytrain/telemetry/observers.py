@@ -22,6 +22,25 @@ class StepObserver(Protocol):
     def event(self, kind: str, fields: dict[str, Any]) -> None: ...
 
 
+class QuietObserver:
+    """A base for observers that watch a few calls: every call does nothing until overridden."""
+
+    def step_started(self, *, step: int) -> None:
+        return None
+
+    def phase_started(self, phase: str, *, step: int) -> None:
+        return None
+
+    def phase_ended(self, phase: str, *, step: int, seconds: float) -> None:
+        return None
+
+    def step_ended(self, *, step: int, action: str, seconds: float) -> None:
+        return None
+
+    def event(self, kind: str, fields: dict[str, Any]) -> None:
+        return None
+
+
 class StepObservers:
     """Fans every call out to ``observers`` in order (none: each call is an empty loop)."""
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from steadytrain.telemetry.observers import QuietObserver
 from steadytrain.telemetry.sinks import MetricSink
 
 
@@ -46,7 +47,7 @@ def last_logged_progress(metrics_path: Path, *, tail_bytes: int = 65536) -> Last
     return None
 
 
-class RecoveryReport:
+class RecoveryReport(QuietObserver):
     """A step observer: at the end of the first step after a resume, writes one ``recovery``
     event and one metrics record with the parts of the recovery time.
 
@@ -103,15 +104,3 @@ class RecoveryReport:
             "process_started_at": started,
             "first_step_done_at": first_step_done,
         }
-
-    def step_started(self, *, step: int) -> None:
-        return None
-
-    def phase_started(self, phase: str, *, step: int) -> None:
-        return None
-
-    def phase_ended(self, phase: str, *, step: int, seconds: float) -> None:
-        return None
-
-    def event(self, kind: str, fields: dict[str, Any]) -> None:
-        return None

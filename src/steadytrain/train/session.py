@@ -385,28 +385,30 @@ def write_run_config(config: Config) -> Path:
 def _metrics_sink(
     config: Config, runtime: Runtime, watch: RunWatch, events: EventLog
 ) -> MetricSink:
-    """``metrics.jsonl`` on rank 0, and the Prometheus endpoint beside it when configured."""
+    """``metrics.jsonl`` on rank 0, and TensorBoard, MLflow and Prometheus beside it when
+    configured; if one cannot start, those already open are closed and the error is raised."""
     if not runtime.is_main:
         return NullSink()
-    jsonl = JsonlSink(Path(config.run_dir) / "metrics.jsonl")
-    sinks: list[MetricSink] = [jsonl]
-    if config.telemetry.tensorboard:
-        try:
+    sinks: list[MetricSink] = [JsonlSink(Path(config.run_dir) / "metrics.jsonl")]
+    try:
+        if config.telemetry.tensorboard:
             sinks.append(TensorBoardSink(Path(config.run_dir) / "tensorboard"))
-        except ConfigError:
-            jsonl.close()
-            raise
-    if config.telemetry.mlflow_tracking_uri is not None:
-        try:
-            sinks.append(_mlflow_tracker(config, runtime, events))
-        except ConfigError:
-            for sink in sinks:
-                sink.close()
-            raise
-    port = config.telemetry.prometheus_port
-    if port is None:
-        return sinks[0] if len(sinks) == 1 else FanOutSink(sinks)
-    host = config.telemetry.prometheus_host
+        if config.telemetry.mlflow_tracking_uri is not None:
+            sinks.append(_mlflow_tracker(config, events))
+        if config.telemetry.prometheus_port is not None:
+            sinks.append(_prometheus_sink(config, runtime, watch, events))
+    except ConfigError:
+        for sink in sinks:
+            sink.close()
+        raise
+    return sinks[0] if len(sinks) == 1 else FanOutSink(sinks)
+
+
+def _prometheus_sink(
+    config: Config, runtime: Runtime, watch: RunWatch, events: EventLog
+) -> PrometheusSink:
+    host, port = config.telemetry.prometheus_host, config.telemetry.prometheus_port
+    assert port is not None
     try:
         prometheus = PrometheusSink(
             host=host,
@@ -424,18 +426,16 @@ def _metrics_sink(
             bind_retry_s=10.0 if watch.restarts else 0.0,
         )
     except OSError as error:
-        for sink in sinks:
-            sink.close()
         raise ConfigError(
             f"telemetry.prometheus_port: cannot serve on {host}:{port} "
             f"({error.strerror or error}); choose a free port, or 0 for any"
         ) from None
     bound_host, bound_port = prometheus.address
     events.emit("prometheus_started", host=bound_host, port=bound_port)
-    return FanOutSink([*sinks, prometheus])
+    return prometheus
 
 
-def _mlflow_tracker(config: Config, runtime: Runtime, events: EventLog) -> MlflowTracker:
+def _mlflow_tracker(config: Config, events: EventLog) -> MlflowTracker:
     """The MLflow run of this run directory, opened or reopened; it also observes events."""
     assert config.telemetry.mlflow_tracking_uri is not None
     tracker = MlflowTracker(
