@@ -30,6 +30,8 @@ def checkpoint_overrides(text_corpus: Path, data_cache: Path) -> list[str]:
         "log.every_steps=1",
         "log.console=false",
         "deterministic=true",
+        # Steps here take tens of milliseconds: agree on signals every few, not every 1 s.
+        "fault.signal_check_s=0.2",
     ]
 
 

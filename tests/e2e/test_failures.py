@@ -85,7 +85,9 @@ def test_sigterm_saves_at_the_next_step_and_the_same_command_loses_nothing(
 def test_save_past_the_grace_commits_nothing_and_keeps_the_last_checkpoint(
     reference: Path, overrides: list[str], tmp_path: Path
 ) -> None:
-    process = start_training(tmp_path, [*overrides, "fault.preempt_grace_s=0.001"])
+    process = start_training(
+        tmp_path, [*overrides, "fault.preempt_grace_s=0.001", "fault.signal_check_s=0"]
+    )
     try:
         wait_for_step(tmp_path, 9, process)  # past the checkpoint of step 8
         os.kill(process.pid, signal.SIGTERM)

@@ -16,6 +16,7 @@ from steadytrain.config import EXIT_REQUEUE, ConfigError
 from steadytrain.fault import (
     PreemptionSignals,
     StepAction,
+    StepDecision,
     StepGuard,
     StopReason,
     plan_faults,
@@ -60,7 +61,7 @@ def test_nonfinite_skips_then_rolls_back_then_diverges() -> None:
     assert (last.action, last.stop) == (StepAction.SKIP, StopReason.DIVERGED)
 
 
-def test_decide_reads_the_loss_and_gradient_norm_on_the_device() -> None:
+def test_decide_reads_the_agreed_gradient_norm_and_a_nonfinite_loss_poisons_it() -> None:
     decider = StepGuard(
         rank=0,
         world_size=1,
@@ -73,22 +74,58 @@ def test_decide_reads_the_loss_and_gradient_norm_on_the_device() -> None:
     assert decider.decide(step=0, preempt_requested=False, loss=one, grad_norm=one).action is (
         StepAction.COMMIT
     )
+    # A finite loss goes to backward unchanged, to the bit; a non-finite one makes its
+    # gradients NaN, so the all-reduced gradient norm tells every rank.
+    weight = torch.tensor(3.0, requires_grad=True)
+    loss = weight * 0.1
+    assert torch.equal(decider.guard_loss(loss, step=0), loss)
+    for bad in (weight * float("inf"), weight * float("nan")):
+        decider.guard_loss(bad, step=0).backward()
+        assert weight.grad is not None and weight.grad.isnan().all()
+        weight.grad = None
     nan_loss = decider.decide(
-        step=0, preempt_requested=False, loss=torch.tensor(float("nan")), grad_norm=one
+        step=1,
+        preempt_requested=False,
+        loss=torch.tensor(float("nan")),
+        grad_norm=torch.tensor(float("nan")),
     )
     assert (nan_loss.action, nan_loss.nonfinite_loss_ranks) == (StepAction.SKIP, (0,))
     inf_norm = decider.decide(
-        step=0, preempt_requested=True, loss=one, grad_norm=torch.tensor(float("inf"))
+        step=2, preempt_requested=True, loss=one, grad_norm=torch.tensor(float("inf"))
     )
     assert inf_norm.gradient_nonfinite and inf_norm.nonfinite_loss_ranks == ()
     assert (inf_norm.action, inf_norm.stop) == (StepAction.SKIP, StopReason.PREEMPTED)
     # Injected faults: step 7 on this rank (0), step 8 on another rank only.
-    assert decider.decide(step=7, preempt_requested=False, loss=one, grad_norm=one).action is (
-        StepAction.SKIP
+    assert decider.guard_loss(one, step=7).isnan()
+    assert torch.equal(decider.guard_loss(one, step=8), one)
+
+
+def test_preemption_signals_are_checked_about_every_signal_check_s() -> None:
+    now = [0.0]
+    decider = StepGuard(
+        rank=0,
+        world_size=1,
+        device=torch.device("cpu"),
+        max_consecutive_nonfinite=3,
+        max_rollbacks=1,
+        signal_check_s=1.0,
+        clock=lambda: now[0],
     )
-    assert decider.decide(step=8, preempt_requested=False, loss=one, grad_norm=one).action is (
-        StepAction.COMMIT
-    )
+    one, nan = torch.tensor(1.0), torch.tensor(float("nan"))
+
+    def step(number: int, *, signal: bool = False, grad_norm: torch.Tensor = one) -> StepDecision:
+        now[0] = number * 0.125  # seconds per step: a check every 8 steps
+        return decider.decide(step=number, preempt_requested=signal, loss=one, grad_norm=grad_norm)
+
+    assert step(0, signal=True).stop is StopReason.PREEMPTED  # the first step is a check
+    assert step(1, signal=True).stop is StopReason.PREEMPTED  # no pace yet: the next step
+    assert [step(n, signal=True).stop for n in range(2, 9)] == [None] * 7
+    assert step(9, signal=True).stop is StopReason.PREEMPTED  # 8 steps after the last check
+    assert step(10, signal=True).stop is None
+    # A non-finite step is always a check, and a rollback checks at the next step.
+    assert step(11, signal=True, grad_norm=nan).stop is StopReason.PREEMPTED
+    decider.rolled_back(rollbacks_before=0)
+    assert step(5, signal=True).stop is StopReason.PREEMPTED
 
 
 def test_a_preemption_signal_only_sets_a_flag_and_the_handlers_come_back() -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from steadytrain.config.errors import ConfigError
 
@@ -220,7 +220,16 @@ class DistConfig(_Section):
 class FaultConfig(_Section):
     preempt_signals: list[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"]] = operational_field(
         ["SIGTERM", "SIGUSR1"],
-        description="Signals that ask every rank to checkpoint at the next step and exit 75.",
+        description="Signals that ask every rank to checkpoint at the next signal check and "
+        "exit 75.",
+    )
+    signal_check_s: float = operational_field(
+        1.0,
+        description="About how many seconds of training between two checks where the ranks "
+        "agree on preemption signals (every step when steps take longer; 0: every step). A "
+        "signal is acted on at the first check after it, so keep this well below "
+        "preempt_grace_s.",
+        ge=0,
     )
     preempt_grace_s: float = operational_field(
         60.0,
@@ -254,6 +263,16 @@ class FaultConfig(_Section):
         "and evaluation, before the watchdog counts a rank as hung.",
         ge=0,
     )
+
+    @model_validator(mode="after")
+    def _signals_checked_within_the_grace(self) -> FaultConfig:
+        if self.signal_check_s >= self.preempt_grace_s:
+            raise ValueError(
+                f"signal_check_s ({self.signal_check_s:g}) must be below preempt_grace_s "
+                f"({self.preempt_grace_s:g}): a signal waits up to signal_check_s before the "
+                "save starts; lower signal_check_s (0: every step) or raise the grace"
+            )
+        return self
 
 
 class TelemetryConfig(_Section):

@@ -7,6 +7,7 @@ from steadytrain.distributed.agree import (
     gather_from_all,
     max_across_ranks,
     mean_across_ranks,
+    rows_from_all,
     side_group,
 )
 from steadytrain.distributed.launch import (
@@ -65,6 +66,7 @@ __all__ = [
     "process_running",
     "rank_seed",
     "restore_rng_state",
+    "rows_from_all",
     "seed_all",
     "side_group",
     "start_runtime",

@@ -37,6 +37,21 @@ def max_across_ranks(values: torch.Tensor) -> torch.Tensor:
     return reduced
 
 
+def rows_from_all(row: torch.Tensor) -> torch.Tensor:
+    """Every rank's 1-D ``row``, stacked in rank order on every rank, in one all-reduce (a
+    collective: all must call, with rows of one length and dtype).
+
+    Each rank fills its own row of a zero table and the sum is taken: exact, since every
+    other entry it adds is zero.
+    """
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return row.detach().clone().unsqueeze(0)
+    table = torch.zeros((dist.get_world_size(), row.numel()), dtype=row.dtype, device=row.device)
+    table[dist.get_rank()] = row.detach()
+    dist.all_reduce(table, op=dist.ReduceOp.SUM)
+    return table
+
+
 def broadcast_from_main(value: T, *, group: ProcessGroup | None = None) -> T:
     """Rank 0's ``value`` on every rank of ``group`` (a collective: all must call)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):

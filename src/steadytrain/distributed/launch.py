@@ -59,8 +59,8 @@ def launch_local_workers(
 
     A worker that fails makes the agent restart the whole group, up to ``max_restarts``
     times; the workers resume from the newest good checkpoint. SIGTERM (or SIGUSR1) to
-    this launcher is passed to the workers as SIGTERM; they checkpoint at the next step
-    and exit, given ``shutdown_timeout_s`` before the agent kills them, and the launcher
+    this launcher is passed to the workers as SIGTERM; they checkpoint at the next signal
+    check and exit, given ``shutdown_timeout_s`` before the agent kills them, and the launcher
     exits ``EXIT_REQUEUE``.
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException

@@ -1,4 +1,4 @@
-"""Preemption signals: the handler only sets a flag; the loop acts at the next step boundary.
+"""Preemption signals: the handler only sets a flag; the loop acts at the next signal check.
 
 Saving inside a signal handler can deadlock (the signal may arrive while the main thread
 holds a lock the save needs), and a rank that acts on its own signal alone leaves its peers

@@ -9,7 +9,8 @@ Host/device sync points in the hot loop are marked "host sync".
 
 from __future__ import annotations
 
-import socket
+import math
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -27,7 +28,7 @@ from steadytrain.checkpoint import (
 )
 from steadytrain.config import EXIT_DIVERGED, EXIT_OK, EXIT_REQUEUE, BatchLayout, Config
 from steadytrain.data import GlobalPositionSampler, MicroBatch, StepBatches
-from steadytrain.distributed import ParallelModel, Runtime, gather_from_all, mean_across_ranks
+from steadytrain.distributed import ParallelModel, Runtime, mean_across_ranks, rows_from_all
 from steadytrain.fault import (
     GraceDeadline,
     PreemptionSignals,
@@ -38,6 +39,7 @@ from steadytrain.fault import (
 )
 from steadytrain.model import LossFn
 from steadytrain.telemetry import (
+    PHASES,
     EventLog,
     IntervalStats,
     MetricSink,
@@ -96,6 +98,7 @@ class TrainingParts:
     guard: StepGuard
     preemption: PreemptionSignals
     watch: RunWatch
+    hosts: list[str]  # every rank's host name, in rank order
     restored: Restored | None = None  # the checkpoint ``state`` was restored from, if any
     restore_seconds: float = 0.0  # finding, reading and verifying it
 
@@ -178,10 +181,10 @@ def fit(parts: TrainingParts) -> FitResult:
 
 
 def decide_step(parts: TrainingParts, step_loss: torch.Tensor) -> tuple[StepDecision, torch.Tensor]:
-    """The step's agreed decision: every rank's preemption flag and non-finite loss or
-    gradient norm, in one all-reduce and one host sync (the only one per step besides
-    logging), so every rank commits, skips, rolls back or stops together. Also returns the
-    global gradient norm (on the device), which clipping reuses."""
+    """The step's agreed decision from the global gradient norm (read on the host: the only
+    host sync per step besides logging) and, at signal checks, every rank's preemption flag
+    (``StepGuard``), so every rank commits, skips, rolls back or stops together. Also returns
+    the norm (on the device), which clipping reuses."""
     grads = [p.grad for p in parts.model.unwrapped.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.get_total_norm(grads)
     decision = parts.guard.decide(
@@ -256,6 +259,7 @@ def train_micro_batches(parts: TrainingParts, micro_batches: list[MicroBatch]) -
         with parts.model.gradient_sync(enabled=is_last):
             with timer.phase("forward"), autocast:
                 loss = parts.loss_fn(parts.model.module, batch) / accum_steps
+                loss = parts.guard.guard_loss(loss, step=parts.state.step)  # NaN in, NaN grads
             with timer.phase("backward"):
                 loss.backward()
         step_loss += loss.detach()
@@ -294,20 +298,22 @@ def commit_step(parts: TrainingParts, state: TrainState, micro_batches: list[Mic
         )
 
 
+# Each rank's per-step seconds of an interval, shared at every log step for the straggler
+# check and the per-rank metrics (synced ones exist on CUDA only: NaN where absent).
+RANK_SECONDS = ("step_time_s", *(f"{p}_s" for p in PHASES), *(f"synced_{p}_s" for p in PHASES))
+
+
 def observe(
     parts: TrainingParts, state: TrainState, interval: IntervalStats, interval_loss: torch.Tensor
 ) -> dict[str, Any]:
     """Average the interval's loss over ranks and write one metrics record (rank 0)."""
-    # Skipped steps have non-finite losses: the interval's loss is over committed ones.
-    mean_loss = mean_across_ranks(interval_loss / max(1, interval.num_committed))
     record: dict[str, Any] = {
         "step": state.step,
         "time": time.time(),
         "epoch": parts.sampler.epoch,
         "samples_seen": state.samples_seen,
         "tokens_seen": state.tokens_seen,
-        # host sync (log steps only)
-        "loss": float(mean_loss.item()) if interval.num_committed else None,
+        "loss": None,  # below, once the ranks have shared it
         "lr": parts.scheduler.get_last_lr()[0],
     }
     record.update(
@@ -317,10 +323,9 @@ def observe(
             tokens_per_sample=parts.tokens_per_sample,
         )
     )
-    # Every rank's phase times, for the straggler check (one small collective, log steps only).
-    timings = gather_from_all(
-        {"host": socket.gethostname(), **{k: v for k, v in record.items() if k.endswith("_s")}}
-    )
+    mean_loss, timings = share_interval(parts, interval, interval_loss, record)
+    if interval.num_committed:
+        record["loss"] = mean_loss
     if parts.runtime.is_main:
         telemetry = parts.config.telemetry
         stragglers, named = parts.watch.confirm(
@@ -344,6 +349,26 @@ def observe(
         parts.metrics.write(record)
         parts.progress.step(record)
     return record
+
+
+def share_interval(
+    parts: TrainingParts,
+    interval: IntervalStats,
+    interval_loss: torch.Tensor,
+    record: dict[str, Any],
+) -> tuple[float, list[dict[str, Any]]]:
+    """The interval's loss averaged over ranks, and every rank's host and per-step seconds
+    (``RANK_SECONDS``), in one collective of ``world_size × 15`` floats (log steps only)."""
+    # Skipped steps have non-finite losses: the interval's loss is over committed ones.
+    seconds = [float(record.get(key, math.nan)) for key in RANK_SECONDS]
+    row = torch.tensor([0.0, *seconds], dtype=torch.float64).to(parts.runtime.device)
+    row[0] = interval_loss / max(1, interval.num_committed)
+    table = rows_from_all(row).tolist()  # host sync (log steps only)
+    per_rank = []
+    for host, values in zip(parts.hosts, table, strict=True):
+        pairs = zip(RANK_SECONDS, values[1:], strict=True)
+        per_rank.append({"host": host, **{k: v for k, v in pairs if not math.isnan(v)}})
+    return statistics.fmean(values[0] for values in table), per_rank
 
 
 @torch.no_grad()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -53,6 +54,7 @@ from steadytrain.distributed import (
     barrier,
     broadcast_from_main,
     first_failure,
+    gather_from_all,
     keep_until_exit,
     rank_seed,
     seed_all,
@@ -286,10 +288,12 @@ def build_parts(
             max_consecutive_nonfinite=config.fault.max_consecutive_nonfinite,
             max_rollbacks=config.fault.max_rollbacks,
             counters=state,
+            signal_check_s=config.fault.signal_check_s,
             inject_nonfinite_at=config.fault.inject_nonfinite_at,
         ),
         preemption=preemption or PreemptionSignals([]),
         watch=watch,
+        hosts=gather_from_all(socket.gethostname()),
         restored=restored,
         restore_seconds=restore_seconds,
     )
