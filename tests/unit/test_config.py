@@ -13,6 +13,7 @@ from steadytrain.config import (
     batch_layout,
     config_from_dict,
     dump_config,
+    field_changes,
     identity_differences,
     identity_fields,
     identity_fingerprint,
@@ -289,11 +290,14 @@ def test_fingerprint_ignores_kwargs_order() -> None:
 
 
 def test_identity_differences_lists_each_changed_key() -> None:
-    old = {"seed": 1, "train.lr": 0.1, "data.seq_len": 8}
+    old = {"seed": 1, "train.lr": 0.1, "data.seq_len": 8, "no.such_field": 3}
     new = {"seed": 2, "train.lr": 0.1, "model.kwargs": {"width": 4}}
+    # A side without a field holds its default there (128, the GPT's kwargs); one no
+    # version knows holds nothing.
     assert identity_differences(old, new) == [
-        "data.seq_len: 8 -> None",
-        "model.kwargs: None -> {'width': 4}",
+        "data.seq_len: 8 -> 128",
+        "model.kwargs: {'num_layers': 2, 'width': 128, 'num_heads': 4} -> {'width': 4}",
+        "no.such_field: 3 -> None",
         "seed: 1 -> 2",
     ]
 
@@ -348,3 +352,11 @@ def test_resolve_callable_missing_attribute() -> None:
 def test_resolve_callable_not_callable() -> None:
     with pytest.raises(FactoryError, match=r"^model\.factory: 'os:sep' is not callable"):
         resolve_callable("os:sep", field="model.factory")
+
+
+def test_a_field_added_since_a_checkpoint_counts_as_its_default_there() -> None:
+    recorded = identity_fields(load_config(None))
+    del recorded["parallel.comm_hook"]  # a manifest written before the field existed
+    assert field_changes(recorded, identity_fields(load_config(None))) == {}
+    changed = identity_fields(load_config(None, overrides=["parallel.comm_hook=fp16"]))
+    assert field_changes(recorded, changed) == {"parallel.comm_hook": ("allreduce", "fp16")}

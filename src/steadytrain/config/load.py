@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -117,9 +118,25 @@ def identity_fingerprint(config: Config) -> str:
 
 
 def field_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Fields whose value differs between two field mappings, as ``{key: (old, new)}``, sorted."""
-    keys = sorted(set(old) | set(new))
-    return {key: (old.get(key), new.get(key)) for key in keys if old.get(key) != new.get(key)}
+    """Fields whose value differs between two field mappings, as ``{key: (old, new)}``, sorted.
+
+    A field one side does not record (it was added, or removed, between the versions that
+    wrote them) counts as holding its default there: a checkpoint from before a new field
+    existed matches a config that leaves the field at its default.
+    """
+    defaults = _default_fields()
+    changes = {}
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key, defaults.get(key)), new.get(key, defaults.get(key))
+        if before != after:
+            changes[key] = (before, after)
+    return changes
+
+
+@functools.cache
+def _default_fields() -> dict[str, Any]:
+    defaults = Config()
+    return {**identity_fields(defaults), **operational_fields(defaults)}
 
 
 def describe_changes(changes: dict[str, tuple[Any, Any]]) -> list[str]:

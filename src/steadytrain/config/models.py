@@ -217,6 +217,51 @@ class DistConfig(_Section):
     )
 
 
+class ParallelConfig(_Section):
+    """How DDP synchronises gradients (docs/scaling.md): buckets, views, static graph, hooks.
+
+    Bucket size, gradient views and the static graph change where and when gradients are
+    summed, not their values: operational. The communication hook and PowerSGD's settings
+    change the gradient every step (lossy compression): identity, like ``train.precision``.
+    """
+
+    bucket_cap_mb: float | None = operational_field(
+        None,
+        description="DDP gradient bucket size in MiB: smaller buckets start all-reducing "
+        "earlier in backward, larger ones send fewer messages (None: DDP's default, 25 MiB "
+        "with a 1 MiB first bucket).",
+        gt=0,
+    )
+    gradient_as_bucket_view: bool = operational_field(
+        False,
+        description="Make gradients views into DDP's all-reduce buckets instead of separate "
+        "tensors beside them: one gradient-sized buffer less from backward to the optimizer.",
+    )
+    static_graph: bool = operational_field(
+        False,
+        description="Tell DDP the set of parameters used and the autograd graph never change "
+        "between steps; refused with gradient accumulation (torch 2.13 fails under no_sync).",
+    )
+    comm_hook: Literal["allreduce", "fp16", "bf16", "powersgd"] = identity_field(
+        "allreduce",
+        description="How each bucket is reduced (PyTorch's DDP hooks): 'allreduce' (mean, "
+        "exact), 'fp16' / 'bf16' (cast to half precision for the all-reduce: lossy), "
+        "'powersgd' (low-rank compression with error feedback: lossy).",
+    )
+    powersgd_rank: int = identity_field(
+        1,
+        description="PowerSGD's matrix approximation rank: lower sends less and approximates "
+        "more (PyTorch advises 1, then 2, 4, ... until the loss is good enough).",
+        ge=1,
+    )
+    powersgd_start_step: int | None = identity_field(
+        None,
+        description="First step PowerSGD compresses; earlier steps all-reduce in full "
+        "precision (None: when the learning-rate warmup ends, train.warmup_steps).",
+        ge=0,
+    )
+
+
 class FaultConfig(_Section):
     preempt_signals: list[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"]] = operational_field(
         ["SIGTERM", "SIGUSR1"],
@@ -360,6 +405,10 @@ class Config(_Section):
     )
     log: LogConfig = Field(default_factory=LogConfig, description="Metrics and console output.")
     dist: DistConfig = Field(default_factory=DistConfig, description="Distributed runtime.")
+    parallel: ParallelConfig = Field(
+        default_factory=ParallelConfig,
+        description="DDP gradient communication: buckets, views, static graph, compression.",
+    )
     fault: FaultConfig = Field(
         default_factory=FaultConfig, description="Preemption, hangs and non-finite steps."
     )
@@ -406,3 +455,10 @@ def batch_layout(config: Config, *, world_size: int) -> BatchLayout:
         micro_batch_size=train.micro_batch_size,
         grad_accum_steps=train.global_batch_size // per_micro_step,
     )
+
+
+def powersgd_start_step(config: Config) -> int:
+    """The first step PowerSGD compresses: ``parallel.powersgd_start_step``, or the end of
+    the learning-rate warmup when unset (PyTorch advises no earlier)."""
+    start = config.parallel.powersgd_start_step
+    return config.train.warmup_steps if start is None else start

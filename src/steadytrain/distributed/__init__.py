@@ -10,6 +10,7 @@ from steadytrain.distributed.agree import (
     rows_from_all,
     side_group,
 )
+from steadytrain.distributed.comm_hooks import check_gradient_sync
 from steadytrain.distributed.launch import (
     become_local_worker,
     end_local_worker,
@@ -27,6 +28,7 @@ from steadytrain.distributed.runtime import (
     exit_process,
     joined_group_of_many,
     keep_until_exit,
+    planned_backend,
     start_runtime,
     stop_runtime,
     under_torchrun,
@@ -51,6 +53,7 @@ __all__ = [
     "become_local_worker",
     "broadcast_from_main",
     "capture_rng_state",
+    "check_gradient_sync",
     "end_local_worker",
     "exit_process",
     "first_failure",
@@ -63,6 +66,7 @@ __all__ = [
     "max_across_ranks",
     "mean_across_ranks",
     "name_worker_process",
+    "planned_backend",
     "process_running",
     "rank_seed",
     "restore_rng_state",

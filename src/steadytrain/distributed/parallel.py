@@ -1,17 +1,22 @@
-"""The parallelism wrapper: DDP now (FSDP2 later), with gradient-sync timing."""
+"""The parallelism wrapper: DDP now (FSDP2 later), with its communication settings and
+gradient-sync timing."""
 
-# No "from __future__ import annotations": DDP checks the comm hook's real annotations.
+from __future__ import annotations
+
 import contextlib
 import threading
-import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
 
-import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from steadytrain.config import Config, powersgd_start_step
+from steadytrain.distributed.comm_hooks import (
+    GradientSync,
+    TimedHookState,
+    build_gradient_sync,
+    timed_hook,
+)
 from steadytrain.distributed.runtime import Runtime, keep_until_exit
 
 
@@ -46,26 +51,47 @@ class GradSyncClock:
 
 
 class ParallelModel:
-    """A model prepared for this runtime: call ``module``, save ``unwrapped``."""
+    """A model prepared for this runtime: call ``module``, save ``unwrapped``.
 
-    def __init__(self, module: nn.Module, *, runtime: Runtime) -> None:
+    Across ranks it is DDP with ``config.parallel``'s buckets, gradient views, static graph
+    and communication hook (refuse what cannot work with ``check_gradient_sync`` first).
+    ``current_step`` tells the hook which step it syncs (PowerSGD starts at a step).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        runtime: Runtime,
+        config: Config,
+        current_step: Callable[[], int] = lambda: 0,
+    ) -> None:
         self.unwrapped = module.to(runtime.device)
         self.grad_sync_clock = GradSyncClock()
-        self.module: nn.Module
-        if runtime.is_distributed:
-            # DDP broadcasts rank 0's parameters here, so all ranks start identical.
-            ddp = DistributedDataParallel(
-                self.unwrapped,
-                device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
-            )
-            ddp.register_comm_hook(
-                state=_HookState(self.grad_sync_clock, runtime.world_size),
-                hook=_timed_mean_allreduce,
-            )
-            self.module = ddp
-            keep_until_exit(ddp)  # its reducer's gloo group must never be destroyed
-        else:
-            self.module = self.unwrapped
+        self.module: nn.Module = self.unwrapped
+        self.comm_hook: GradientSync | None = None  # the hook DDP calls per bucket
+        if not runtime.is_distributed:
+            return
+        settings = config.parallel
+        # DDP broadcasts rank 0's parameters here, so all ranks start identical.
+        ddp = DistributedDataParallel(
+            self.unwrapped,
+            device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
+            bucket_cap_mb=settings.bucket_cap_mb,
+            gradient_as_bucket_view=settings.gradient_as_bucket_view,
+            static_graph=settings.static_graph,
+        )
+        self.comm_hook = build_gradient_sync(
+            settings,
+            backend=runtime.backend,
+            powersgd_start_step=powersgd_start_step(config),
+            current_step=current_step,
+        )
+        ddp.register_comm_hook(
+            state=TimedHookState(self.comm_hook, self.grad_sync_clock.record), hook=timed_hook
+        )
+        self.module = ddp
+        keep_until_exit(ddp)  # its reducer's gloo group must never be destroyed
 
     @contextlib.contextmanager
     def gradient_sync(self, *, enabled: bool) -> Iterator[None]:
@@ -76,24 +102,12 @@ class ParallelModel:
             with self.module.no_sync():
                 yield
 
+    def forget_dropped_gradients(self) -> None:
+        """Clear what the communication hook remembers of earlier steps' gradients.
 
-class _HookState:
-    def __init__(self, clock: GradSyncClock, world_size: int) -> None:
-        self.clock = clock
-        self.world_size = world_size
-
-
-def _timed_mean_allreduce(
-    state: _HookState, bucket: dist.GradBucket
-) -> torch.futures.Future[torch.Tensor]:
-    # Same math as DDP's default hook (divide, then sum), plus a record of the interval.
-    started = time.perf_counter()
-    buffer = bucket.buffer()
-    buffer.div_(state.world_size)
-    work: Any = dist.all_reduce(buffer, async_op=True)
-
-    def finish(future: torch.futures.Future[Any]) -> torch.Tensor:
-        state.clock.record(started, time.perf_counter())
-        return future.value()[0]
-
-    return work.get_future().then(finish)
+        For a step whose update is dropped (skipped, or rolled back past): PowerSGD has
+        folded its gradients, non-finite ones included, into its error feedback, which
+        would otherwise poison every later step. The other hooks remember nothing.
+        """
+        if self.comm_hook is not None:
+            self.comm_hook.forget()

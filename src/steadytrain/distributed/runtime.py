@@ -202,13 +202,18 @@ def barrier(*, timeout_s: float | None = None) -> None:
         dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
 
 
+def planned_backend(config: Config) -> str:
+    """The collective backend ``start_runtime`` picks on this machine: NCCL where CUDA is
+    available (unless gloo is asked for), gloo otherwise."""
+    return "nccl" if torch.cuda.is_available() and config.dist.backend != "gloo" else "gloo"
+
+
 def _choose_device_and_backend(config: Config, *, local_rank: int) -> tuple[torch.device, str]:
-    wanted = config.dist.backend
-    if wanted == "nccl" and not torch.cuda.is_available():
+    if config.dist.backend == "nccl" and not torch.cuda.is_available():
         raise ConfigError(
             "dist.backend: 'nccl' needs CUDA, which this machine lacks; use 'auto' or 'gloo'"
         )
-    if torch.cuda.is_available() and wanted != "gloo":
+    if planned_backend(config) == "nccl":
         if local_rank >= torch.cuda.device_count():
             raise ConfigError(
                 f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); "

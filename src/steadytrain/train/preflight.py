@@ -6,7 +6,13 @@ from pathlib import Path
 
 import torch
 
-from steadytrain.config import Config, batch_layout, identity_fingerprint, resolve_callable
+from steadytrain.config import (
+    Config,
+    batch_layout,
+    identity_fingerprint,
+    powersgd_start_step,
+    resolve_callable,
+)
 from steadytrain.data import (
     GlobalPositionSampler,
     TokenWindowDataset,
@@ -16,6 +22,7 @@ from steadytrain.data import (
     read_index,
     resolve_source_files,
 )
+from steadytrain.distributed import check_gradient_sync, planned_backend
 from steadytrain.model import build_model, resolve_loss_fn
 
 
@@ -28,6 +35,7 @@ def preflight(config: Config, *, world_size: int, prepare_corpus: bool) -> list[
         UserError: the first problem found, as one line naming the field and the fix.
     """
     layout = batch_layout(config, world_size=world_size)
+    check_gradient_sync(config.parallel, backend=planned_backend(config), layout=layout)
     with torch.device("meta"):
         model = build_model(config)
     resolve_loss_fn(config)
@@ -37,6 +45,7 @@ def preflight(config: Config, *, world_size: int, prepare_corpus: bool) -> list[
         f"model {config.model.factory}: {num_params:,} parameters",
         f"batch: {world_size} rank(s) × {layout.micro_batch_size} micro-batch × "
         f"{layout.grad_accum_steps} accumulation = {layout.global_batch_size} samples per step",
+        _gradient_sync_line(config, world_size=world_size),
     ]
     lines.append(
         _check_data(
@@ -44,6 +53,33 @@ def preflight(config: Config, *, world_size: int, prepare_corpus: bool) -> list[
         )
     )
     return lines
+
+
+def _gradient_sync_line(config: Config, *, world_size: int) -> str:
+    if world_size == 1:
+        return "gradient sync: none with 1 rank (the parallel settings apply from 2)"
+    parallel = config.parallel
+    hook = {
+        "allreduce": "mean all-reduce",
+        "fp16": "fp16-compressed all-reduce",
+        "bf16": "bf16-compressed all-reduce",
+        "powersgd": f"PowerSGD rank {parallel.powersgd_rank} from step "
+        f"{powersgd_start_step(config)}",
+    }[parallel.comm_hook]
+    buckets = (
+        "25 MiB buckets (1 MiB first)"
+        if parallel.bucket_cap_mb is None
+        else f"{parallel.bucket_cap_mb:g} MiB buckets"
+    )
+    extras = [
+        name
+        for name, enabled in (
+            ("gradients as bucket views", parallel.gradient_as_bucket_view),
+            ("static graph", parallel.static_graph),
+        )
+        if enabled
+    ]
+    return "gradient sync: DDP, " + ", ".join([hook, buckets, *extras])
 
 
 def _check_data(config: Config, *, global_batch_size: int, prepare_corpus: bool) -> str:

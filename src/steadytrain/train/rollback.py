@@ -27,6 +27,7 @@ def skip_nonfinite_step(
 ) -> None:
     """Drop this step's update on every rank (agreed) and pass over its data."""
     parts.optimizer.zero_grad(set_to_none=True)
+    parts.model.forget_dropped_gradients()  # PowerSGD's error feedback holds them too
     sample_ids = [int(i) for micro in micro_batches for i in micro.sample_ids.tolist()]
     step = parts.state.step
     _pass_over_step(parts, sample_ids)
@@ -49,6 +50,7 @@ def roll_back(parts: TrainingParts, decision: StepDecision) -> StopReason | None
     """
     failing_step, rollbacks_before = parts.state.step, parts.state.num_rollbacks
     parts.optimizer.zero_grad(set_to_none=True)
+    parts.model.forget_dropped_gradients()
     parts.checkpointer.finish()  # a background save must land before we read storage
     restored = restore_checkpoint(
         parts.storage,

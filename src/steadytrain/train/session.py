@@ -53,6 +53,7 @@ from steadytrain.distributed import (
     Runtime,
     barrier,
     broadcast_from_main,
+    check_gradient_sync,
     first_failure,
     gather_from_all,
     keep_until_exit,
@@ -179,6 +180,10 @@ def build_parts(
     """
     run_dir = Path(config.run_dir)
     layout = _agreed(lambda: batch_layout(config, world_size=runtime.world_size), runtime)
+    _agreed(
+        lambda: check_gradient_sync(config.parallel, backend=runtime.backend, layout=layout),
+        runtime,
+    )
     seed_all(config.seed)  # same model init on every rank
     model = _agreed(lambda: build_model(config), runtime)
     loss_fn = _agreed(lambda: resolve_loss_fn(config), runtime)
@@ -186,7 +191,10 @@ def build_parts(
     seed_all(rank_seed(config.seed, rank=runtime.rank))  # per-rank streams (dropout)
     if runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    parallel_model = ParallelModel(model, runtime=runtime)
+    state = TrainState()  # the comm hook reads its step (PowerSGD starts at one)
+    parallel_model = ParallelModel(
+        model, runtime=runtime, config=config, current_step=lambda: state.step
+    )
     optimizer = build_optimizer(parallel_model.unwrapped, config.train)
     scheduler = build_scheduler(optimizer, config.train)
     # Before the resume, as a fresh start does it: a dataset that draws random numbers
@@ -217,7 +225,6 @@ def build_parts(
     identity = RunIdentity(
         config=config, world_size=runtime.world_size, global_batch_size=layout.global_batch_size
     )
-    state = TrainState()
     contents = checkpoint_contents(
         model=parallel_model.unwrapped,
         optimizer=optimizer,
