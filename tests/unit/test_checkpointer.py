@@ -1,9 +1,11 @@
 """Checkpointing with real parts in a group of one: when saves happen, that an asynchronous
-save in flight is never overwritten by the next one, and the space pre-flight."""
+save in flight is never overwritten by the next one, how each save is timed, and the space
+pre-flight."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -220,3 +222,78 @@ def test_storage_that_cannot_be_listed_refuses_the_resume_in_one_line(
     message = str(refused.value)
     assert "StorageError" in message and "access denied" in message, message
     assert "\n" not in message and "--no-resume" in message
+
+
+class SlowStorage(GatedStorage):
+    """Real local storage whose every file write takes at least ``delay`` seconds."""
+
+    def __init__(self, root: Path, *, delay: float) -> None:
+        super().__init__(root)
+        self.release.set()
+        self.delay = delay
+
+    def write_file(self, location: str, filename: str, payload: Payload) -> None:
+        time.sleep(self.delay)
+        super().write_file(location, filename, payload)
+
+
+SAVE_DELAY = 0.1  # per file written: a save writes several
+
+
+def saved_events(parts: TrainingParts) -> dict[int, dict[str, Any]]:
+    return {event["step"]: event for event in parts.events.of_kind("checkpoint_saved")}
+
+
+def test_an_async_save_times_its_wait_its_snapshot_and_its_background_write(
+    make_parts: Any, tmp_path: Path
+) -> None:
+    parts = make_parts("checkpoint.every_steps=1", "checkpoint.async_save=true")
+    checkpointer = checkpointer_over(SlowStorage(tmp_path / "c", delay=SAVE_DELAY), parts)
+    for step in (1, 2):
+        parts.state.commit_step(num_samples=8, num_tokens=8)
+        checkpointer.after_step(step=step, final=False)
+    second = checkpointer.finish()
+    assert second is not None and second.committed
+    first_event, second_event = saved_events(parts)[1], saved_events(parts)[2]
+    for event in (first_event, second_event):
+        assert event["async_save"] is True
+        # The background write holds every file's delay; the snapshot is a copy to memory.
+        assert event["write_s"] >= SAVE_DELAY
+        assert 0 < event["blocked_s"] < SAVE_DELAY
+    # Nothing was in flight before the first save; the second waited for the first's write,
+    # and that wait is not its snapshot.
+    assert first_event["waited_s"] < SAVE_DELAY / 2
+    assert second_event["waited_s"] >= SAVE_DELAY / 2
+    assert second.seconds_blocked == pytest.approx(
+        second_event["waited_s"] + second_event["blocked_s"]
+    )
+
+
+def test_a_save_now_blocks_for_its_write_even_with_async_saves(
+    make_parts: Any, tmp_path: Path
+) -> None:
+    parts = make_parts("checkpoint.every_steps=1", "checkpoint.async_save=true")
+    checkpointer = checkpointer_over(SlowStorage(tmp_path / "c", delay=SAVE_DELAY), parts)
+    parts.state.commit_step(num_samples=8, num_tokens=8)
+    checkpointer.after_step(step=1, final=False)  # in the background
+    parts.state.commit_step(num_samples=8, num_tokens=8)
+    now = checkpointer.after_step(step=2, final=False, now=True)  # as on preemption
+    assert now is not None and now.committed
+    event = saved_events(parts)[2]
+    # Synchronous, even from an async checkpointer: the write blocked training too.
+    assert event["async_save"] is False
+    assert event["waited_s"] >= SAVE_DELAY / 2  # for step 1's write
+    assert event["write_s"] >= SAVE_DELAY
+    assert event["blocked_s"] >= event["write_s"]
+    assert now.seconds_blocked >= event["waited_s"] + event["blocked_s"]
+
+
+def test_a_synchronous_checkpointer_waits_for_nothing(make_parts: Any, tmp_path: Path) -> None:
+    sync_parts = make_parts("checkpoint.every_steps=1")
+    sync = checkpointer_over(SlowStorage(tmp_path / "s", delay=SAVE_DELAY), sync_parts)
+    sync_parts.state.commit_step(num_samples=8, num_tokens=8)
+    outcome = sync.after_step(step=1, final=False)
+    assert outcome is not None and outcome.committed
+    (sync_event,) = sync_parts.events.of_kind("checkpoint_saved")
+    assert sync_event["async_save"] is False and sync_event["waited_s"] < SAVE_DELAY / 2
+    assert sync_event["blocked_s"] >= sync_event["write_s"] >= SAVE_DELAY

@@ -11,7 +11,7 @@ from torch.distributed import ProcessGroup
 
 from steadytrain.checkpoint.contents import CheckpointContents, EventSink, RunIdentity
 from steadytrain.checkpoint.discovery import prune_checkpoints
-from steadytrain.checkpoint.save import SaveOutcome, write_snapshot
+from steadytrain.checkpoint.save import SaveOutcome, SaveTimings, write_snapshot
 from steadytrain.checkpoint.snapshot import (
     CheckpointSnapshot,
     PartsSnapshot,
@@ -53,6 +53,10 @@ class PeriodicCheckpointer:
     most one save is in flight: the next one first waits for it, which bounds host memory to
     one snapshot, and copies into that snapshot's memory. That memory is allocated once, by
     the background thread after the first step, so no save allocates while training waits.
+
+    Each save is timed in three parts, which its ``checkpoint_saved`` event holds: waiting
+    for the save in flight (``waited_s``), the snapshot (``blocked_s``, with a synchronous
+    save's write) and the write and commit (``write_s``, in the background when async).
     """
 
     def __init__(
@@ -92,6 +96,7 @@ class PeriodicCheckpointer:
             return None
         started = time.perf_counter()
         completed = self.finish()  # at most one in flight
+        waited = time.perf_counter() - started
         if self._staging is not None:
             staging, self._staging = self._staging, None
             # Staging is an optimization: if it failed, the snapshot allocates for itself.
@@ -100,18 +105,29 @@ class PeriodicCheckpointer:
         # one needs its own copy.
         asynchronous = self._executor is not None
         snapshot = self._snapshot(step, copy=asynchronous, reuse=self._spare)
-        blocked = time.perf_counter() - started
+        timings = SaveTimings(
+            asynchronous=asynchronous,
+            waited_s=waited,
+            snapshot_s=time.perf_counter() - started - waited,
+        )
         if self._executor is None:
-            return self._write(snapshot, blocked)
+            return self._write(snapshot, timings)
         self._spare = snapshot.parts  # reused only after finish(): its write is done by then
-        self._in_flight = self._executor.submit(self._write, snapshot, blocked)
+        self._in_flight = self._executor.submit(self._write, snapshot, timings)
         return completed
 
     def _save_now(self, step: int) -> SaveOutcome:
         """Wait for a save in flight, then save ``step`` synchronously (training waits)."""
         started = time.perf_counter()
         self.finish()
-        return self._write(self._snapshot(step, copy=False), time.perf_counter() - started)
+        waited = time.perf_counter() - started
+        snapshot = self._snapshot(step, copy=False)
+        timings = SaveTimings(
+            asynchronous=False,
+            waited_s=waited,
+            snapshot_s=time.perf_counter() - started - waited,
+        )
+        return self._write(snapshot, timings)
 
     def finish(self) -> SaveOutcome | None:
         if self._in_flight is None:
@@ -142,10 +158,15 @@ class PeriodicCheckpointer:
             lambda: [host_buffers_like(part) for part in template.parts]
         )
 
-    def _write(self, snapshot: CheckpointSnapshot, blocked: float) -> SaveOutcome:
+    def _write(self, snapshot: CheckpointSnapshot, timings: SaveTimings) -> SaveOutcome:
+        """Write and commit ``snapshot``: in the background for an async save, while training
+        waits for a synchronous one (whose write then blocked training too)."""
         started = time.perf_counter()
+        blocked = timings.waited_s + timings.snapshot_s
         try:
-            outcome = write_snapshot(self.storage, snapshot, events=self.events, group=self._group)
+            outcome = write_snapshot(
+                self.storage, snapshot, events=self.events, group=self._group, timings=timings
+            )
         except Exception as error:
             # Errors of this rank's files are agreed inside write_snapshot; what gets here is
             # a failed collective (a peer died), which the training loop meets next as well.
@@ -158,7 +179,7 @@ class PeriodicCheckpointer:
                 error=repr(error),
             )
         outcome.seconds_blocked = blocked + (
-            0.0 if self._executor else time.perf_counter() - started
+            0.0 if timings.asynchronous else time.perf_counter() - started
         )
         if outcome.committed:
             self.last_committed_step = snapshot.step

@@ -7,6 +7,7 @@ make the checkpoint visible. A failed part on any rank means nothing is committe
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -26,6 +27,19 @@ from steadytrain.checkpoint.storage import BytesPayload, CheckpointStorage, Payl
 from steadytrain.distributed import broadcast_from_main, gather_from_all
 
 
+@dataclass(frozen=True)
+class SaveTimings:
+    """What training waited for before a save's own write, as the checkpointer timed it.
+
+    ``save_checkpoint`` adds its own write time and puts all of them in the
+    ``checkpoint_saved`` event (docs/checkpoints.md).
+    """
+
+    asynchronous: bool  # written in the background while training goes on
+    waited_s: float  # waiting for the previous background save to finish
+    snapshot_s: float  # taking the snapshot (for an async save: copying to host memory)
+
+
 @dataclass
 class SaveOutcome:
     step: int
@@ -42,9 +56,11 @@ def write_snapshot(
     *,
     events: EventSink,
     group: ProcessGroup | None = None,
+    timings: SaveTimings | None = None,
 ) -> SaveOutcome:
     """Write and commit a snapshot (a collective on ``group``, even when this rank's files
-    cannot be laid out: then the save fails on every rank)."""
+    cannot be laid out: then the save fails on every rank); ``timings`` as in
+    ``save_checkpoint``."""
     files: dict[str, Payload] = {}
     failure = None
     try:
@@ -61,6 +77,7 @@ def write_snapshot(
         events=events,
         group=group,
         failure=failure,
+        timings=timings,
     )
 
 
@@ -74,6 +91,7 @@ def save_checkpoint(
     events: EventSink,
     group: ProcessGroup | None = None,
     failure: str | None = None,
+    timings: SaveTimings | None = None,
 ) -> SaveOutcome:
     """Write this rank's ``files`` and commit the checkpoint if every rank succeeded.
 
@@ -81,7 +99,13 @@ def save_checkpoint(
     be prepared (it passes ``failure`` instead). Errors are reported in the outcome and as an
     event, never raised: training goes on, nothing is committed. Each file's checksum is
     computed from the very chunks written.
+
+    The ``checkpoint_saved`` event holds ``write_s``, the seconds from this call to the
+    commit (every rank's part durable, the manifest written); with ``timings`` also
+    ``async_save``, ``waited_s`` and ``blocked_s``, the seconds training was blocked besides
+    the wait: the snapshot, and for a synchronous save the write as well.
     """
+    started = time.perf_counter()
     name = checkpoint_name(step)
     token = broadcast_from_main(uuid.uuid4().hex[:8], group=group)  # collective
     error = f"rank {rank}: {failure}" if failure is not None else None
@@ -108,11 +132,24 @@ def save_checkpoint(
                 step=step,
                 location=storage.describe(name),
                 num_files=sum(len(files) for _, files in reports),
+                **_timing_fields(timings, write_s=time.perf_counter() - started),
             )
         else:
             events.emit("checkpoint_failed", step=step, reason=error)
     committed, error = broadcast_from_main((committed, error), group=group)  # collective
     return SaveOutcome(step=step, committed=committed, location=storage.describe(name), error=error)
+
+
+def _timing_fields(timings: SaveTimings | None, *, write_s: float) -> dict[str, object]:
+    if timings is None:
+        return {"write_s": write_s}
+    blocked_s = timings.snapshot_s + (0.0 if timings.asynchronous else write_s)
+    return {
+        "async_save": timings.asynchronous,
+        "waited_s": timings.waited_s,
+        "blocked_s": blocked_s,
+        "write_s": write_s,
+    }
 
 
 class _Checksummed:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
+from steadytrain.cli.plan import plan_app
 from steadytrain.config import (
     EXIT_AUDIT_FAILED,
     EXIT_CHAOS_DIFFERS,
@@ -38,6 +39,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Prepare training data.")
 app.add_typer(data_app, name="data")
 checkpoints_app = typer.Typer(no_args_is_help=True, help="Inspect a run's checkpoints.")
 app.add_typer(checkpoints_app, name="checkpoints")
+app.add_typer(plan_app, name="plan")
 RunDirArg = Annotated[Path, typer.Argument(help="A run directory (its --run-dir).")]
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML config, e.g. examples/tiny.yaml.")]

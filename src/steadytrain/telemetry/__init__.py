@@ -1,4 +1,5 @@
-"""Phase timers, metric and event sinks, progress display and the run summary."""
+"""Phase timers, metric and event sinks, progress display, the run summary, and what a run's
+files say it cost (its saves, restarts and steps)."""
 
 from steadytrain.telemetry.goodput import Usage, earlier_usage, goodput_fields
 from steadytrain.telemetry.health import (
@@ -25,6 +26,7 @@ from steadytrain.telemetry.prometheus import PrometheusSink
 from steadytrain.telemetry.recovery import LastProgress, RecoveryReport, last_logged_progress
 from steadytrain.telemetry.report import Report, write_report
 from steadytrain.telemetry.resources import process_start_time
+from steadytrain.telemetry.run_costs import RunCosts, measure_run_costs
 from steadytrain.telemetry.sinks import (
     EventLog,
     FanOutSink,
@@ -55,6 +57,7 @@ __all__ = [
     "PrometheusSink",
     "RecoveryReport",
     "Report",
+    "RunCosts",
     "RunWatch",
     "StepObserver",
     "StepObservers",
@@ -69,6 +72,7 @@ __all__ = [
     "health_score",
     "interval_record",
     "last_logged_progress",
+    "measure_run_costs",
     "own_seconds",
     "process_start_time",
     "read_jsonl",

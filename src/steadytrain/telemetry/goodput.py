@@ -53,6 +53,22 @@ def earlier_usage(
     """The usage of the attempts recorded in ``events.jsonl`` and ``metrics.jsonl``, since the
     run directory's last fresh start (a ``train_start`` at step 0); records from ``before``
     on (this process's own start) are left out."""
+    usage = Usage()
+    for attempt in split_attempts(events, metrics, before=before):
+        usage = usage.plus(_attempt_usage(attempt))
+    return usage
+
+
+def split_attempts(
+    events: Sequence[Mapping[str, Any]],
+    metrics: Sequence[Mapping[str, Any]],
+    *,
+    before: float | None = None,
+) -> list[list[Mapping[str, Any]]]:
+    """The run's attempts since its last fresh start (a ``train_start`` at step 0), each its
+    ``train_start`` event and then, in time order, the training records (``step_time_s``)
+    and the events written after it and before the next one. Events a process writes while
+    it starts (``STARTUP_EVENTS``) are left out; so are records from ``before`` on."""
     timeline = sorted(
         [
             (float(e["time"]), 0, e)
@@ -72,10 +88,7 @@ def earlier_usage(
             attempts.append([record])
         elif attempts:
             attempts[-1].append(record)
-    usage = Usage()
-    for attempt in attempts:
-        usage = usage.plus(_attempt_usage(attempt))
-    return usage
+    return attempts
 
 
 def _attempt_usage(records: Sequence[Mapping[str, Any]]) -> Usage:

@@ -148,8 +148,14 @@ def health_score(inputs: HealthInputs) -> tuple[int, list[str]]:
     return max(0, round(score)), [reason for _, reason in penalties]
 
 
-def format_duration(seconds: float) -> str:
-    """``45 s``, ``38 min``, ``2.5 h``: a duration as people read it."""
+def format_duration(seconds: float, *, digits: int | None = None) -> str:
+    """``45 s``, ``38 min``, ``2.5 h``: a duration as people read it; with ``digits``, to that
+    many significant digits and below a second in ms (``250 ms``, ``12.5 s``, ``38.2 min``)."""
+    if digits is not None:
+        for unit, size, below in (("ms", 0.001, 1.0), ("s", 1.0, 120.0), ("min", 60.0, 7200.0)):
+            if seconds < below:
+                return f"{seconds / size:.{digits}g} {unit}"
+        return f"{seconds / 3600:.{digits}g} h"
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 7200:

@@ -7,6 +7,12 @@ from steadytrain.train.optim import (
     build_optimizer,
     build_scheduler,
 )
+from steadytrain.train.planning import (
+    ConfigMemoryPlan,
+    gpt_shape,
+    memory_flag_overrides,
+    plan_config_memory,
+)
 from steadytrain.train.preflight import preflight
 from steadytrain.train.report import FINAL_WEIGHTS
 from steadytrain.train.session import (
@@ -18,6 +24,7 @@ from steadytrain.train.state import TrainState
 
 __all__ = [
     "FINAL_WEIGHTS",
+    "ConfigMemoryPlan",
     "FitResult",
     "TrainState",
     "TrainingParts",
@@ -28,6 +35,9 @@ __all__ = [
     "build_scheduler",
     "checkpoint_contents",
     "fit",
+    "gpt_shape",
+    "memory_flag_overrides",
+    "plan_config_memory",
     "preflight",
     "run_training",
 ]
