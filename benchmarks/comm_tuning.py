@@ -18,7 +18,6 @@ DDP's static graph refuses accumulation, and every variant must train the same w
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -31,11 +30,16 @@ from typing import Any
 import torch
 
 from checkpoint_io import source_provenance
-from overhead import NOISY_FOREIGN_SHARE, run_logged
+from overhead import (
+    LOG_EVERY,
+    NOISY_FOREIGN_SHARE,
+    check_timed_steps,
+    train_logged,
+    write_summary,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "examples" / "tiny.yaml"
-LOG_EVERY = 10  # steadytrain logs the mean of each interval; warmup and steps are multiples
 # Variant -> its parallel.* settings; "plain" is DDP's defaults (the baseline of each round).
 VARIANTS: dict[str, list[str]] = {
     "plain": [],
@@ -60,24 +64,9 @@ def run_variant(
     *, config_path: Path, overrides: list[str], nproc: int, warmup: int, run_dir: Path
 ) -> dict[str, Any]:
     """One ``steadytrain train --nproc`` run: its steady-state means from metrics.jsonl."""
-    command = [
-        sys.executable,
-        "-m",
-        "steadytrain",
-        "train",
-        str(config_path),
-        "--nproc",
-        str(nproc),
-        "--run-dir",
-        str(run_dir),
-        *[arg for override in overrides for arg in ("--set", override)],
-    ]
-    launch = run_logged(command, log_path=run_dir.with_suffix(".log"))
-    records = [
-        json.loads(line)
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-        if '"step_time_s"' in line
-    ]
+    records, launch = train_logged(
+        config_path=config_path, overrides=overrides, nproc=nproc, run_dir=run_dir
+    )
     steady = [record for record in records if record["step"] > warmup]  # interval means
     return {
         **{
@@ -251,11 +240,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a config override for every variant (repeatable), e.g. a larger model",
     )
     args = parser.parse_args(argv)
-    if args.warmup % LOG_EVERY or args.steps % LOG_EVERY or args.steps <= args.warmup:
-        parser.error(
-            f"--warmup and --steps must be multiples of {LOG_EVERY} with --steps > --warmup "
-            f"(got {args.warmup} and {args.steps})"
-        )
+    check_timed_steps(parser, args)
     args.config = args.config.resolve()
     args.work_dir = args.work_dir.resolve() if args.work_dir is not None else None
     return args
@@ -271,10 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.work_dir is None:
             shutil.rmtree(work_dir, ignore_errors=True)
     print_report(summary)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_summary(args.json, summary)
     return 0
 
 

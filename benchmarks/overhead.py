@@ -100,24 +100,9 @@ def run_steadytrain(
     *, config_path: Path, overrides: list[str], nproc: int, warmup: int, run_dir: Path
 ) -> dict[str, Any]:
     """Run ``steadytrain train --nproc``; its steady-state mean step time from metrics.jsonl."""
-    command = [
-        sys.executable,
-        "-m",
-        "steadytrain",
-        "train",
-        str(config_path),
-        "--nproc",
-        str(nproc),
-        "--run-dir",
-        str(run_dir),
-        *[arg for override in overrides for arg in ("--set", override)],
-    ]
-    launch = run_logged(command, log_path=run_dir.with_suffix(".log"))
-    records = [
-        json.loads(line)
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-        if '"step_time_s"' in line
-    ]
+    records, launch = train_logged(
+        config_path=config_path, overrides=overrides, nproc=nproc, run_dir=run_dir
+    )
     # Each record is the mean over the LOG_EVERY steps that end at its step.
     steady = [record for record in records if record["step"] > warmup]
     phases = ("data_wait", "h2d", "forward", "backward", "grad_sync", "optimizer")
@@ -137,6 +122,49 @@ def run_steadytrain(
         },
         **launch,
     }
+
+
+def train_logged(
+    *, config_path: Path, overrides: list[str], nproc: int, run_dir: Path
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """``steadytrain train --nproc`` once: its timed metrics records and the launch figures."""
+    command = [
+        sys.executable,
+        "-m",
+        "steadytrain",
+        "train",
+        str(config_path),
+        "--nproc",
+        str(nproc),
+        "--run-dir",
+        str(run_dir),
+        *[arg for override in overrides for arg in ("--set", override)],
+    ]
+    launch = run_logged(command, log_path=run_dir.with_suffix(".log"))
+    records = [
+        json.loads(line)
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if '"step_time_s"' in line
+    ]
+    return records, launch
+
+
+def check_timed_steps(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--warmup`` and ``--steps`` must be whole logging intervals, with steps to time."""
+    if args.warmup % LOG_EVERY or args.steps % LOG_EVERY or args.steps <= args.warmup:
+        parser.error(
+            f"--warmup and --steps must be multiples of {LOG_EVERY} with --steps > --warmup "
+            f"(got {args.warmup} and {args.steps})"
+        )
+
+
+def write_summary(path: Path | None, summary: dict[str, Any]) -> None:
+    """The results as JSON at ``path`` (nothing without one)."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {path}")
 
 
 def run_logged(command: list[str], *, log_path: Path) -> dict[str, Any]:
@@ -376,11 +404,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a config override for both sides (repeatable), e.g. a smaller model",
     )
     args = parser.parse_args(argv)
-    if args.warmup % LOG_EVERY or args.steps % LOG_EVERY or args.steps <= args.warmup:
-        parser.error(
-            f"--warmup and --steps must be multiples of {LOG_EVERY} with --steps > --warmup "
-            f"(got {args.warmup} and {args.steps})"
-        )
+    check_timed_steps(parser, args)
     args.config = args.config.resolve()
     # Runs start in the repository root; keep paths meaning what they meant here.
     args.work_dir = args.work_dir.resolve() if args.work_dir is not None else None
@@ -397,10 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.work_dir is None:
             shutil.rmtree(work_dir, ignore_errors=True)
     print_report(summary)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_summary(args.json, summary)
     return 1 if args.check and not summary["within_target"] else 0
 
 
