@@ -358,7 +358,7 @@ def share_interval(
     record: dict[str, Any],
 ) -> tuple[float, list[dict[str, Any]]]:
     """The interval's loss averaged over ranks, and every rank's host and per-step seconds
-    (``RANK_SECONDS``), in one collective of ``world_size × 15`` floats (log steps only)."""
+    (``RANK_SECONDS``), in one collective of ``world_size × 16`` floats (log steps only)."""
     # Skipped steps have non-finite losses: the interval's loss is over committed ones.
     seconds = [float(record.get(key, math.nan)) for key in RANK_SECONDS]
     row = torch.tensor([0.0, *seconds], dtype=torch.float64).to(parts.runtime.device)
