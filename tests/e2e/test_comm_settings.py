@@ -22,6 +22,10 @@ CASES = {
     "unknown hook": (["parallel.comm_hook=int8"], ["parallel.comm_hook", "'powersgd'"]),
     "empty buckets": (["parallel.bucket_cap_mb=0"], ["parallel.bucket_cap_mb", "greater than 0"]),
     "rank 0": (["parallel.powersgd_rank=0"], ["parallel.powersgd_rank", "greater than or equal"]),
+    "DDP hook under FSDP": (
+        ["parallel.strategy=fsdp", "parallel.comm_hook=powersgd"],
+        ["parallel.comm_hook", "parallel.strategy is 'fsdp'", "parallel.strategy=ddp"],
+    ),
 }
 
 
@@ -71,5 +75,17 @@ def test_validate_describes_the_gradient_sync() -> None:
         "gradient sync: DDP, PowerSGD rank 4 from step 20, 4 MiB buckets, static graph"
         in result.stdout
     ), result.stdout
+    fsdp = run_steadytrain(
+        "validate",
+        TINY_CONFIG,
+        "--nproc",
+        "2",
+        *as_set_args(["parallel.strategy=fsdp", "parallel.activation_checkpointing=true"]),
+    )
+    assert fsdp.returncode == 0, fsdp.output
+    assert (
+        "gradient sync: FSDP2, parameters, gradients and optimizer state sharded over 2 ranks, "
+        "reduce-scatter, fp32, activation checkpointing" in fsdp.stdout
+    ), fsdp.stdout
     single = run_steadytrain("validate", TINY_CONFIG, "--nproc", "1")
     assert "gradient sync: none with 1 rank" in single.stdout, single.output

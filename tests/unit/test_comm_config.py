@@ -18,6 +18,8 @@ from tests.helpers import TINY_CONFIG
 
 # Change where and when gradients are summed, not their values: operational.
 OPERATIONAL = [
+    "parallel.strategy=fsdp",  # where the state lives: a DDP checkpoint resumes under FSDP
+    "parallel.activation_checkpointing=true",  # recomputes the same activations
     "parallel.bucket_cap_mb=1",
     "parallel.gradient_as_bucket_view=true",
     "parallel.static_graph=true",
@@ -57,8 +59,32 @@ def test_static_graph_with_accumulation_is_refused_in_one_line() -> None:
 
 
 @pytest.mark.parametrize(
+    "override",
+    [
+        "parallel.comm_hook=powersgd",
+        "parallel.bucket_cap_mb=4",
+        "parallel.static_graph=true",
+        "parallel.gradient_as_bucket_view=true",
+    ],
+)
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_ddp_settings_are_refused_under_fsdp(override: str, world_size: int) -> None:
+    config = load_config(TINY_CONFIG, overrides=["parallel.strategy=fsdp", override])
+    with pytest.raises(ConfigError) as refused:
+        check_gradient_sync(
+            config.parallel, backend="gloo", layout=batch_layout(config, world_size=world_size)
+        )
+    message = str(refused.value)
+    field = override.partition("=")[0]
+    assert "\n" not in message
+    assert message.startswith(f"{field}: "), message
+    assert "parallel.strategy is 'fsdp'" in message and f"remove {field}" in message, message
+
+
+@pytest.mark.parametrize(
     ("overrides", "world_size"),
     [
+        (["parallel.strategy=fsdp", "parallel.activation_checkpointing=true"], 2),
         (["parallel.static_graph=true", "train.micro_batch_size=16"], 2),  # no accumulation
         (["parallel.static_graph=true"], 1),  # no DDP at all
         (["parallel.comm_hook=bf16"], 2),  # gloo sums bfloat16 in torch 2.13

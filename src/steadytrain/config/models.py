@@ -218,13 +218,25 @@ class DistConfig(_Section):
 
 
 class ParallelConfig(_Section):
-    """How DDP synchronises gradients (docs/scaling.md): buckets, views, static graph, hooks.
+    """How ranks share the model (docs/scaling.md): DDP or FSDP2, and DDP's gradient sync.
 
-    Bucket size, gradient views and the static graph change where and when gradients are
-    summed, not their values: operational. The communication hook and PowerSGD's settings
-    change the gradient every step (lossy compression): identity, like ``train.precision``.
+    The strategy, activation checkpointing, bucket size, gradient views and the static graph
+    change where the state lives and when gradients are summed, not their values:
+    operational. The communication hook and PowerSGD's settings change the gradient every
+    step (lossy compression): identity, like ``train.precision``.
     """
 
+    strategy: Literal["ddp", "fsdp"] = operational_field(
+        "ddp",
+        description="'ddp': every rank holds the whole model and optimizer, gradients are "
+        "all-reduced; 'fsdp': PyTorch's FSDP2 (fully_shard) shards parameters, gradients and "
+        "optimizer state across ranks, each block gathered only while it computes.",
+    )
+    activation_checkpointing: bool = operational_field(
+        False,
+        description="Keep only each block's input from forward and recompute the rest in "
+        "backward: less activation memory for about one more forward pass of compute.",
+    )
     bucket_cap_mb: float | None = operational_field(
         None,
         description="DDP gradient bucket size in MiB: smaller buckets start all-reducing "

@@ -29,12 +29,31 @@ _STATELESS_HOOKS: dict[str, StatelessHook] = {
 }
 
 
+# DDP's own settings at their defaults; under FSDP any other value would be silently ignored.
+DDP_ONLY_DEFAULTS = {
+    "bucket_cap_mb": None,
+    "gradient_as_bucket_view": False,
+    "static_graph": False,
+    "comm_hook": "allreduce",
+}
+
+
 def check_gradient_sync(settings: ParallelConfig, *, backend: str, layout: BatchLayout) -> None:
-    """Refuse DDP settings that cannot work with this backend or batch layout.
+    """Refuse DDP settings that cannot work with this backend, batch layout or strategy.
 
     Raises:
         ConfigError: one line naming the field and the fix.
     """
+    if settings.strategy == "fsdp":
+        for field, default in DDP_ONLY_DEFAULTS.items():
+            value = getattr(settings, field)
+            if value != default:
+                raise ConfigError(
+                    f"parallel.{field}: {value!r} is a DDP setting and parallel.strategy is "
+                    "'fsdp', which reduce-scatters gradients its own way; remove "
+                    f"parallel.{field} or set parallel.strategy=ddp"
+                )
+        return
     if layout.world_size == 1:
         return  # no DDP, nothing to refuse
     if settings.static_graph and layout.grad_accum_steps > 1:

@@ -1,5 +1,5 @@
-"""The parallelism wrapper: DDP now (FSDP2 later), with its communication settings and
-gradient-sync timing."""
+"""The parallelism wrapper: DDP (with its communication settings) or FSDP2, activation
+checkpointing, gradient-sync timing, and the global gradient norm."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import contextlib
 import threading
 from collections.abc import Callable, Iterator
 
+import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from steadytrain.config import Config, powersgd_start_step
@@ -17,6 +20,7 @@ from steadytrain.distributed.comm_hooks import (
     build_gradient_sync,
     timed_hook,
 )
+from steadytrain.distributed.fsdp import checkpoint_activations, set_gradient_sync, shard_model
 from steadytrain.distributed.runtime import Runtime, keep_until_exit
 
 
@@ -54,8 +58,10 @@ class ParallelModel:
     """A model prepared for this runtime: call ``module``, save ``unwrapped``.
 
     Across ranks it is DDP with ``config.parallel``'s buckets, gradient views, static graph
-    and communication hook (refuse what cannot work with ``check_gradient_sync`` first).
-    ``current_step`` tells the hook which step it syncs (PowerSGD starts at a step).
+    and communication hook, or FSDP2 (``parallel.strategy: fsdp``: ``unwrapped`` is then the
+    sharded model itself, its parameters DTensors); refuse what cannot work with
+    ``check_gradient_sync`` first. ``current_step`` tells the hook which step it syncs
+    (PowerSGD starts at a step).
     """
 
     def __init__(
@@ -70,9 +76,22 @@ class ParallelModel:
         self.grad_sync_clock = GradSyncClock()
         self.module: nn.Module = self.unwrapped
         self.comm_hook: GradientSync | None = None  # the hook DDP calls per bucket
+        self.sharded = False  # FSDP: parameters, gradients and optimizer state are DTensors
+        settings = config.parallel
+        if settings.activation_checkpointing:
+            checkpoint_activations(self.unwrapped)
         if not runtime.is_distributed:
             return
-        settings = config.parallel
+        if settings.strategy == "fsdp":
+            shard_model(
+                self.unwrapped,
+                device_type=runtime.device.type,
+                world_size=runtime.world_size,
+                precision=config.train.precision,
+                record_sync=self.grad_sync_clock.record,
+            )
+            self.sharded = True
+            return
         # DDP broadcasts rank 0's parameters here, so all ranks start identical.
         ddp = DistributedDataParallel(
             self.unwrapped,
@@ -96,11 +115,38 @@ class ParallelModel:
     @contextlib.contextmanager
     def gradient_sync(self, *, enabled: bool) -> Iterator[None]:
         """Inside, backward syncs gradients only if ``enabled`` (``no_sync`` otherwise)."""
-        if enabled or not isinstance(self.module, DistributedDataParallel):
+        if self.sharded:
+            set_gradient_sync(self.unwrapped, enabled=enabled)
+            yield
+        elif enabled or not isinstance(self.module, DistributedDataParallel):
             yield
         else:
             with self.module.no_sync():
                 yield
+
+    def gradient_norm(self) -> torch.Tensor:
+        """The L2 norm of all synced gradients, the same on every rank (on the device).
+
+        Under FSDP each rank holds a shard of every gradient: the shards' partial norms are
+        summed by an all-reduce of one number (a collective, every step).
+        """
+        grads = [p.grad for p in self.unwrapped.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        return norm
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's full weights in host memory, under their parameter names.
+
+        Under FSDP a collective: every rank calls it, the shards are gathered, and only
+        rank 0 receives the weights (the others get an empty dict).
+        """
+        if not self.sharded:
+            return {name: v.detach().cpu() for name, v in self.unwrapped.state_dict().items()}
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(self.unwrapped, options=options)
+        return {name: value for name, value in weights.items() if isinstance(value, torch.Tensor)}
 
     def forget_dropped_gradients(self) -> None:
         """Clear what the communication hook remembers of earlier steps' gradients.

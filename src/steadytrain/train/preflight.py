@@ -59,6 +59,15 @@ def _gradient_sync_line(config: Config, *, world_size: int) -> str:
     if world_size == 1:
         return "gradient sync: none with 1 rank (the parallel settings apply from 2)"
     parallel = config.parallel
+    checkpointing = ", activation checkpointing" if parallel.activation_checkpointing else ""
+    if parallel.strategy == "fsdp":
+        precision = (
+            "bf16 parameters, fp32 reduction" if config.train.precision == "bf16" else "fp32"
+        )
+        return (
+            f"gradient sync: FSDP2, parameters, gradients and optimizer state sharded over "
+            f"{world_size} ranks, reduce-scatter, {precision}{checkpointing}"
+        )
     hook = {
         "allreduce": "mean all-reduce",
         "fp16": "fp16-compressed all-reduce",
@@ -79,7 +88,7 @@ def _gradient_sync_line(config: Config, *, world_size: int) -> str:
         )
         if enabled
     ]
-    return "gradient sync: DDP, " + ", ".join([hook, buckets, *extras])
+    return "gradient sync: DDP, " + ", ".join([hook, buckets, *extras]) + checkpointing
 
 
 def _check_data(config: Config, *, global_batch_size: int, prepare_corpus: bool) -> str:

@@ -87,11 +87,17 @@ def _describe_save(result: FitResult) -> str:
 
 
 def report_end(parts: TrainingParts, result: FitResult, *, seconds: float) -> None:
-    """Rank 0: the final weights (a finished run only), the closing event and the summary."""
+    """Rank 0: the final weights (a finished run only), the closing event and the summary.
+
+    Every rank calls it: under FSDP the final weights are gathered from all ranks.
+    """
     config = parts.config
+    finished = result.stop_reason is StopReason.FINISHED
+    # Every rank: gathering FSDP's shards is a collective (rank 0 receives them).
+    weights = parts.model.full_state_dict() if finished else {}
     if not parts.runtime.is_main:
         return
-    if result.stop_reason is not StopReason.FINISHED:
+    if not finished:
         save = result.last_save
         parts.events.emit(
             result.stop_reason.value,
@@ -106,20 +112,18 @@ def report_end(parts: TrainingParts, result: FitResult, *, seconds: float) -> No
         )
         parts.progress.say(stop_line(result, parts))
         return
-    weights = save_final_weights(
-        parts.model.unwrapped, Path(config.run_dir).resolve() / FINAL_WEIGHTS
-    )
+    weights_path = save_final_weights(weights, Path(config.run_dir).resolve() / FINAL_WEIGHTS)
     parts.events.emit(
         "train_end",
         step=parts.state.step,
         seconds=seconds,
-        weights=str(weights),
+        weights=str(weights_path),
         loss=result.last_loss,
         val_loss=result.val_loss,
         skipped_steps=parts.state.num_skipped_steps,
         rollbacks=parts.state.num_rollbacks,
     )
-    parts.progress.summary(summary(config, parts, result, seconds, weights))
+    parts.progress.summary(summary(config, parts, result, seconds, weights_path))
 
 
 def recovery_report(parts: TrainingParts, *, imports_done: float) -> RecoveryReport:

@@ -1,0 +1,94 @@
+"""FSDP2 against DDP: the same config at 2 ranks over gloo, launched as users launch it
+(``steadytrain train --nproc 2``), ends with the same weights and the same loss curve.
+
+Tolerances: final weights within 1e-3 relative L2 (the issue's bound; fp32 here differs by
+about 1e-7, the order of summation in reduce-scatter against all-reduce), each logged loss
+within 1e-5 relative.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import TINY_CONFIG, as_set_args, read_jsonl, run_steadytrain
+
+pytestmark = pytest.mark.slow
+
+COMMON = [
+    "data.seq_len=32",
+    "data.ledger=true",
+    "model.kwargs={num_layers: 2, width: 32, num_heads: 2}",
+    "train.max_steps=6",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=2",  # 2 micro-steps a rank: FSDP accumulates without syncing
+    "train.warmup_steps=2",
+    "train.grad_clip=0.5",  # clipped to the global norm of the sharded gradients
+    "train.eval_every=0",
+    "train.eval_batches=2",
+    "checkpoint.every_steps=0",
+    "log.every_steps=1",
+    "log.console=false",
+]
+
+
+def train(run_dir: Path, overrides: list[str]) -> Path:
+    result = run_steadytrain(
+        "train", TINY_CONFIG, "--nproc", "2", "--run-dir", run_dir, *as_set_args(overrides)
+    )
+    assert result.returncode == 0, result.output
+    return run_dir
+
+
+def relative_l2(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> float:
+    difference = sum(float(((left[k] - right[k]).double() ** 2).sum()) for k in left)
+    norm = sum(float((left[k].double() ** 2).sum()) for k in left)
+    return (difference / norm) ** 0.5
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def runs(
+    tmp_path_factory: pytest.TempPathFactory, text_corpus: Path, data_cache: Path
+) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("fsdp")
+    data = [f"data.corpus={text_corpus}", f"data.cache_dir={data_cache}"]
+    return {
+        "ddp": train(root / "ddp", [*data, *COMMON]),
+        # Activation checkpointing recomputes the same activations: it changes nothing here.
+        "fsdp": train(
+            root / "fsdp",
+            [*data, *COMMON, "parallel.strategy=fsdp", "parallel.activation_checkpointing=true"],
+        ),
+    }
+
+
+def test_fsdp_ends_with_ddps_weights(runs: dict[str, Path]) -> None:
+    ddp = load_file(runs["ddp"] / "final" / "model.safetensors")
+    fsdp = load_file(runs["fsdp"] / "final" / "model.safetensors")
+    assert sorted(fsdp) == sorted(ddp), "FSDP or checkpointing renamed parameters"
+    assert all(fsdp[k].shape == ddp[k].shape for k in ddp), "final weights are not full"
+    assert relative_l2(fsdp, ddp) < 1e-3
+    initial_moved = relative_l2(fsdp, {k: torch.zeros_like(v) for k, v in ddp.items()})
+    assert initial_moved == pytest.approx(1.0)  # a real comparison: the weights are not zero
+
+
+def test_fsdp_follows_ddps_loss_curve(runs: dict[str, Path]) -> None:
+    ddp, fsdp = losses(runs["ddp"]), losses(runs["fsdp"])
+    assert len(fsdp) == len(ddp) == 6
+    assert fsdp == pytest.approx(ddp, rel=1e-5)
+    assert fsdp[-1] < fsdp[0]
+
+
+def test_fsdp_reports_its_gradient_sync_and_consumes_exactly_once(runs: dict[str, Path]) -> None:
+    records = [r for r in read_jsonl(runs["fsdp"] / "metrics.jsonl") if "loss" in r]
+    assert all(r["grad_sync_s"] > 0 for r in records), records
+    assert all(0 < r["grad_sync_share"] < 1 for r in records), records
+    audit = run_steadytrain("audit", runs["fsdp"])
+    assert audit.returncode == 0, audit.output
