@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 
 from steadytrain.config import BatchLayout, DataError
 from steadytrain.data import ConsumptionLedger, audit_ledger, new_attempt_id
-from steadytrain.data.sampler import GlobalPositionSampler, epoch_permutation
+from steadytrain.data.sampler import GlobalPositionSampler, SampleOrder, epoch_permutation
 
 SEED = 11
 NUM_SAMPLES = 100
@@ -33,6 +34,7 @@ def train_attempt(
     tamper: Tamper | None = None,
     attempt: str | None = None,
     skipped: Callable[[int, int], bool] = lambda step, rank: False,
+    order: SampleOrder | None = None,
 ) -> str:
     """Record steps ``[start_step, end_step)`` as ``world_size`` ranks of one attempt would.
 
@@ -42,7 +44,7 @@ def train_attempt(
     """
     attempt = attempt or new_attempt_id()
     sampler = GlobalPositionSampler(
-        num_samples=NUM_SAMPLES, global_batch_size=GLOBAL_BATCH, seed=SEED
+        num_samples=NUM_SAMPLES, global_batch_size=GLOBAL_BATCH, seed=SEED, order=order
     )
     for _ in range(start_step):
         sampler.advance()
@@ -57,6 +59,7 @@ def train_attempt(
             num_samples=NUM_SAMPLES,
             global_batch_size=GLOBAL_BATCH,
             seed=SEED,
+            order=order,
         )
         for rank in range(world_size)
     ]
@@ -268,3 +271,31 @@ def test_a_skip_on_some_ranks_only_is_a_problem(tmp_path: Path) -> None:
     )
     report = audit_ledger(tmp_path)
     assert report.problems == ["step 3: skipped by the guard on some ranks, committed on others"]
+
+
+def test_a_windowed_shuffle_is_audited_in_its_own_order(tmp_path: Path) -> None:
+    order = SampleOrder(window_shards=2, shard_samples=(30, 25, 25, 20))
+    train_attempt(tmp_path, world_size=2, start_step=0, end_step=11, order=order)
+    train_attempt(tmp_path, world_size=3, start_step=9, end_step=20, order=order)
+    report = audit_ledger(tmp_path)
+    assert report.ok, report.problems
+    assert (
+        report.epochs[0].tail
+        == epoch_permutation(seed=SEED, epoch=0, num_samples=NUM_SAMPLES, order=order)[96:].tolist()
+    )
+    # The order is recorded: the same consumption audited as the global order fails.
+    meta_path = tmp_path / "ledger" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["shuffle"] == {"window_shards": 2, "shard_samples": [30, 25, 25, 20]}
+    del meta["shuffle"]
+    meta_path.write_text(json.dumps(meta))
+    assert not audit_ledger(tmp_path).ok
+
+
+def test_the_global_order_records_no_shuffle_in_the_ledger(tmp_path: Path) -> None:
+    """Ledgers of runs without a window stay as they were, so those runs resume unchanged."""
+    every_shard = SampleOrder(window_shards=4, shard_samples=(30, 25, 25, 20))
+    train_attempt(tmp_path, world_size=2, start_step=0, end_step=3, order=every_shard)
+    assert "shuffle" not in json.loads((tmp_path / "ledger" / "meta.json").read_text())
+    train_attempt(tmp_path, world_size=2, start_step=3, end_step=6)
+    assert audit_ledger(tmp_path).ok

@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 
 from steadytrain.config import BatchLayout, DataError, batch_layout, config_from_dict
-from steadytrain.data.sampler import GlobalPositionSampler, SamplerPosition, epoch_permutation
+from steadytrain.data.sampler import (
+    GlobalPositionSampler,
+    SampleOrder,
+    SamplerPosition,
+    epoch_permutation,
+)
 
 SEED = 7
 NUM_SAMPLES = 100
@@ -235,3 +240,83 @@ def test_the_tail_is_never_read() -> None:
     ]
     tail = epoch_permutation(seed=SEED, epoch=0, num_samples=NUM_SAMPLES)[-4:].tolist()
     assert not set(tail) & {i for ids in read for i in ids}
+
+
+# --- the windowed shuffle ------------------------------------------------------------------
+
+SHARD_SAMPLES = (9, 14, 0, 11, 13, 10, 12, 11, 10, 10)  # 100 samples; one shard holds none
+SHARD_OF = np.repeat(np.arange(len(SHARD_SAMPLES)), SHARD_SAMPLES)
+
+
+def windowed(window_shards: int) -> SampleOrder:
+    return SampleOrder(window_shards=window_shards, shard_samples=SHARD_SAMPLES)
+
+
+@pytest.mark.parametrize("window", [1, 2, 3, 7])
+def test_windowed_permutation_is_pure_and_keeps_each_window_together(window: int) -> None:
+    order = windowed(window)
+    first = epoch_permutation(seed=SEED, epoch=2, num_samples=NUM_SAMPLES, order=order)
+    np.random.seed(0)
+    assert np.array_equal(
+        first, epoch_permutation(seed=SEED, epoch=2, num_samples=NUM_SAMPLES, order=order)
+    )
+    assert sorted(first.tolist()) == list(range(NUM_SAMPLES))
+    # Consecutive windows of the visiting order draw on `window` shards each, no more.
+    shards_in_order = SHARD_OF[first]
+    seen_windows: list[set[int]] = []
+    for shard in shards_in_order.tolist():
+        if not seen_windows or (shard not in seen_windows[-1] and len(seen_windows[-1]) == window):
+            seen_windows.append(set())
+        seen_windows[-1].add(shard)
+    assert all(len(shards) <= window for shards in seen_windows)
+    assert len(seen_windows) <= -(-len(SHARD_SAMPLES) // window)
+    other_epoch = epoch_permutation(seed=SEED, epoch=3, num_samples=NUM_SAMPLES, order=order)
+    assert not np.array_equal(first, other_epoch)
+
+
+def test_a_window_of_every_shard_is_the_global_permutation() -> None:
+    """The default (no window) and a window as large as the corpus: today's order, unchanged."""
+    global_order = epoch_permutation(seed=SEED, epoch=1, num_samples=NUM_SAMPLES)
+    for window in (len(SHARD_SAMPLES), len(SHARD_SAMPLES) + 5):
+        assert windowed(window).is_global
+        assert np.array_equal(
+            global_order,
+            epoch_permutation(seed=SEED, epoch=1, num_samples=NUM_SAMPLES, order=windowed(window)),
+        )
+
+
+def test_windowed_order_refuses_shards_that_do_not_add_up() -> None:
+    with pytest.raises(DataError, match="shards hold 100 samples"):
+        epoch_permutation(seed=SEED, epoch=0, num_samples=99, order=windowed(2))
+
+
+@pytest.mark.parametrize(("world_before", "world_after"), [(1, 4), (4, 3), (2, 1), (3, 2)])
+def test_windowed_resume_with_another_world_size_is_exact(
+    world_before: int, world_after: int
+) -> None:
+    order = windowed(3)
+
+    def sampler() -> GlobalPositionSampler:
+        return GlobalPositionSampler(
+            num_samples=NUM_SAMPLES, global_batch_size=GLOBAL_BATCH, seed=SEED, order=order
+        )
+
+    reference: dict[int, list[int]] = {}
+    run_steps(sampler(), LAYOUTS[world_before], TOTAL_STEPS, reference)
+    for resume_step in (0, 5, 8, 13, TOTAL_STEPS):
+        consumed: dict[int, list[int]] = {}
+        before = sampler()
+        run_steps(before, LAYOUTS[world_before], resume_step, consumed)
+        after = sampler()
+        after.load_state_dict(before.state_dict())
+        run_steps(after, LAYOUTS[world_after], TOTAL_STEPS - resume_step, consumed)
+        # The same samples in the same step order, whatever the world sizes.
+        assert {e: sorted(ids) for e, ids in consumed.items()} == {
+            e: sorted(ids) for e, ids in reference.items()
+        }
+        for epoch, ids in consumed.items():
+            permutation = epoch_permutation(
+                seed=SEED, epoch=epoch, num_samples=NUM_SAMPLES, order=order
+            )
+            assert sorted(ids) == sorted(permutation[: len(ids)].tolist())
+            assert len(ids) == len(set(ids))

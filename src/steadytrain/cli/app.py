@@ -389,7 +389,12 @@ def _status_screen(report: dict[str, Any]) -> list[str]:
 
 @data_app.command("prepare")
 def data_prepare(
-    output: Annotated[Path, typer.Option("--output", "-o", help="Directory to create.")],
+    output: Annotated[
+        str,
+        typer.Option(
+            "--output", "-o", help="Directory to create, or an object store URL (s3://b/prefix)."
+        ),
+    ],
     corpus: Annotated[
         str, typer.Option("--corpus", help="'stdlib', a folder, or a glob of text files.")
     ] = "stdlib",
@@ -403,9 +408,9 @@ def data_prepare(
     * 2**20,
 ) -> None:
     """Tokenize text files (byte-level) into memory-mapped shards with a validation split."""
-    from steadytrain.data import prepare_shards
+    from steadytrain.data import prepare_corpus
 
-    index = prepare_shards(
+    index = prepare_corpus(
         corpus, output, val_fraction=val_fraction, max_bytes=max_bytes, shard_tokens=shard_tokens
     )
     typer.echo(

@@ -10,6 +10,7 @@ EXIT_AUDIT_FAILED = 3
 EXIT_CHECKPOINT_BAD = 4
 EXIT_DIVERGED = 5  # non-finite loss persisted past fault.max_rollbacks: retrying cannot help
 EXIT_CHAOS_DIFFERS = 6  # `chaos`: the faulty run's weights or audit differ from the reference
+EXIT_DATA_UNAVAILABLE = 7  # a streamed corpus cannot be read: store unreachable, object missing
 EXIT_REQUEUE = 75  # preempted, state saved: run the same command again (sysexits EX_TEMPFAIL)
 EXIT_HANG = 76  # the watchdog found a rank without progress and ended the process
 
@@ -34,6 +35,12 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """The corpus or prepared data cannot be used as configured."""
+
+
+class DataUnavailable(DataError):
+    """A corpus in an object store cannot be read: unreachable, missing, or corrupt."""
+
+    exit_code = EXIT_DATA_UNAVAILABLE
 
 
 class FactoryError(UserError):

@@ -79,7 +79,8 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     corpus: str = identity_field(
         "stdlib",
-        description="'stdlib', a folder or glob of text files, or a prepared shard directory.",
+        description="'stdlib', a folder or glob of text files, a prepared shard directory, or "
+        "the URL of one in an object store (s3://bucket/prefix).",
         min_length=1,
     )
     seq_len: int = identity_field(128, description="Tokens per training sample.", gt=1)
@@ -97,9 +98,30 @@ class DataConfig(_Section):
     dataset_kwargs: dict[str, Any] = identity_field(
         {}, description="Keyword arguments passed to the dataset factory."
     )
+    shuffle_window_shards: int | None = identity_field(
+        None,
+        description="Shuffle shards, then samples within windows of this many shards (None: "
+        "one global permutation); a small window lets a streamed corpus use a small cache.",
+        gt=0,
+    )
     cache_dir: str = operational_field(
         "~/.cache/steadytrain/data",
-        description="Where corpora prepared on the fly are kept and reused.",
+        description="Where corpora prepared on the fly are kept, and shards streamed from an "
+        "object store are cached (shareable by several runs).",
+    )
+    cache_limit_gb: float = operational_field(
+        20.0,
+        description="Streamed shards kept in data.cache_dir at most; least recently used ones "
+        "are evicted, never those of the current or next step.",
+        gt=0,
+    )
+    prefetch_shards: int = operational_field(
+        4,
+        description="Streamed shards fetched ahead of use, in the order the sampler reads them.",
+        ge=0,
+    )
+    fetch_attempts: int = operational_field(
+        5, description="Tries per shard download before a transient error is final.", ge=1
     )
     num_workers: int = operational_field(
         0, description="DataLoader worker processes per rank (0: load in the trainer).", ge=0

@@ -6,13 +6,17 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from steadytrain.config import Config, DataConfig, DataError, resolve_callable
+from steadytrain.config import BatchLayout, Config, DataConfig, DataError, resolve_callable
+from steadytrain.data.cache import ShardCache
+from steadytrain.data.loader import NullLookahead, StepLookahead
+from steadytrain.data.remote import ShardStore, is_remote, open_remote_index
+from steadytrain.data.sampler import GlobalPositionSampler, SampleOrder
 from steadytrain.data.shards import (
     SHARD_FORMAT_VERSION,
     ShardFile,
@@ -22,43 +26,67 @@ from steadytrain.data.shards import (
     prepare_shards,
     read_index,
 )
+from steadytrain.data.streaming import CachedShards, DataMetricsSink, MetricWriter, ShardPrefetcher
 
 
-class TokenWindowDataset(Dataset[torch.Tensor]):
-    """Sample ``i`` is ``seq_len + 1`` consecutive tokens (inputs plus shifted targets).
+class ShardReader(Protocol):
+    """Reads ``count`` tokens of shard ``shard_number`` from token ``start`` on."""
 
-    Windows start every ``seq_len`` tokens and never cross a shard boundary. Shards are
-    memory-mapped lazily in each process, so loader workers share the page cache instead of
-    copying the corpus.
-    """
+    def read(self, shard_number: int, start: int, count: int) -> np.ndarray: ...
 
-    def __init__(self, index: ShardIndex, *, split: str, seq_len: int) -> None:
-        self._shards: list[ShardFile] = index.splits[split]
-        self._dtype = index.dtype
-        self.seq_len = seq_len
-        windows = [max(0, (shard.num_tokens - 1) // seq_len) for shard in self._shards]
-        self._first_sample = np.concatenate([[0], np.cumsum(windows)]).astype(np.int64)
+
+class MappedShards:
+    """Shard reader of a local corpus: shards memory-mapped lazily, once per process."""
+
+    def __init__(self, shards: list[ShardFile], dtype: np.dtype[Any]) -> None:
+        self._shards = shards
+        self._dtype = dtype
         self._maps: dict[int, np.memmap[Any, Any]] = {}
 
-    def __len__(self) -> int:
-        return int(self._first_sample[-1])
-
-    def __getitem__(self, sample_id: int) -> torch.Tensor:
-        if not 0 <= sample_id < len(self):
-            raise IndexError(f"sample {sample_id} outside [0, {len(self)})")
-        shard_number = int(np.searchsorted(self._first_sample, sample_id, side="right") - 1)
-        start = (sample_id - int(self._first_sample[shard_number])) * self.seq_len
-        tokens = self._map(shard_number)[start : start + self.seq_len + 1]
-        return torch.from_numpy(tokens.astype(np.int64))
+    def read(self, shard_number: int, start: int, count: int) -> np.ndarray:
+        if shard_number not in self._maps:
+            self._maps[shard_number] = open_shard(self._shards[shard_number], self._dtype)
+        return self._maps[shard_number][start : start + count]
 
     def __getstate__(self) -> dict[str, Any]:
         # Memory maps are reopened by each worker rather than pickled as copies.
         return {**self.__dict__, "_maps": {}}
 
-    def _map(self, shard_number: int) -> np.memmap[Any, Any]:
-        if shard_number not in self._maps:
-            self._maps[shard_number] = open_shard(self._shards[shard_number], self._dtype)
-        return self._maps[shard_number]
+
+class TokenWindowDataset(Dataset[torch.Tensor]):
+    """Sample ``i`` is ``seq_len + 1`` consecutive tokens (inputs plus shifted targets).
+
+    Windows start every ``seq_len`` tokens and never cross a shard boundary, so samples are
+    numbered shard by shard. Local shards are memory-mapped lazily in each process, so loader
+    workers share the page cache instead of copying the corpus; streamed ones are read from
+    the shard cache (``reader``).
+    """
+
+    def __init__(
+        self,
+        index: ShardIndex,
+        *,
+        split: str,
+        seq_len: int,
+        reader: ShardReader | None = None,
+    ) -> None:
+        self.shards: list[ShardFile] = index.splits[split]
+        self.seq_len = seq_len
+        windows = [max(0, (shard.num_tokens - 1) // seq_len) for shard in self.shards]
+        self.shard_num_samples = tuple(windows)
+        self.first_sample = np.concatenate([[0], np.cumsum(windows)]).astype(np.int64)
+        self._reader = reader or MappedShards(self.shards, index.dtype)
+
+    def __len__(self) -> int:
+        return int(self.first_sample[-1])
+
+    def __getitem__(self, sample_id: int) -> torch.Tensor:
+        if not 0 <= sample_id < len(self):
+            raise IndexError(f"sample {sample_id} outside [0, {len(self)})")
+        shard_number = int(np.searchsorted(self.first_sample, sample_id, side="right") - 1)
+        start = (sample_id - int(self.first_sample[shard_number])) * self.seq_len
+        tokens = self._reader.read(shard_number, start, self.seq_len + 1)
+        return torch.from_numpy(tokens.astype(np.int64))
 
 
 @dataclass(frozen=True)
@@ -67,10 +95,17 @@ class Datasets:
     val: Dataset[Any] | None
     description: str
     tokens_per_sample: int
+    cache: ShardCache | None = None  # where a streamed corpus's shards are fetched to
+    itemsize: int = 1  # bytes per token of the shards
 
 
 def prepared_corpus_dir(data: DataConfig) -> Path:
-    """Where the corpus lives prepared: the corpus itself, or a cache entry named by its spec."""
+    """Where the corpus lives prepared: the corpus itself, or a cache entry named by its spec.
+
+    A corpus in an object store is read where it is: this is then its shard cache.
+    """
+    if is_remote(data.corpus):
+        return shard_cache_dir(data)
     corpus_path = Path(data.corpus).expanduser()
     if is_prepared(corpus_path):
         return corpus_path
@@ -86,13 +121,69 @@ def prepared_corpus_dir(data: DataConfig) -> Path:
     return Path(data.cache_dir).expanduser() / f"{name}-{digest}"
 
 
+def shard_cache_dir(data: DataConfig) -> Path:
+    """The shared, content-addressed cache of streamed shards."""
+    return Path(data.cache_dir).expanduser() / "shards"
+
+
 def ensure_corpus(data: DataConfig) -> ShardIndex:
-    """Open the prepared corpus, preparing it first when ``data.corpus`` is raw text."""
+    """Open the prepared corpus, preparing it first when ``data.corpus`` is raw text.
+
+    A corpus in an object store must be prepared there already: only its index is read.
+    """
+    if is_remote(data.corpus):
+        return open_remote_index(
+            data.corpus,
+            cache_dir=Path(data.cache_dir).expanduser(),
+            max_attempts=data.fetch_attempts,
+        )
     directory = prepared_corpus_dir(data)
     if is_prepared(directory):
         return read_index(directory)
     return prepare_shards(
         data.corpus, directory, val_fraction=data.val_fraction, max_bytes=data.max_corpus_bytes
+    )
+
+
+def sample_order(data: DataConfig, dataset: Dataset[Any]) -> SampleOrder | None:
+    """The windowed shuffle ``data.shuffle_window_shards`` asks for (None: global).
+
+    Raises:
+        DataError: a window asked for a dataset that is not made of token shards.
+    """
+    if data.shuffle_window_shards is None:
+        return None
+    if not isinstance(dataset, TokenWindowDataset):
+        raise DataError(
+            "data.shuffle_window_shards: needs a corpus of token shards, not "
+            "data.dataset_factory; drop one of them"
+        )
+    return SampleOrder(
+        window_shards=data.shuffle_window_shards, shard_samples=dataset.shard_num_samples
+    )
+
+
+def step_lookahead(
+    datasets: Datasets,
+    sampler: GlobalPositionSampler,
+    layout: BatchLayout,
+    *,
+    rank: int,
+    prefetch_shards: int,
+) -> StepLookahead:
+    """The loader's lookahead: shard prefetching for a streamed corpus, else nothing."""
+    train = datasets.train
+    if datasets.cache is None or not isinstance(train, TokenWindowDataset):
+        return NullLookahead()
+    return ShardPrefetcher(
+        datasets.cache,
+        train.shards,
+        train.first_sample,
+        sampler,
+        layout,
+        rank=rank,
+        prefetch_shards=prefetch_shards,
+        itemsize=datasets.itemsize,
     )
 
 
@@ -114,17 +205,40 @@ def build_datasets(config: Config) -> Datasets:
             tokens_per_sample=data.seq_len,
         )
     index = ensure_corpus(data)
-    train = TokenWindowDataset(index, split="train", seq_len=data.seq_len)
-    val = TokenWindowDataset(index, split="val", seq_len=data.seq_len)
+    cache = None
+    if index.url is not None:
+        cache = ShardCache(
+            index.directory,
+            store=ShardStore(index.url, max_attempts=data.fetch_attempts),
+            limit_bytes=int(data.cache_limit_gb * 2**30),
+        )
+    train = TokenWindowDataset(
+        index, split="train", seq_len=data.seq_len, reader=_reader(cache, index, "train")
+    )
+    val = TokenWindowDataset(
+        index, split="val", seq_len=data.seq_len, reader=_reader(cache, index, "val")
+    )
+    where = f"streamed through {index.directory}" if cache is not None else str(index.directory)
     return Datasets(
         train=train,
         val=val if len(val) > 0 else None,
         description=(
             f"{data.corpus}: {index.num_tokens('train'):,} train tokens, "
-            f"{len(train):,} samples of {data.seq_len}+1 ({index.directory})"
+            f"{len(train):,} samples of {data.seq_len}+1 ({where})"
         ),
         tokens_per_sample=data.seq_len,
+        cache=cache,
+        itemsize=index.dtype.itemsize,
     )
+
+
+def with_data_metrics(sink: MetricWriter, datasets: Datasets) -> MetricWriter:
+    """``sink``, adding the shard cache's counters to step records when data is streamed."""
+    return sink if datasets.cache is None else DataMetricsSink(sink, datasets.cache)
+
+
+def _reader(cache: ShardCache | None, index: ShardIndex, split: str) -> ShardReader | None:
+    return None if cache is None else CachedShards(cache, index.splits[split], index.dtype)
 
 
 def _call_dataset_factory(factory: Any, *, split: str, kwargs: dict[str, Any]) -> Any:

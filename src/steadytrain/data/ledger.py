@@ -2,7 +2,8 @@
 
 Layout under ``RUN_DIR/ledger/``::
 
-    meta.json            dataset size, global batch, seed (written by rank 0)
+    meta.json            dataset size, global batch, seed, and a windowed shuffle's shards
+                         and window (written by rank 0)
     attempts.jsonl       one line per start of training: attempt id, first step, world size
     rank-00000.jsonl     one line per committed step: attempt, step, epoch, sample ids read
 
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from steadytrain.config import DataError
-from steadytrain.data.sampler import epoch_permutation
+from steadytrain.data.sampler import SampleOrder, epoch_permutation
 
 LEDGER_VERSION = 1
 
@@ -42,6 +43,7 @@ class ConsumptionLedger:
         num_samples: int,
         global_batch_size: int,
         seed: int,
+        order: SampleOrder | None = None,
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
@@ -49,7 +51,11 @@ class ConsumptionLedger:
         self.world_size = world_size
         if rank == 0:
             _write_meta(
-                directory, num_samples=num_samples, global_batch_size=global_batch_size, seed=seed
+                directory,
+                num_samples=num_samples,
+                global_batch_size=global_batch_size,
+                seed=seed,
+                order=order,
             )
         self.begin_attempt(attempt=attempt, start_step=start_step)
         path = directory / f"rank-{rank:05d}.jsonl"
@@ -165,6 +171,7 @@ def audit_ledger(run_dir: Path) -> AuditReport:
         )
     meta = json.loads((directory / "meta.json").read_text())
     num_samples, batch, seed = meta["num_samples"], meta["global_batch_size"], meta["seed"]
+    order = _order_of(meta)
     attempts = _read_jsonl(directory / "attempts.jsonl")
     steps, problems = _effective_steps(directory, attempts)
     steps_per_epoch = num_samples // batch
@@ -192,7 +199,9 @@ def audit_ledger(run_dir: Path) -> AuditReport:
         by_epoch[step // steps_per_epoch].extend(sample_ids)
     epochs = []
     for epoch, consumed in by_epoch.items():
-        permutation = epoch_permutation(seed=seed, epoch=epoch, num_samples=num_samples)
+        permutation = epoch_permutation(
+            seed=seed, epoch=epoch, num_samples=num_samples, order=order
+        )
         epoch_steps = min(steps_per_epoch, num_run_steps - epoch * steps_per_epoch)
         complete = epoch_steps == steps_per_epoch
         expected = permutation[: epoch_steps * batch]
@@ -285,13 +294,31 @@ def _effective_steps(
     return steps, problems
 
 
-def _write_meta(directory: Path, *, num_samples: int, global_batch_size: int, seed: int) -> None:
-    meta = {
+def _order_of(meta: dict[str, Any]) -> SampleOrder | None:
+    if "shuffle" not in meta:
+        return None
+    return SampleOrder(
+        window_shards=int(meta["shuffle"]["window_shards"]),
+        shard_samples=tuple(int(n) for n in meta["shuffle"]["shard_samples"]),
+    )
+
+
+def _write_meta(
+    directory: Path,
+    *,
+    num_samples: int,
+    global_batch_size: int,
+    seed: int,
+    order: SampleOrder | None,
+) -> None:
+    meta: dict[str, Any] = {
         "version": LEDGER_VERSION,
         "num_samples": num_samples,
         "global_batch_size": global_batch_size,
         "seed": seed,
     }
+    if order is not None and not order.is_global:  # the global order records nothing more
+        meta["shuffle"] = order.describe()
     path = directory / "meta.json"
     if path.is_file():
         existing = json.loads(path.read_text())

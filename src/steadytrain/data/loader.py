@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
@@ -19,6 +19,24 @@ class MicroBatch:
 
     sample_ids: torch.Tensor
     batch: Any
+
+
+class StepLookahead(Protocol):
+    """Told, before each step's micro-batches are read, which step that is (prefetching)."""
+
+    def at_step(self, *, epoch: int, step_in_epoch: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class NullLookahead:
+    """The lookahead of data that needs none (a local corpus, a dataset factory)."""
+
+    def at_step(self, *, epoch: int, step_in_epoch: int) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
 
 
 class _WithSampleIds(Dataset[tuple[int, Any]]):
@@ -81,8 +99,10 @@ class StepBatches:
         rank: int,
         num_workers: int = 0,
         pin_memory: bool = False,
+        lookahead: StepLookahead | None = None,
     ) -> None:
         self._dataset = _WithSampleIds(dataset)
+        self.lookahead = lookahead or NullLookahead()
         self._sampler = sampler
         self._layout = layout
         self._rank = rank
@@ -94,11 +114,15 @@ class StepBatches:
     def next_step(self) -> list[MicroBatch]:
         """The micro-batches of the step at the sampler's current position."""
         position = (self._sampler.epoch, self._sampler.step_in_epoch)
+        self.lookahead.at_step(epoch=position[0], step_in_epoch=position[1])
         if self._iterator is None or self._iterator_position != position:
             self._iterator = self._open(epoch=position[0], first_step=position[1])
         micro_batches = [next(self._iterator) for _ in range(self._layout.grad_accum_steps)]
         self._iterator_position = (position[0], position[1] + 1)
         return micro_batches
+
+    def close(self) -> None:
+        self.lookahead.close()
 
     def _open(self, *, epoch: int, first_step: int) -> Iterator[MicroBatch]:
         schedule = _RankSchedule(

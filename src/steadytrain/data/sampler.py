@@ -12,6 +12,11 @@ is the global position ``(epoch, samples_consumed)``, never a per-rank index, so
 with another world size (same ``B``) continues exactly where training stopped. The last
 ``num_samples mod B`` positions of each epoch cannot fill a step: they are the *tail*,
 reported, never silently lost.
+
+The permutation is global by default. A ``SampleOrder`` with a shard window makes it local
+to shards, for corpora streamed through a bounded cache: the epoch's generator first permutes
+the shards, then, window by window of ``window_shards`` consecutive shards of that order,
+permutes the samples of the window's shards. Still a pure function of ``(seed, epoch)``.
 """
 
 from __future__ import annotations
@@ -26,10 +31,51 @@ from steadytrain.config import BatchLayout, DataError
 SAMPLER_STATE_VERSION = 1
 
 
-def epoch_permutation(*, seed: int, epoch: int, num_samples: int) -> np.ndarray:
-    """The visiting order of epoch ``epoch``: identical on every rank, machine and restart."""
+@dataclass(frozen=True)
+class SampleOrder:
+    """A windowed shuffle: samples are numbered shard by shard, ``shard_samples[k]`` of them
+    in shard ``k``; an epoch permutes the shards, then the samples within each window of
+    ``window_shards`` shards of that order."""
+
+    window_shards: int
+    shard_samples: tuple[int, ...]
+
+    @property
+    def is_global(self) -> bool:
+        """A window of every shard: the same order as the global permutation."""
+        return self.window_shards >= len(self.shard_samples)
+
+    def describe(self) -> dict[str, Any]:
+        """What the ledger records so that ``audit`` can recompute the order."""
+        return {"window_shards": self.window_shards, "shard_samples": list(self.shard_samples)}
+
+
+def epoch_permutation(
+    *, seed: int, epoch: int, num_samples: int, order: SampleOrder | None = None
+) -> np.ndarray:
+    """The visiting order of epoch ``epoch``: identical on every rank, machine and restart,
+    and for every world size."""
     generator = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch])))
-    return generator.permutation(num_samples)
+    if order is None or order.is_global:
+        return generator.permutation(num_samples)
+    return _windowed_permutation(generator, order, num_samples=num_samples)
+
+
+def _windowed_permutation(
+    generator: np.random.Generator, order: SampleOrder, *, num_samples: int
+) -> np.ndarray:
+    if sum(order.shard_samples) != num_samples:
+        raise DataError(
+            f"sampler: shards hold {sum(order.shard_samples)} samples, the dataset {num_samples}"
+        )
+    first = np.concatenate([[0], np.cumsum(order.shard_samples)]).astype(np.int64)
+    shard_order = generator.permutation(len(order.shard_samples))
+    pieces = []
+    for start in range(0, len(shard_order), order.window_shards):
+        window = shard_order[start : start + order.window_shards]
+        ids = np.concatenate([np.arange(first[k], first[k + 1]) for k in window])
+        pieces.append(generator.permutation(ids))
+    return np.concatenate(pieces)
 
 
 def rank_micro_batch_offsets(layout: BatchLayout, *, rank: int) -> list[range]:
@@ -53,7 +99,14 @@ class SamplerPosition:
 class GlobalPositionSampler:
     """Owns the global data position; says which samples each rank reads at each step."""
 
-    def __init__(self, *, num_samples: int, global_batch_size: int, seed: int) -> None:
+    def __init__(
+        self,
+        *,
+        num_samples: int,
+        global_batch_size: int,
+        seed: int,
+        order: SampleOrder | None = None,
+    ) -> None:
         if num_samples < global_batch_size:
             raise DataError(
                 f"data: the training split has {num_samples} samples, fewer than "
@@ -63,6 +116,7 @@ class GlobalPositionSampler:
         self.num_samples = num_samples
         self.global_batch_size = global_batch_size
         self.seed = seed
+        self.order = order
         self.steps_per_epoch = num_samples // global_batch_size
         self.tail_size = num_samples - self.steps_per_epoch * global_batch_size
         self.epoch = 0
@@ -81,7 +135,7 @@ class GlobalPositionSampler:
     def permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._cached_epoch:
             self._cached_permutation = epoch_permutation(
-                seed=self.seed, epoch=epoch, num_samples=self.num_samples
+                seed=self.seed, epoch=epoch, num_samples=self.num_samples, order=self.order
             )
             self._cached_epoch = epoch
         return self._cached_permutation

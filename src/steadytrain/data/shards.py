@@ -20,7 +20,7 @@ import os
 import shutil
 import sysconfig
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,19 +39,26 @@ SPLITS = ("train", "val")
 
 @dataclass(frozen=True)
 class ShardFile:
-    path: Path
+    path: Path  # where it is read: in the corpus directory, or in the shard cache
     num_tokens: int
+    name: str = ""  # as index.json names it
+    sha256: str | None = None  # as index.json records it (corpora prepared before: None)
 
 
 @dataclass(frozen=True)
 class ShardIndex:
-    """A prepared corpus: its directory, dtype and the shard files of each split."""
+    """A prepared corpus: its directory, dtype and the shard files of each split.
+
+    A corpus in an object store has its ``url``; its ``directory`` is then the shard cache,
+    where each shard is fetched before it is read.
+    """
 
     directory: Path
     dtype: np.dtype[Any]
     vocab_size: int
     splits: dict[str, list[ShardFile]]
     fingerprint: str
+    url: str | None = None
 
     def num_tokens(self, split: str) -> int:
         return sum(shard.num_tokens for shard in self.splits[split])
@@ -176,41 +183,73 @@ def read_index(directory: Path) -> ShardIndex:
     """
     index_path = directory / INDEX_FILE
     try:
-        index = json.loads(index_path.read_text())
+        text = index_path.read_text()
     except FileNotFoundError:
         raise DataError(
             f"data.corpus: {directory} has no {INDEX_FILE}; prepare it with "
             f"'steadytrain data prepare --corpus SOURCE --output {directory}'"
         ) from None
-    except json.JSONDecodeError as error:
-        raise DataError(
-            f"{index_path}: corrupt index ({error}); prepare the corpus again"
-        ) from None
-    if index.get("format") != SHARD_FORMAT or index.get("version") != SHARD_FORMAT_VERSION:
-        raise DataError(
-            f"{index_path}: format {index.get('format')!r} version {index.get('version')!r} is "
-            f"not {SHARD_FORMAT!r} version {SHARD_FORMAT_VERSION}; prepare the corpus again"
-        )
-    splits = {
-        split: [
-            ShardFile(path=directory / entry["path"], num_tokens=int(entry["num_tokens"]))
-            for entry in index["splits"].get(split, [])
-        ]
-        for split in SPLITS
-    }
-    for shard in splits["train"] + splits["val"]:
-        expected_bytes = shard.num_tokens * np.dtype(index["dtype"]).itemsize
+    index = parse_index(text, where=str(index_path))
+    shard_index = index_of(
+        index, directory=directory, path_of=lambda entry: directory / entry["path"]
+    )
+    for shard in shard_index.splits["train"] + shard_index.splits["val"]:
+        expected_bytes = shard.num_tokens * shard_index.dtype.itemsize
         if not shard.path.is_file() or shard.path.stat().st_size != expected_bytes:
             raise DataError(
                 f"{shard.path}: missing or not {expected_bytes} bytes as {INDEX_FILE} says; "
                 "prepare the corpus again"
             )
+    return shard_index
+
+
+def parse_index(text: str, *, where: str) -> dict[str, Any]:
+    """The content of an ``index.json`` read from ``where``, checked for format and version.
+
+    Raises:
+        DataError: if it is not JSON, or not a shard index of a known version.
+    """
+    try:
+        index = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{where}: corrupt index ({error}); prepare the corpus again") from None
+    if not isinstance(index, dict):
+        raise DataError(f"{where}: not a shard index; prepare the corpus again")
+    if index.get("format") != SHARD_FORMAT or index.get("version") != SHARD_FORMAT_VERSION:
+        raise DataError(
+            f"{where}: format {index.get('format')!r} version {index.get('version')!r} is "
+            f"not {SHARD_FORMAT!r} version {SHARD_FORMAT_VERSION}; prepare the corpus again"
+        )
+    return index
+
+
+def index_of(
+    index: dict[str, Any],
+    *,
+    directory: Path,
+    path_of: Callable[[dict[str, Any]], Path],
+    url: str | None = None,
+) -> ShardIndex:
+    """A parsed ``index.json`` as a ``ShardIndex`` whose shards are read at ``path_of(entry)``."""
+    splits = {
+        split: [
+            ShardFile(
+                path=path_of(entry),
+                num_tokens=int(entry["num_tokens"]),
+                name=str(entry["path"]),
+                sha256=entry.get("sha256"),
+            )
+            for entry in index["splits"].get(split, [])
+        ]
+        for split in SPLITS
+    }
     return ShardIndex(
         directory=directory,
         dtype=np.dtype(index["dtype"]),
         vocab_size=int(index["vocab_size"]),
         splits=splits,
         fingerprint=str(index["fingerprint"]),
+        url=url,
     )
 
 

@@ -18,9 +18,11 @@ from steadytrain.data import (
     TokenWindowDataset,
     ensure_corpus,
     is_prepared,
+    is_remote,
     prepared_corpus_dir,
     read_index,
     resolve_source_files,
+    sample_order,
 )
 from steadytrain.distributed import check_gradient_sync, planned_backend
 from steadytrain.model import build_model, resolve_loss_fn
@@ -97,7 +99,7 @@ def _check_data(config: Config, *, global_batch_size: int, prepare_corpus: bool)
         resolve_callable(data.dataset_factory, field="data.dataset_factory")
         return f"data: dataset factory {data.dataset_factory}"
     directory = prepared_corpus_dir(data)
-    if prepare_corpus:
+    if prepare_corpus or is_remote(data.corpus):  # a remote corpus: only its index is read
         index = ensure_corpus(data)
     elif is_prepared(directory):
         index = read_index(directory)
@@ -106,9 +108,21 @@ def _check_data(config: Config, *, global_batch_size: int, prepare_corpus: bool)
         return f"data: {len(files)} source files in {data.corpus!r}, prepared at first use"
     train = TokenWindowDataset(index, split="train", seq_len=data.seq_len)
     sampler = GlobalPositionSampler(
-        num_samples=len(train), global_batch_size=global_batch_size, seed=config.seed
+        num_samples=len(train),
+        global_batch_size=global_batch_size,
+        seed=config.seed,
+        order=sample_order(data, train),
+    )
+    where = Path(index.directory) if index.url is None else f"{index.url} (streamed)"
+    window = (
+        ""
+        if data.shuffle_window_shards is None
+        else (
+            f", shuffled within windows of {data.shuffle_window_shards} of "
+            f"{len(train.shards)} shards"
+        )
     )
     return (
-        f"data: {len(train):,} samples in {Path(index.directory)}; "
-        f"{sampler.steps_per_epoch} steps per epoch, tail of {sampler.tail_size}"
+        f"data: {len(train):,} samples in {where}; "
+        f"{sampler.steps_per_epoch} steps per epoch, tail of {sampler.tail_size}{window}"
     )

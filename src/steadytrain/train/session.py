@@ -45,7 +45,10 @@ from steadytrain.data import (
     build_datasets,
     ensure_corpus,
     new_attempt_id,
+    sample_order,
+    step_lookahead,
     validation_batches,
+    with_data_metrics,
 )
 from steadytrain.distributed import (
     ParallelModel,
@@ -136,6 +139,7 @@ def run_training(config: Config, *, resume: ResumeRequest | None = None) -> FitR
         result.resumed_from = parts.restored.location if parts.restored is not None else None
         report_end(parts, result, seconds=time.perf_counter() - started)
         parts.ledger.close()
+        parts.batches.close()
         parts.metrics.close()
         parts.events.close()
         # Leave together: a rank tearing down gloo while a peer still uses it can abort the peer.
@@ -206,6 +210,13 @@ def build_parts(
         rank=runtime.rank,
         num_workers=config.data.num_workers,
         pin_memory=runtime.device.type == "cuda",
+        lookahead=step_lookahead(
+            datasets,
+            sampler,
+            layout,
+            rank=runtime.rank,
+            prefetch_shards=config.data.prefetch_shards,
+        ),
     )
     val_batches = _validation_batches(datasets, config, runtime, layout)
     progress = _progress(config, runtime)
@@ -283,7 +294,10 @@ def build_parts(
         # identity is refused with its differences before a ledger of other settings is.
         ledger=_open_ledger(config, runtime, sampler, start_step=state.step),
         checkpointer=checkpointer,
-        metrics=_agreed(lambda: _metrics_sink(config, runtime, watch, events), runtime),
+        metrics=_agreed(
+            lambda: with_data_metrics(_metrics_sink(config, runtime, watch, events), datasets),
+            runtime,
+        ),
         events=events,
         timer=PhaseTimer(device=runtime.device, observers=observers),
         progress=progress,
@@ -319,6 +333,7 @@ def _data(
             num_samples=len(datasets.train),  # type: ignore[arg-type]
             global_batch_size=layout.global_batch_size,
             seed=config.seed,
+            order=sample_order(config.data, datasets.train),
         ),
         runtime,
     )
@@ -502,6 +517,7 @@ def _open_ledger(
             num_samples=sampler.num_samples,
             global_batch_size=sampler.global_batch_size,
             seed=sampler.seed,
+            order=sampler.order,
         ),
         runtime,
     )

@@ -1,0 +1,221 @@
+"""Read a streamed corpus through the shard cache, and fetch its shards ahead of use.
+
+``CachedShards`` is the dataset's shard reader for a corpus in an object store: each sample
+is read from the cached shard file, which is fetched (and verified) first if need be, inline,
+so a shard that prefetching has not brought yet shows up as ``data_wait``, never hidden.
+
+``ShardPrefetcher`` is the loader's step lookahead. At each step it computes, from the same
+pure ``(seed, epoch)`` order as the sampler, which shards this rank reads at the current and
+next step (pinned: no process evicts them) and which it reads after them, and a background
+thread downloads those in order of first use, ``data.prefetch_shards`` beyond the pinned
+ones and never more than the cache limit leaves room for.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
+
+import numpy as np
+
+from steadytrain.config import BatchLayout
+from steadytrain.data.cache import ShardCache
+from steadytrain.data.sampler import (
+    GlobalPositionSampler,
+    epoch_permutation,
+    rank_micro_batch_offsets,
+)
+from steadytrain.data.shards import ShardFile
+
+MAX_STEPS_SCANNED = 256  # how far ahead the prefetcher looks for its next shards
+
+
+class CachedShards:
+    """Shard reader over a ``ShardCache``: samples are read from verified local copies."""
+
+    def __init__(self, cache: ShardCache, shards: list[ShardFile], dtype: np.dtype[Any]) -> None:
+        self.cache = cache
+        self._shards = shards
+        self._dtype = dtype
+        self._ready: dict[int, str] = {}  # shard number -> verified path, in this process
+
+    def read(self, shard_number: int, start: int, count: int) -> np.ndarray:
+        offset = start * self._dtype.itemsize
+        try:
+            return np.fromfile(self._path(shard_number), self._dtype, count, offset=offset)
+        except FileNotFoundError:  # evicted by another process since: fetch it again
+            self._ready.pop(shard_number, None)
+            return np.fromfile(self._path(shard_number), self._dtype, count, offset=offset)
+
+    def _path(self, shard_number: int) -> str:
+        path = self._ready.get(shard_number)
+        if path is None:
+            shard = self._shards[shard_number]
+            path = str(self.cache.ensure(shard, itemsize=self._dtype.itemsize))
+            self._ready[shard_number] = path
+        return path
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_ready": {}}
+
+
+class ShardPrefetcher:
+    """The step lookahead of a streamed corpus: pins this rank's current and next shards and
+    downloads the following ones in a background thread."""
+
+    def __init__(
+        self,
+        cache: ShardCache,
+        shards: list[ShardFile],
+        first_sample: np.ndarray,
+        sampler: GlobalPositionSampler,
+        layout: BatchLayout,
+        *,
+        rank: int,
+        prefetch_shards: int,
+        itemsize: int,
+    ) -> None:
+        self._cache = cache
+        self._shards = shards
+        self._first_sample = first_sample
+        self._sampler = sampler
+        self._offsets = [
+            range(r.start, r.stop) for r in rank_micro_batch_offsets(layout, rank=rank)
+        ]
+        self._prefetch_shards = prefetch_shards
+        self._itemsize = itemsize
+        self._permutations: dict[int, np.ndarray] = {}
+        self._step_shards: dict[tuple[int, int], tuple[int, ...]] = {}
+        self._wanted: list[ShardFile] = []
+        self._generation = 0
+        self._closed = False
+        self._condition = threading.Condition()
+        self.errors: list[str] = []  # the reader meets the same error inline, and reports it
+        self._thread = threading.Thread(target=self._run, name="shard-prefetch", daemon=True)
+        self._thread.start()
+
+    def at_step(self, *, epoch: int, step_in_epoch: int) -> None:
+        """The loader is about to read step ``step_in_epoch`` of ``epoch``."""
+        upcoming = self._positions(epoch, step_in_epoch)
+        pinned = _distinct(
+            shard
+            for position in (next(upcoming), next(upcoming))
+            for shard in self._shards_of(*position)
+        )
+        self._cache.pin(self._shards[number] for number in pinned)
+        ahead = self._ahead(upcoming, pinned=pinned)
+        with self._condition:
+            self._wanted = [self._shards[number] for number in [*pinned, *ahead]]
+            self._generation += 1
+            self._condition.notify()
+        self._forget_before(epoch, step_in_epoch)
+
+    def _ahead(self, upcoming: Iterator[tuple[int, int]], *, pinned: list[int]) -> list[int]:
+        """The next ``prefetch_shards`` shards after the pinned ones, in order of first use,
+        as many as fit in the cache beside the pinned ones."""
+        room = self._cache.limit_bytes - sum(self._bytes(number) for number in pinned)
+        ahead: list[int] = []
+        for _, position in zip(range(MAX_STEPS_SCANNED), upcoming, strict=False):
+            for number in self._shards_of(*position):
+                if number in pinned or number in ahead:
+                    continue
+                if len(ahead) >= self._prefetch_shards or self._bytes(number) > room:
+                    return ahead
+                room -= self._bytes(number)
+                ahead.append(number)
+        return ahead
+
+    def close(self) -> None:
+        with self._condition:
+            self._closed = True
+            self._condition.notify()
+        self._thread.join(timeout=30)
+        self._cache.close()
+
+    def _run(self) -> None:
+        seen = -1
+        while True:
+            with self._condition:
+                while self._generation == seen and not self._closed:
+                    self._condition.wait()
+                if self._closed:
+                    return
+                seen, wanted = self._generation, list(self._wanted)
+            for shard in wanted:
+                if self._generation != seen or self._closed:
+                    break  # the loader moved on: start from its new position
+                if self._cache.is_ready(shard):
+                    continue
+                try:
+                    self._cache.ensure(shard, itemsize=self._itemsize)
+                except Exception as error:
+                    self.errors.append(f"{shard.name}: {error}")
+
+    def _positions(self, epoch: int, step_in_epoch: int) -> Iterator[tuple[int, int]]:
+        while True:
+            yield epoch, step_in_epoch
+            step_in_epoch += 1
+            if step_in_epoch >= self._sampler.steps_per_epoch:
+                epoch, step_in_epoch = epoch + 1, 0
+
+    def _shards_of(self, epoch: int, step_in_epoch: int) -> tuple[int, ...]:
+        key = (epoch, step_in_epoch)
+        if key not in self._step_shards:
+            batch = self._sampler.global_batch_size
+            step_ids = self._permutation(epoch)[step_in_epoch * batch : (step_in_epoch + 1) * batch]
+            ids = np.concatenate([step_ids[r.start : r.stop] for r in self._offsets])
+            numbers = np.searchsorted(self._first_sample, ids, side="right") - 1
+            self._step_shards[key] = tuple(_distinct(int(n) for n in numbers))
+        return self._step_shards[key]
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._permutations:
+            self._permutations[epoch] = epoch_permutation(
+                seed=self._sampler.seed,
+                epoch=epoch,
+                num_samples=self._sampler.num_samples,
+                order=self._sampler.order,
+            )
+        return self._permutations[epoch]
+
+    def _forget_before(self, epoch: int, step_in_epoch: int) -> None:
+        for key in [key for key in self._step_shards if key < (epoch, step_in_epoch)]:
+            del self._step_shards[key]
+        for old in [old for old in self._permutations if old < epoch]:
+            del self._permutations[old]
+
+    def _bytes(self, number: int) -> int:
+        return self._shards[number].num_tokens * self._itemsize
+
+
+def _distinct(numbers: Iterable[int]) -> list[int]:
+    return list(dict.fromkeys(numbers))
+
+
+class MetricWriter(Protocol):
+    """A metric sink (``telemetry.MetricSink``), as far as the data metrics need one."""
+
+    def write(self, record: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class DataMetricsSink:
+    """Adds the shard cache's counters (``data_cache_*``) to every step record it writes.
+
+    They count what this process's cache did: the rank writing metrics (rank 0), its
+    prefetching and its reads (DataLoader workers keep counters of their own).
+    """
+
+    def __init__(self, sink: MetricWriter, cache: ShardCache) -> None:
+        self._sink = sink
+        self._cache = cache
+
+    def write(self, record: dict[str, Any]) -> None:
+        if "loss" in record:  # a step record, not a validation one
+            record = {**record, **self._cache.snapshot()}
+        self._sink.write(record)
+
+    def close(self) -> None:
+        self._sink.close()

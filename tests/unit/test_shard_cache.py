@@ -1,0 +1,228 @@
+"""The shard cache: atomic verified downloads, LRU eviction that spares pinned shards, and
+several processes sharing one directory. The store is a real fsspec file system (a local
+``file://`` prefix holding a prepared corpus, as ``data prepare`` writes it)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from steadytrain.config import DataUnavailable
+from steadytrain.data import ShardCache, prepare_shards
+from steadytrain.data.remote import ShardStore, open_remote_index
+from steadytrain.data.shards import ShardFile
+
+SHARD_TOKENS = 4096
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A prepared corpus of eight train shards of 4201 tokens (one document each)."""
+    source = tmp_path_factory.mktemp("text")
+    for number in range(8):
+        (source / f"doc{number}.txt").write_bytes(bytes([65 + number]) * 4200)
+    output = tmp_path_factory.mktemp("store") / "corpus"
+    prepare_shards(str(source), output, val_fraction=0.0, shard_tokens=SHARD_TOKENS)
+    return output
+
+
+def shards_of(store_dir: Path, cache_dir: Path) -> list[ShardFile]:
+    index = open_remote_index(f"file://{store_dir}", cache_dir=cache_dir)
+    return index.splits["train"]
+
+
+def new_cache(store_dir: Path, cache_dir: Path, *, limit_bytes: int = 2**30) -> ShardCache:
+    store = ShardStore(f"file://{store_dir}", max_attempts=2, first_backoff_s=0.0)
+    return ShardCache(cache_dir / "shards", store=store, limit_bytes=limit_bytes)
+
+
+def test_a_shard_is_downloaded_once_verified_and_named_by_its_checksum(
+    store_dir: Path, tmp_path: Path
+) -> None:
+    shards = shards_of(store_dir, tmp_path)
+    assert len(shards) >= 6
+    cache = new_cache(store_dir, tmp_path)
+    path = cache.ensure(shards[0])
+    assert path == tmp_path / "shards" / f"{shards[0].sha256}.bin"
+    assert path.read_bytes() == (store_dir / shards[0].name).read_bytes()
+    assert cache.ensure(shards[0]) == path
+    assert (cache.stats.misses, cache.stats.hits) == (1, 1)
+    assert cache.stats.bytes_fetched == path.stat().st_size
+    assert not list((tmp_path / "shards").glob(".*partial*")), "a temporary file was left"
+    # Another process (here: another cache on the same directory) finds it cached.
+    again = new_cache(store_dir, tmp_path)
+    assert again.ensure(shards[0]) == path
+    assert (again.stats.misses, again.stats.hits, again.stats.bytes_fetched) == (0, 1, 0)
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated"])
+def test_a_corrupt_or_partial_cached_shard_is_fetched_again(
+    store_dir: Path, tmp_path: Path, damage: str
+) -> None:
+    shards = shards_of(store_dir, tmp_path)
+    path = new_cache(store_dir, tmp_path).ensure(shards[1])
+    data = bytearray(path.read_bytes())
+    if damage == "flipped byte":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        data = data[: len(data) // 2]
+    path.write_bytes(bytes(data))
+    cache = new_cache(store_dir, tmp_path)
+    assert cache.ensure(shards[1]).read_bytes() == (store_dir / shards[1].name).read_bytes()
+    assert (cache.stats.corrupt, cache.stats.misses) == (1, 1)
+
+
+def test_a_shard_that_never_matches_its_index_fails_naming_it(
+    store_dir: Path, tmp_path: Path
+) -> None:
+    shards = shards_of(store_dir, tmp_path)
+    wrong = ShardFile(
+        path=shards[2].path, num_tokens=shards[2].num_tokens, name=shards[2].name, sha256="0" * 64
+    )
+    cache = new_cache(store_dir, tmp_path)
+    with pytest.raises(DataUnavailable, match=f"{shards[2].name}: .*index.json says"):
+        cache.ensure(wrong)
+    assert not list((tmp_path / "shards").glob("*.bin")), "an unverified shard was kept"
+
+
+def test_a_missing_shard_fails_at_once_naming_it(store_dir: Path, tmp_path: Path) -> None:
+    shards = shards_of(store_dir, tmp_path)
+    missing = ShardFile(path=shards[0].path, num_tokens=1, name="gone.bin", sha256="1" * 64)
+    started = time.monotonic()
+    with pytest.raises(DataUnavailable, match=r"gone\.bin: FileNotFoundError"):
+        new_cache(store_dir, tmp_path).ensure(missing)
+    assert time.monotonic() - started < 5
+
+
+def test_eviction_is_lru_and_never_touches_pinned_shards(store_dir: Path, tmp_path: Path) -> None:
+    shards = shards_of(store_dir, tmp_path)
+    size = shards[0].num_tokens
+    cache = new_cache(store_dir, tmp_path, limit_bytes=3 * size + 10)
+    cache.pin([shards[0]])  # the current step's, used first: the oldest, but pinned
+    for shard in shards[:5]:
+        cache.ensure(shard)
+        time.sleep(0.01)  # distinct modification times
+    cached = {path.stem for path in (tmp_path / "shards").glob("*.bin")}
+    assert shards[0].sha256 in cached
+    assert {shards[3].sha256, shards[4].sha256} <= cached  # the most recently used
+    assert shards[1].sha256 not in cached and shards[2].sha256 not in cached
+    assert cache.stats.evictions == 2
+    assert cache.size_bytes() <= cache.limit_bytes
+
+
+def test_a_limit_below_the_pinned_shards_goes_over_it_rather_than_wait(
+    store_dir: Path, tmp_path: Path
+) -> None:
+    shards = shards_of(store_dir, tmp_path)
+    cache = new_cache(store_dir, tmp_path, limit_bytes=1)
+    cache.pin(shards[:3])
+    for shard in shards[:3]:
+        assert cache.ensure(shard).is_file()
+    assert cache.stats.evictions == 0
+    assert cache.stats.over_limit == 3
+    cache.pin([])
+    cache.evict()
+    assert cache.size_bytes() == 0
+
+
+PIN_IN_ANOTHER_PROCESS = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from steadytrain.data import ShardCache
+    from steadytrain.data.remote import ShardStore, open_remote_index
+
+    store, cache_dir = sys.argv[1], Path(sys.argv[2])
+    shards = open_remote_index(store, cache_dir=cache_dir).splits["train"]
+    cache = ShardCache(cache_dir / "shards", store=ShardStore(store), limit_bytes=2**30)
+    cache.pin([shards[0]])
+    cache.ensure(shards[0])
+    print("pinned", flush=True)
+    sys.stdin.read()
+    """
+)
+
+
+def test_a_shard_pinned_by_another_process_is_not_evicted(store_dir: Path, tmp_path: Path) -> None:
+    shards = shards_of(store_dir, tmp_path)
+    other = subprocess.Popen(
+        [sys.executable, "-c", PIN_IN_ANOTHER_PROCESS, f"file://{store_dir}", str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert other.stdout is not None and other.stdout.readline().strip() == "pinned"
+        cache = new_cache(store_dir, tmp_path, limit_bytes=1)
+        cache.ensure(shards[1])
+        cached = {path.stem for path in (tmp_path / "shards").glob("*.bin")}
+        assert cached == {shards[0].sha256}  # ours went, theirs stayed
+    finally:
+        other.communicate("", timeout=30)
+    cache.evict()  # their pin ended with their process
+    assert cache.size_bytes() == 0
+
+
+def test_caches_sharing_a_directory_download_each_shard_once(
+    store_dir: Path, tmp_path: Path
+) -> None:
+    shards = shards_of(store_dir, tmp_path)
+    caches = [new_cache(store_dir, tmp_path) for _ in range(4)]
+    errors: list[BaseException] = []
+
+    def fetch_all(cache: ShardCache) -> None:
+        try:
+            for shard in shards:
+                cache.ensure(shard)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=fetch_all, args=(cache,)) for cache in caches]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors
+    assert sum(cache.stats.misses for cache in caches) == len(shards)
+    assert sum(cache.stats.hits for cache in caches) == 3 * len(shards)
+    for shard in shards:
+        assert (tmp_path / "shards" / f"{shard.sha256}.bin").read_bytes() == (
+            store_dir / shard.name
+        ).read_bytes()
+
+
+def test_a_forked_child_does_not_keep_the_parents_locks(store_dir: Path, tmp_path: Path) -> None:
+    """A DataLoader worker forked while a pin is held must not hold it after the parent lets
+    go (flock locks are shared by forked descriptors)."""
+    shards = shards_of(store_dir, tmp_path)
+    cache = new_cache(store_dir, tmp_path)
+    cache.pin([shards[0]])
+    cache.ensure(shards[0])
+    read_end, write_end = os.pipe()
+    ready_read, ready_write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child waits, holding whatever it inherited
+        os.close(write_end)
+        os.write(ready_write, b"r")  # the fork hooks have run
+        os.read(read_end, 1)
+        os._exit(0)
+    try:
+        os.close(read_end)
+        os.close(ready_write)
+        assert os.read(ready_read, 1) == b"r"
+        os.close(ready_read)
+        cache.pin([])
+        other = new_cache(store_dir, tmp_path, limit_bytes=1)
+        other.evict()
+        assert other.stats.evictions == 1, "the child still held the parent's pin"
+    finally:
+        os.write(write_end, b"x")
+        os.close(write_end)
+        os.waitpid(child, 0)
