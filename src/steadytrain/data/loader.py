@@ -26,6 +26,9 @@ class StepLookahead(Protocol):
 
     def at_step(self, *, epoch: int, step_in_epoch: int) -> None: ...
 
+    def prime(self, *, epoch: int, step_in_epoch: int) -> None:
+        """Make that step's data ready now (raising here what reading it would raise)."""
+
     def close(self) -> None: ...
 
 
@@ -33,6 +36,9 @@ class NullLookahead:
     """The lookahead of data that needs none (a local corpus, a dataset factory)."""
 
     def at_step(self, *, epoch: int, step_in_epoch: int) -> None:
+        return None
+
+    def prime(self, *, epoch: int, step_in_epoch: int) -> None:
         return None
 
     def close(self) -> None:
@@ -120,6 +126,10 @@ class StepBatches:
         micro_batches = [next(self._iterator) for _ in range(self._layout.grad_accum_steps)]
         self._iterator_position = (position[0], position[1] + 1)
         return micro_batches
+
+    def prepare_first_step(self) -> None:
+        """Fetch what the step at the sampler's position reads, before training starts."""
+        self.lookahead.prime(epoch=self._sampler.epoch, step_in_epoch=self._sampler.step_in_epoch)
 
     def close(self) -> None:
         self.lookahead.close()

@@ -111,6 +111,12 @@ class ShardPrefetcher:
             self._condition.notify()
         self._forget_before(epoch, step_in_epoch)
 
+    def prime(self, *, epoch: int, step_in_epoch: int) -> None:
+        """Fetch this rank's shards of that step now, in this thread."""
+        self.at_step(epoch=epoch, step_in_epoch=step_in_epoch)
+        for number in self._shards_of(epoch, step_in_epoch):
+            self._cache.ensure(self._shards[number], itemsize=self._itemsize)
+
     def _ahead(self, upcoming: Iterator[tuple[int, int]], *, pinned: list[int]) -> list[int]:
         """The next ``prefetch_shards`` shards after the pinned ones, in order of first use,
         as many as fit in the cache beside the pinned ones."""

@@ -28,7 +28,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from steadytrain.config import EXIT_INTERNAL, EXIT_REQUEUE, EXIT_USAGE
+from steadytrain.config import EXIT_DATA_UNAVAILABLE, EXIT_INTERNAL, EXIT_REQUEUE, EXIT_USAGE
 from steadytrain.distributed.runtime import run_exit_handlers
 
 _AGENT_LOGGERS = (
@@ -107,7 +107,7 @@ def launch_local_workers(
                 "resume from the checkpoint just saved",
                 file=sys.stderr,
             )
-        elif code != EXIT_USAGE:
+        elif code not in (EXIT_USAGE, EXIT_DATA_UNAVAILABLE):  # a worker said why in one line
             print(
                 f"steadytrain: a worker failed (exit code {code}); its output is above",
                 file=sys.stderr,
@@ -265,11 +265,13 @@ def _tasks_of(pid: int) -> list[str]:
 
 
 def _exit_code_of(error: object) -> int:
-    """Exit 2 if any worker reported a user error; else the code of the first to fail."""
+    """Exit 7 or 2 if any worker reported a user error (a streamed corpus it cannot read
+    outranks the ranks that only stopped with it); else the code of the first to fail."""
     failures = getattr(error, "failures", {}).values()
     codes = [failure.exitcode for failure in sorted(failures, key=lambda f: f.timestamp)]
-    if EXIT_USAGE in codes:
-        return EXIT_USAGE
+    for user_error in (EXIT_DATA_UNAVAILABLE, EXIT_USAGE):
+        if user_error in codes:
+            return user_error
     for code in codes:
         if code < 0:  # killed by signal -code: the shell's convention
             return 128 - code

@@ -261,6 +261,9 @@ def build_parts(
     restore_seconds = time.perf_counter() - restore_started
     if restored is not None:
         _follow_restored(restored, config, runtime, optimizer, scheduler, state, events)
+    # A streamed corpus's first shards, fetched now: a store that cannot serve them stops
+    # every rank with one line before training (later failures are each rank's own).
+    _agreed(batches.prepare_first_step, runtime)
     # Earlier attempts of this run (rank 0 reports them): read back once, at the start.
     started = process_start_time() or time.time()
     history = restored is not None and runtime.is_main
