@@ -32,6 +32,16 @@ def reference(tmp_path_factory: pytest.TempPathFactory, overrides: list[str]) ->
 
 
 @pytest.fixture(scope="session")
+def fsdp_reference(tmp_path_factory: pytest.TempPathFactory, overrides: list[str]) -> Path:
+    """The same job trained uninterrupted under FSDP at 2 ranks: sharded checkpoints, and
+    the weights every interrupted FSDP run of it must end with."""
+    run_dir = tmp_path_factory.mktemp("fsdp-reference")
+    result = train(run_dir, [*overrides, "parallel.strategy=fsdp"])
+    assert result.returncode == 0, result.output
+    return run_dir
+
+
+@pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real ``mlflow server`` on loopback (SQLite store, artifacts served by it): its URL."""
     root = tmp_path_factory.mktemp("mlflow-server")

@@ -30,6 +30,7 @@ from tests.helpers import (
 
 pytestmark = pytest.mark.slow
 SEED_VARIABLE = "STEADYTRAIN_TEST_SEED"
+REFERENCES = {"ddp": "reference", "fsdp": "fsdp_reference"}  # the uninterrupted runs
 
 
 @pytest.fixture
@@ -74,11 +75,18 @@ def test_kill9_then_same_command_resumes_bit_identical(
     assert_audit_ok(tmp_path)
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_kill9_during_saves_never_leaves_a_bad_checkpoint(
-    reference: Path, overrides: list[str], tmp_path: Path, seed: int
+    strategy: str,
+    request: pytest.FixtureRequest,
+    overrides: list[str],
+    tmp_path: Path,
+    seed: int,
 ) -> None:
-    """Kill a rank the moment a save's staging directory appears: mid-save by construction."""
-    every_step = [*overrides, "checkpoint.every_steps=1"]
+    """Kill a rank the moment a save's staging directory appears: mid-save by construction.
+    Under FSDP every rank writes its shards, so any rank's death leaves a half."""
+    reference = request.getfixturevalue(REFERENCES[strategy])
+    every_step = [*overrides, f"parallel.strategy={strategy}", "checkpoint.every_steps=1"]
     checkpoints = tmp_path / "checkpoints"
     rng = random.Random(seed)
     kills_mid_save = 0
@@ -167,7 +175,21 @@ def test_bad_newest_checkpoint_falls_back_to_previous_good(
     assert_audit_ok(run_dir)
 
 
-def test_planted_pickle_never_runs(reference: Path, overrides: list[str], tmp_path: Path) -> None:
+# Under FSDP a pickle replaces a shard only rank 1 reads, and the stray one has the name of
+# DCP's own (pickled) metadata file, which a DCP FileSystemReader would unpickle.
+PLANTED = {
+    "ddp": ("optimizer.safetensors", "model.pt"),
+    "fsdp": ("rank-00001-optimizer.safetensors", ".metadata"),
+}
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_planted_pickle_never_runs(
+    strategy: str, request: pytest.FixtureRequest, overrides: list[str], tmp_path: Path
+) -> None:
+    reference = request.getfixturevalue(REFERENCES[strategy])
+    overrides = [*overrides, f"parallel.strategy={strategy}"]
+    replaced, stray = PLANTED[strategy]
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
     shutil.rmtree(run_dir / "final")
@@ -180,16 +202,16 @@ def test_planted_pickle_never_runs(reference: Path, overrides: list[str], tmp_pa
     payload = pickle.dumps(Exploit())
     newest = run_dir / "checkpoints" / f"step_{MAX_STEPS:08d}"
     # The newest: a pickle in place of a real file, with the manifest forged to match it.
-    (newest / "optimizer.safetensors").write_bytes(payload)
+    (newest / replaced).write_bytes(payload)
     manifest = json.loads((newest / "manifest.json").read_text())
-    manifest["files"]["optimizer.safetensors"] = {
+    manifest["files"][replaced] = {
         "size": len(payload),
         "checksum": checksum_of([payload]),
     }
     (newest / "manifest.json").write_text(json.dumps(manifest))
     # The previous one: intact, with a stray pickle beside its files.
     previous = run_dir / "checkpoints" / f"step_{MAX_STEPS - 4:08d}"
-    (previous / "model.pt").write_bytes(payload)
+    (previous / stray).write_bytes(payload)
 
     resumed = train(run_dir, overrides)
     assert resumed.returncode == 0, resumed.output

@@ -42,7 +42,7 @@ def split_tensors(
             if key in tensors:
                 raise ValueError(f"two tensors map to the checkpoint key {key!r}; rename one")
             spare = (reuse or {}).get(key)
-            tensors[key] = _host_copy(value.detach(), spare, copy=copy, host=host)
+            tensors[key] = host_copy(value.detach(), spare, copy=copy, host=host)
             return {TENSOR_MARK: key}
         if isinstance(value, dict):
             return {
@@ -69,9 +69,10 @@ def split_tensors(
     return walk(state, prefix), tensors
 
 
-def _host_copy(
+def host_copy(
     value: torch.Tensor, spare: torch.Tensor | None, *, copy: bool, host: bool
 ) -> torch.Tensor:
+    """``value`` in host memory (see ``split_tensors``), copied into ``spare`` if it fits."""
     if not copy and (value.device.type == "cpu" or not host):
         return value
     if (

@@ -10,7 +10,7 @@ import platform
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -27,6 +27,20 @@ class Stateful(Protocol):
     def load_state_dict(self, state_dict: Any, /) -> Any: ...
 
 
+@runtime_checkable
+class Templated(Protocol):
+    """A part whose state before its first use does not show what a load fills."""
+
+    def load_template(self) -> Any:
+        """A state like ``state_dict()``'s, with every tensor a load will fill."""
+        ...
+
+
+def load_template(part: Stateful) -> Any:
+    """The state a load of ``part`` fills: its tensors show the layout (sharded or not)."""
+    return part.load_template() if isinstance(part, Templated) else part.state_dict()
+
+
 class EventSink(Protocol):
     def emit(self, kind: str, **fields: Any) -> None: ...
 
@@ -36,13 +50,17 @@ class CheckpointContents:
     """The parts of a checkpoint, by name.
 
     ``replicated`` parts are identical on every rank (model and optimizer under DDP): rank 0
-    writes them once and every rank reads them. ``per_rank`` parts are each rank's own (its
-    RNG streams): every rank writes its own, and they are restored only into the same world
-    size, since one rank's streams cannot be split among another number of ranks.
+    writes them once and every rank reads them. ``sharded``: their states hold DTensors
+    (FSDP), whose local shards every rank writes beside them; a load lays them out as the
+    parts' own states do, so a sharded checkpoint restores into a replicated run and back,
+    at any world size. ``per_rank`` parts are each rank's own (its RNG streams): every rank
+    writes its own, and they are restored only into the same world size, since one rank's
+    streams cannot be split among another number of ranks.
     """
 
     replicated: Mapping[str, Stateful]
     per_rank: Mapping[str, Stateful]
+    sharded: bool = False
 
 
 @dataclass

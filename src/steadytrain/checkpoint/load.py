@@ -19,6 +19,7 @@ from steadytrain.checkpoint.contents import (
     RunIdentity,
     Stateful,
     explained_by,
+    load_template,
 )
 from steadytrain.checkpoint.discovery import (
     find_restorable,
@@ -335,7 +336,13 @@ def _read_checkpoint(
     loaded: dict[str, dict[str, Any]] = {}
     try:
         for kind, (stem, expected) in stems.items():
-            states = read_parts(source, name, manifest, stem=stem)
+            states = read_parts(
+                source,
+                name,
+                manifest,
+                stem=stem,
+                templates=functools.partial(_templates, expected),
+            )
             missing = sorted(set(expected) - set(states))
             if missing:
                 return {}, f"{stem}.json: no {', '.join(missing)} state", True
@@ -345,6 +352,10 @@ def _read_checkpoint(
     except Exception as error:
         return {}, f"{type(error).__name__}: {error}", False
     return loaded, None, False
+
+
+def _templates(parts: Mapping[str, Stateful]) -> dict[str, Any]:
+    return {name: load_template(part) for name, part in parts.items()}
 
 
 def _apply(

@@ -2,25 +2,31 @@
 
 Each stem (``shared`` for the replicated parts, ``rank-NNNNN`` for one rank's own) is one
 ``STEM.json`` holding every part's non-tensor state (a skeleton) and one safetensors file per
-part that has tensors. Reading never unpickles.
+part that has tensors. A replicated part sharded across ranks (FSDP) keeps its skeleton in
+``shared.json`` and each rank's local shards in that rank's stem (``sharded``). Reading never
+unpickles.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
-from steadytrain.checkpoint.codec import join_tensors, split_tensors
+from steadytrain.checkpoint.codec import host_copy, join_tensors, split_tensors
 from steadytrain.checkpoint.contents import CheckpointContents
 from steadytrain.checkpoint.manifest import Manifest, ManifestError
+from steadytrain.checkpoint.sharded import ShardedTensor, local_shard
 from steadytrain.checkpoint.storage import BytesPayload, Payload
 from steadytrain.checkpoint.tensorfile import TensorFileError, tensor_file, tensors_from_bytes
 
-STATE_FORMAT_VERSION = 1
+# 2: sharded parts (``sharded`` and ``chunks``); model and optimizer keyed by parameter name.
+STATE_FORMAT_VERSION = 2
+READABLE_STATE_VERSIONS = (1, 2)
 TENSOR_SUFFIX = ".safetensors"
 SHARED_STEM = "shared"
 
@@ -32,6 +38,10 @@ class PartsSnapshot:
     stem: str
     skeletons: dict[str, Any]
     tensors: dict[str, dict[str, torch.Tensor]]
+    # shared stem: each part's tensors stored in shards, by key: global shape and dtype
+    sharded: dict[str, dict[str, ShardedTensor]] = field(default_factory=dict)
+    # a rank's stem: where its shards (in ``tensors``) sit in the global tensors, by key
+    chunks: dict[str, dict[str, list[int]]] = field(default_factory=dict)
 
     def to_files(self) -> dict[str, Payload]:
         """``STEM.json`` (skeletons) + one safetensors file per part that has tensors.
@@ -48,11 +58,24 @@ class PartsSnapshot:
                 )
                 files[filename] = tensor_file(tensors)
                 tensor_files[part] = filename
-        document = {
+        document: dict[str, Any] = {
             "version": STATE_FORMAT_VERSION,
             "tensor_files": tensor_files,
             "parts": self.skeletons,
         }
+        if self.sharded:
+            document["sharded"] = {
+                part: {key: stored.describe() for key, stored in found.items()}
+                for part, found in self.sharded.items()
+            }
+        if self.chunks:
+            document["chunks"] = {
+                part: {
+                    key: {"offset": offset, "shape": list(self.tensors[part][key].shape)}
+                    for key, offset in offsets.items()
+                }
+                for part, offsets in self.chunks.items()
+            }
         files[f"{self.stem}.json"] = BytesPayload(json.dumps(document).encode())
         return files
 
@@ -70,14 +93,56 @@ def snapshot_parts(
     ``copy=False`` keeps CPU tensors as they are (no copy): only for a save that finishes
     before training changes them again. ``reuse``: an earlier snapshot whose write is done;
     its tensors receive the copies where key, dtype and shape match. ``host=False`` (with
-    ``copy=False``): a template, tensors left where they are.
+    ``copy=False``): a template, tensors left where they are. DTensors (sharded parts) are
+    only described (``sharded``): ``snapshot_shards`` takes each rank's shards.
     """
     skeletons: dict[str, Any] = {}
     tensors: dict[str, dict[str, torch.Tensor]] = {}
+    sharded: dict[str, dict[str, ShardedTensor]] = {}
     for part, state in parts.items():
-        spare = reuse.tensors.get(part) if reuse is not None else None
-        skeletons[part], tensors[part] = split_tensors(state, copy=copy, reuse=spare, host=host)
-    return PartsSnapshot(stem=stem, skeletons=skeletons, tensors=tensors)
+        spare = (reuse.tensors.get(part) if reuse is not None else None) or {}
+        skeletons[part], found = split_tensors(state, copy=False, host=False)
+        tensors[part] = {
+            key: host_copy(tensor, spare.get(key), copy=copy, host=host)
+            for key, tensor in found.items()
+            if not isinstance(tensor, DTensor)
+        }
+        described = {
+            key: ShardedTensor(shape=tuple(tensor.shape), dtype=tensor.dtype)
+            for key, tensor in found.items()
+            if isinstance(tensor, DTensor)
+        }
+        if described:
+            sharded[part] = described
+    return PartsSnapshot(stem=stem, skeletons=skeletons, tensors=tensors, sharded=sharded)
+
+
+def snapshot_shards(
+    parts: dict[str, Any],
+    *,
+    into: PartsSnapshot,
+    copy: bool = True,
+    reuse: PartsSnapshot | None = None,
+    host: bool = True,
+) -> None:
+    """Add this rank's local shard of every DTensor of ``parts`` to ``into`` (its stem),
+    with where each sits in the global tensor; copies as in ``snapshot_parts``."""
+    for part, state in parts.items():
+        assert part not in into.skeletons, f"{part!r} is both a rank's own part and sharded"
+        spare = (reuse.tensors.get(part) if reuse is not None else None) or {}
+        _, found = split_tensors(state, copy=False, host=False)
+        shards: dict[str, torch.Tensor] = {}
+        offsets: dict[str, list[int]] = {}
+        for key, tensor in found.items():
+            if not isinstance(tensor, DTensor):
+                continue
+            local, offset = local_shard(tensor)
+            if local.numel():  # a rank may hold nothing of a small tensor
+                shards[key] = host_copy(local, spare.get(key), copy=copy, host=host)
+                offsets[key] = offset
+        if shards:
+            into.tensors[part] = shards
+            into.chunks[part] = offsets
 
 
 def host_buffers_like(template: PartsSnapshot) -> PartsSnapshot:
@@ -117,18 +182,20 @@ def decode_parts(
         TensorFileError: a tensor file is malformed, or the document names another file type.
     """
     document = json.loads(read(f"{stem}.json"))
-    if not isinstance(document, dict) or document.get("version") != STATE_FORMAT_VERSION:
+    if not isinstance(document, dict) or document.get("version") not in READABLE_STATE_VERSIONS:
         version = document.get("version") if isinstance(document, dict) else None
         raise ManifestError(f"{stem}.json: unsupported state version {version!r}")
     tensors_of = read_tensor_file or (lambda filename: tensors_from_bytes(read(filename)))
     decoded = {}
     for part, skeleton in document["parts"].items():
         filename = document["tensor_files"].get(part)
-        tensors = {}
+        tensors: dict[str, Any] = {}
         if filename is not None:
             if not (isinstance(filename, str) and filename.endswith(TENSOR_SUFFIX)):
                 raise TensorFileError(f"{stem}.json names {filename!r}, not a safetensors file")
-            tensors = tensors_of(filename)
+            tensors = dict(tensors_of(filename))
+        for key, described in document.get("sharded", {}).get(part, {}).items():
+            tensors[key] = ShardedTensor.from_json(described)  # resolved by resolve_shards
         decoded[part] = join_tensors(skeleton, tensors)
     return decoded
 
@@ -158,7 +225,8 @@ def take_snapshot(
 ) -> CheckpointSnapshot:
     """Everything that must survive a restart, in host memory (the blocking part of a save).
 
-    Rank 0 takes the replicated parts (one copy is everyone's), every rank its own parts.
+    Rank 0 takes the replicated parts (one copy is everyone's), every rank its own parts
+    and, when the replicated parts are sharded (``contents.sharded``), its local shards.
     ``copy=True`` (async saves) copies every tensor, so training may go on while it is
     written, into the tensors of ``reuse`` (the previous snapshot's parts, written already,
     or ``host_buffers_like`` them) where they match; ``copy=False`` (synchronous saves) writes
@@ -166,17 +234,25 @@ def take_snapshot(
     snapshot's layout, nothing copied.
     """
     spares = {part.stem: part for part in reuse or []}
-    stems = {rank_stem(rank): contents.per_rank}
+    own_stem = rank_stem(rank)
+    snapshots = []
+    replicated: dict[str, Any] = {}
+    if rank == 0 or contents.sharded:
+        replicated = {name: part.state_dict() for name, part in contents.replicated.items()}
     if rank == 0:
-        stems = {SHARED_STEM: contents.replicated, **stems}
-    snapshots = [
-        snapshot_parts(
-            {name: part.state_dict() for name, part in named.items()},
-            stem=stem,
-            copy=copy,
-            reuse=spares.get(stem),
-            host=host,
+        snapshots.append(
+            snapshot_parts(
+                replicated, stem=SHARED_STEM, copy=copy, reuse=spares.get(SHARED_STEM), host=host
+            )
         )
-        for stem, named in stems.items()
-    ]
+    own = snapshot_parts(
+        {name: part.state_dict() for name, part in contents.per_rank.items()},
+        stem=own_stem,
+        copy=copy,
+        reuse=spares.get(own_stem),
+        host=host,
+    )
+    if contents.sharded:
+        snapshot_shards(replicated, into=own, copy=copy, reuse=spares.get(own_stem), host=host)
+    snapshots.append(own)
     return CheckpointSnapshot(step=manifest.step, rank=rank, parts=snapshots, manifest=manifest)

@@ -51,6 +51,8 @@ from steadytrain.data import (
     with_data_metrics,
 )
 from steadytrain.distributed import (
+    ModelState,
+    OptimizerState,
     ParallelModel,
     ProcessRng,
     Runtime,
@@ -242,6 +244,7 @@ def build_parts(
         scheduler=scheduler,
         sampler=sampler,
         state=state,
+        sharded=parallel_model.sharded,
     )
     storage = _agreed(lambda: checkpoint_storage(config), runtime)
     if config.checkpoint.every_steps:
@@ -364,18 +367,21 @@ def checkpoint_contents(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     sampler: GlobalPositionSampler,
     state: TrainState,
+    sharded: bool = False,
 ) -> CheckpointContents:
-    """What a checkpoint holds (Contract 3): model, optimizer, schedule, data position and
-    counters (replicated under DDP: one copy is everyone's), and each rank's RNG streams."""
+    """What a checkpoint holds (Contract 3): model and optimizer (by parameter name), schedule,
+    data position and counters (replicated under DDP: one copy is everyone's; the model and
+    optimizer ``sharded`` under FSDP), and each rank's RNG streams."""
     return CheckpointContents(
         replicated={
-            "model": model,
-            "optimizer": optimizer,
+            "model": ModelState(model),
+            "optimizer": OptimizerState(model, optimizer),
             "scheduler": scheduler,
             "sampler": sampler,
             "train": state,
         },
         per_rank={"rng": ProcessRng()},
+        sharded=sharded,
     )
 
 

@@ -1,0 +1,114 @@
+"""Model and optimizer state keyed by parameter name, the same under DDP, FSDP and one rank.
+
+Under FSDP the tensors are DTensors (this rank's shards); the checkpoint writes every rank's
+shards and lays a load out like these states. A full (plain) tensor loaded for a sharded
+parameter is cut into this rank's shard here, without communication: every rank has it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+)
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+
+def laid_out_like(value: Any, like: Any) -> Any:
+    """``value`` as a shard of ``like``'s layout when ``like`` is a DTensor and ``value`` a
+    full tensor of its global shape; otherwise ``value``."""
+    if not isinstance(like, DTensor) or isinstance(value, DTensor):
+        return value
+    if not isinstance(value, torch.Tensor) or value.shape != like.shape:
+        return value
+    # src_data_rank=None: each rank cuts its own shard from the full tensor it holds.
+    return distribute_tensor(
+        value.to(like.device), like.device_mesh, like.placements, src_data_rank=None
+    )
+
+
+class ModelState:
+    """A model's weights by parameter name (``state_dict`` / ``load_state_dict``)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(get_model_state_dict(self.module))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        own = get_model_state_dict(self.module)
+        laid_out = {
+            name: laid_out_like(value, own[name]) if name in own else value
+            for name, value in state.items()
+        }
+        set_model_state_dict(self.module, laid_out)
+
+
+class OptimizerState:
+    """An optimizer's state keyed by parameter name instead of PyTorch's positions.
+
+    Names make a checkpoint independent of how the model is wrapped; checkpoints of state
+    format 1 (keyed by position, in the optimizer's parameter order) still load.
+    """
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.module = module
+        self.optimizer = optimizer
+
+    def _names(self) -> list[str]:
+        """Parameter names in the optimizer's order (PyTorch's positions)."""
+        names = {id(parameter): name for name, parameter in self.module.named_parameters()}
+        return [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
+
+    def state_dict(self) -> dict[str, Any]:
+        names = self._names()
+        state = self.optimizer.state_dict()
+        return {
+            "state": {names[position]: value for position, value in state["state"].items()},
+            "param_groups": [
+                {**group, "params": [names[position] for position in group["params"]]}
+                for group in state["param_groups"]
+            ],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        names = self._names()
+        positions = {name: position for position, name in enumerate(names)}
+
+        def position_of(key: Any) -> int:
+            if isinstance(key, int):  # state format 1
+                return key
+            if key not in positions:
+                raise KeyError(f"the optimizer has no parameter {key!r}")
+            return positions[key]
+
+        parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+        by_position: dict[int, Any] = {}
+        for key, entry in state["state"].items():
+            position = position_of(key)
+            like = parameters[position]
+            by_position[position] = {k: laid_out_like(v, like) for k, v in entry.items()}
+        groups = [
+            {**group, "params": [position_of(key) for key in group["params"]]}
+            for group in state["param_groups"]
+        ]
+        self.optimizer.load_state_dict({"state": by_position, "param_groups": groups})
+
+    def load_template(self) -> dict[str, Any]:
+        """The state a load fills, with its tensors, even before the first step.
+
+        An optimizer that has not stepped has no state tensors yet; PyTorch's
+        ``get_optimizer_state_dict`` creates them with a step at learning rate 0 (which
+        moves no parameter). That state is dropped again here, so only a load sets it.
+        """
+        if self.optimizer.state:
+            return self.state_dict()
+        template = get_optimizer_state_dict(self.module, self.optimizer)
+        self.optimizer.state.clear()
+        return dict(template)
