@@ -73,63 +73,88 @@ def run_worker(*, config_path: Path, overrides: list[str], result_path: Path) ->
 
 def train_by_hand(ddp: Any, *, config: Any, accum_steps: int) -> tuple[list[float], float, float]:
     """The training loop; returns per-step seconds, the loop's seconds and the last loss."""
-    from torch.nn import functional as F
-    from torch.utils.data import DataLoader, DistributedSampler
-
-    from steadytrain.data import TokenWindowDataset, ensure_corpus
-
-    train, model = config.train, ddp.module
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": [p for p in model.parameters() if p.dim() >= 2]},
-            {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0},
-        ],
-        lr=train.lr,
-        betas=train.betas,
-        weight_decay=train.weight_decay,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda=lambda step: warmup_cosine(step, train=train)
-    )
-    dataset = TokenWindowDataset(
-        ensure_corpus(config.data), split="train", seq_len=config.data.seq_len
-    )
-    sampler = DistributedSampler(dataset, shuffle=True, seed=config.seed, drop_last=True)
-    loader = DataLoader(
-        dataset,
-        batch_size=train.micro_batch_size,
-        sampler=sampler,
-        drop_last=True,
-        num_workers=config.data.num_workers,
-    )
-    batches, epoch = iter(loader), 0
-    step_times: list[float] = []
+    loop = HandLoop(ddp, config=config, accum_steps=accum_steps)
     loop_started = time.perf_counter()
-    for _ in range(train.max_steps):
-        step_started = time.perf_counter()
-        for micro_step in range(accum_steps):
-            try:
-                batch = next(batches)
-            except StopIteration:
-                epoch += 1
-                sampler.set_epoch(epoch)
-                batches = iter(loader)
-                batch = next(batches)
-            is_last = micro_step == accum_steps - 1
-            with contextlib.nullcontext() if is_last else ddp.no_sync():
-                logits = ddp(batch[:, :-1])
-                loss = F.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1)
-                )
-                (loss / accum_steps).backward()
-        if train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_times.append(time.perf_counter() - step_started)
+    step_times = loop.run(config.train.max_steps)
     loop_seconds = time.perf_counter() - loop_started
-    return step_times, loop_seconds, float(loss.item())  # host sync, after timing
+    return step_times, loop_seconds, loop.last_loss()  # host sync, after timing
+
+
+class HandLoop:
+    """The hand-written loop, a given number of steps at a time (``run``), so another loop
+    can take turns with it in the same processes (benchmarks/overhead_paired.py)."""
+
+    def __init__(self, ddp: Any, *, config: Any, accum_steps: int) -> None:
+        from torch.utils.data import DataLoader, DistributedSampler
+
+        from steadytrain.data import TokenWindowDataset, ensure_corpus
+
+        train, model = config.train, ddp.module
+        self.ddp, self.model, self.train, self.accum_steps = ddp, model, train, accum_steps
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": [p for p in model.parameters() if p.dim() >= 2]},
+                {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0},
+            ],
+            lr=train.lr,
+            betas=train.betas,
+            weight_decay=train.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda=lambda step: warmup_cosine(step, train=train)
+        )
+        dataset = TokenWindowDataset(
+            ensure_corpus(config.data), split="train", seq_len=config.data.seq_len
+        )
+        self.sampler = DistributedSampler(dataset, shuffle=True, seed=config.seed, drop_last=True)
+        self.loader = DataLoader(
+            dataset,
+            batch_size=train.micro_batch_size,
+            sampler=self.sampler,
+            drop_last=True,
+            num_workers=config.data.num_workers,
+        )
+        self.batches, self.epoch = iter(self.loader), 0
+        self.loss: torch.Tensor | None = None
+
+    def run(self, num_steps: int) -> list[float]:
+        """Train ``num_steps`` optimizer steps; the wall seconds of each."""
+        from torch.nn import functional as F
+
+        ddp, accum_steps, optimizer = self.ddp, self.accum_steps, self.optimizer
+        step_times: list[float] = []
+        for _ in range(num_steps):
+            step_started = time.perf_counter()
+            for micro_step in range(accum_steps):
+                batch = self.next_batch()
+                is_last = micro_step == accum_steps - 1
+                with contextlib.nullcontext() if is_last else ddp.no_sync():
+                    logits = ddp(batch[:, :-1])
+                    loss = F.cross_entropy(
+                        logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1)
+                    )
+                    (loss / accum_steps).backward()
+            if self.train.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train.grad_clip)
+            optimizer.step()
+            self.scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_times.append(time.perf_counter() - step_started)
+            self.loss = loss
+        return step_times
+
+    def next_batch(self) -> torch.Tensor:
+        try:
+            return next(self.batches)
+        except StopIteration:
+            self.epoch += 1
+            self.sampler.set_epoch(self.epoch)
+            self.batches = iter(self.loader)
+            return next(self.batches)
+
+    def last_loss(self) -> float:
+        """The last micro-batch's loss (a host sync: call it outside timed code)."""
+        return float("nan") if self.loss is None else float(self.loss.item())
 
 
 def warmup_cosine(step: int, *, train: Any) -> float:
@@ -140,8 +165,9 @@ def warmup_cosine(step: int, *, train: Any) -> float:
     return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def launch_workers(*, nproc: int, worker_args: list[str]) -> None:
-    """Start ``nproc`` workers with the launch settings ``steadytrain train --nproc`` uses."""
+def launch_workers(*, nproc: int, worker_args: list[str], script: Path | None = None) -> None:
+    """Start ``nproc`` workers of ``script`` (default: this one) with the launch settings
+    ``steadytrain train --nproc`` uses."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     for name in ("torch.distributed.elastic", "torch.distributed.launcher"):
@@ -150,7 +176,7 @@ def launch_workers(*, nproc: int, worker_args: list[str]) -> None:
         min_nodes=1,
         max_nodes=1,
         nproc_per_node=nproc,
-        run_id=f"ddp-baseline-{uuid.uuid4().hex[:8]}",
+        run_id=f"{(script or Path(__file__)).stem}-{uuid.uuid4().hex[:8]}",
         rdzv_backend="c10d",
         rdzv_endpoint="localhost:0",
         max_restarts=0,
@@ -158,7 +184,7 @@ def launch_workers(*, nproc: int, worker_args: list[str]) -> None:
         start_method="spawn",
     )
     elastic_launch(launch_config, entrypoint=sys.executable)(
-        str(Path(__file__).resolve()), *worker_args
+        str((script or Path(__file__)).resolve()), *worker_args
     )
 
 

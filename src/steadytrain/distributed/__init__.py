@@ -9,6 +9,7 @@ from steadytrain.distributed.agree import (
     mean_across_ranks,
     rows_from_all,
     side_group,
+    start_rows_from_all,
 )
 from steadytrain.distributed.comm_hooks import check_gradient_sync
 from steadytrain.distributed.launch import (
@@ -42,12 +43,9 @@ from steadytrain.distributed.seeding import (
     seed_all,
     use_deterministic_kernels,
 )
-from steadytrain.distributed.state import ModelState, OptimizerState
 
 __all__ = [
     "GradSyncClock",
-    "ModelState",
-    "OptimizerState",
     "ParallelModel",
     "ProcessRng",
     "Runtime",
@@ -76,6 +74,7 @@ __all__ = [
     "rows_from_all",
     "seed_all",
     "side_group",
+    "start_rows_from_all",
     "start_runtime",
     "started_warm",
     "stop_runtime",

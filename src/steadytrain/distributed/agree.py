@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
 from typing import TypeVar
 
 import torch
@@ -44,12 +45,26 @@ def rows_from_all(row: torch.Tensor) -> torch.Tensor:
     Each rank fills its own row of a zero table and the sum is taken: exact, since every
     other entry it adds is zero.
     """
+    return start_rows_from_all(row)()
+
+
+def start_rows_from_all(row: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """``rows_from_all`` without waiting: the collective starts now, and the returned function
+    waits for it and gives the table. Until then ``row`` may change but the table must not be
+    read; collectives issued meanwhile (the next step's gradient all-reduce) queue behind it
+    in the same order on every rank."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return row.detach().clone().unsqueeze(0)
+        table = row.detach().clone().unsqueeze(0)
+        return lambda: table
     table = torch.zeros((dist.get_world_size(), row.numel()), dtype=row.dtype, device=row.device)
     table[dist.get_rank()] = row.detach()
-    dist.all_reduce(table, op=dist.ReduceOp.SUM)
-    return table
+    work = dist.all_reduce(table, op=dist.ReduceOp.SUM, async_op=True)
+
+    def finish() -> torch.Tensor:
+        work.wait()
+        return table
+
+    return finish
 
 
 def broadcast_from_main(value: T, *, group: ProcessGroup | None = None) -> T:

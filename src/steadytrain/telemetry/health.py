@@ -163,6 +163,18 @@ def format_duration(seconds: float, *, digits: int | None = None) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+@dataclass(frozen=True)
+class WatchReading:
+    """The watch at a log step: recovery posture, skipped steps since the last reading,
+    restarts and device usage (``RunWatch.reading``)."""
+
+    seconds_since_checkpoint: float
+    steps_at_risk: int
+    skipped: int
+    restarts: int
+    usage: Usage
+
+
 class RunWatch:
     """A step observer on rank 0: what the headline signals need between logged steps, and
     the stall alarm (a ``stall`` event when no step has completed for ``stall_after_s``).
@@ -273,6 +285,18 @@ class RunWatch:
             skipped, self._skipped = self._skipped, 0
         return skipped
 
+    def reading(self, *, step: int, resumed_step: int) -> WatchReading:
+        """What a log step's record reports of the watch, now (and the skips since the last
+        reading)."""
+        since, at_risk = self.posture(step=step, resumed_step=resumed_step)
+        return WatchReading(
+            seconds_since_checkpoint=since,
+            steps_at_risk=at_risk,
+            skipped=self.take_skipped(),
+            restarts=self.restarts,
+            usage=self.usage(),
+        )
+
     def posture(self, *, step: int, resumed_step: int) -> tuple[float, int]:
         """Seconds of work not yet in a durable checkpoint, and the steps at risk."""
         with self._lock:
@@ -301,20 +325,23 @@ class RunWatch:
 def headline_signals(
     record: Mapping[str, Any],
     *,
-    watch: RunWatch,
+    reading: WatchReading,
     per_rank: Sequence[Mapping[str, Any]],
     stragglers: Sequence[Straggler],
     checkpoint_every_steps: int,
-    resumed_step: int,
     useful_steps: int,
     price_per_device_hour: float | None = None,
 ) -> dict[str, Any]:
     """The fields a logged step adds to its metrics record: the three headline signals
-    (forward progress, communication cost, recovery posture) and the health score."""
+    (forward progress, communication cost, recovery posture) and the health score, from the
+    watch's ``reading`` taken at that step."""
     step_time = float(record["step_time_s"])
-    since, at_risk = watch.posture(step=int(record["step"]), resumed_step=resumed_step)
+    since, at_risk, skipped = (
+        reading.seconds_since_checkpoint,
+        reading.steps_at_risk,
+        reading.skipped,
+    )
     interval_s = checkpoint_every_steps * step_time if checkpoint_every_steps else None
-    skipped = watch.take_skipped()
     score, reasons = health_score(
         HealthInputs(
             step_time_s=step_time,
@@ -322,7 +349,7 @@ def headline_signals(
             data_wait_share=float(record["data_wait_s"]) / step_time if step_time > 0 else 0.0,
             seconds_since_checkpoint=since if checkpoint_every_steps else None,
             checkpoint_interval_s=interval_s,
-            restarts=watch.restarts,
+            restarts=reading.restarts,
             skipped_steps=skipped,
             stragglers=stragglers,
         )
@@ -333,7 +360,7 @@ def headline_signals(
         "steps_at_risk": at_risk,
         # A failure at a uniformly random moment loses half an interval on average.
         "expected_lost_s": interval_s / 2 if interval_s is not None else None,
-        "restarts": watch.restarts,
+        "restarts": reading.restarts,
         "skipped_in_interval": skipped,
         "stragglers": [straggler.rank for straggler in stragglers],
         "rank_own_s": [own_seconds(entry) for entry in per_rank],
@@ -341,7 +368,7 @@ def headline_signals(
         "health_score": score,
         "health_reasons": reasons[:3],
         **goodput_fields(
-            watch.usage(), useful_steps=useful_steps, price_per_device_hour=price_per_device_hour
+            reading.usage, useful_steps=useful_steps, price_per_device_hour=price_per_device_hour
         ),
     }
 
