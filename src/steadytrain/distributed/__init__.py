@@ -43,9 +43,12 @@ from steadytrain.distributed.seeding import (
     seed_all,
     use_deterministic_kernels,
 )
+from steadytrain.distributed.state import ModelState, OptimizerState
 
 __all__ = [
     "GradSyncClock",
+    "ModelState",
+    "OptimizerState",
     "ParallelModel",
     "ProcessRng",
     "Runtime",

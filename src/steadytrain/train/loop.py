@@ -202,8 +202,7 @@ def decide_step(parts: TrainingParts, step_loss: torch.Tensor) -> tuple[StepDeci
     host sync per step besides logging) and, at signal checks, every rank's preemption flag
     (``StepGuard``), so every rank commits, skips, rolls back or stops together. Also returns
     the norm (on the device), which clipping reuses."""
-    grads = [p.grad for p in parts.model.unwrapped.parameters() if p.grad is not None]
-    grad_norm = torch.nn.utils.get_total_norm(grads)
+    grad_norm = parts.model.gradient_norm()
     decision = parts.guard.decide(
         step=parts.state.step,
         preempt_requested=parts.preemption.requested,
