@@ -47,7 +47,7 @@ def test_mixed_precision_adam_is_16_bytes_per_parameter_as_in_the_zero_paper() -
     assert plan.fsdp.total == 2_406_250_000
     assert plan.recommended == "fsdp"
     assert plan.reason == (
-        "recommended: fsdp (FSDP2 training is not in steadytrain yet) — DDP needs at least "
+        "recommended: fsdp (parallel.strategy: fsdp) — DDP needs at least "
         "184.8 GB per rank, more than 80 GB; FSDP needs at least 2.406 GB (activations and "
         "FSDP's gathered layers not counted: the model's shape is unknown)"
     )
@@ -104,7 +104,7 @@ def test_a_7b_gpt_with_its_shape_counts_fsdp_units_activations_and_autocast_copi
     # backward (buckets + copies + activations).
     assert plan.ddp.peak == 16 * num_params + 2 * 4 * num_params == 161_152_696_320
     assert plan.reason == (
-        "recommended: fsdp (FSDP2 training is not in steadytrain yet) — DDP needs 177.3 GB per "
+        "recommended: fsdp (parallel.strategy: fsdp) — DDP needs 177.3 GB per "
         "rank, more than 80 GB; FSDP needs 15.14 GB"
     )
 

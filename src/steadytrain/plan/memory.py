@@ -63,8 +63,6 @@ MAX_PARAMS = 10**18
 MAX_MICRO_BATCH = 2**31
 MAX_GPU_MEMORY_GB = 10**6
 MAX_HEADROOM = 10.0
-# FSDP is planned, not trained: the recommendation says so (docs/planning.md).
-FSDP_NOT_YET = "FSDP2 training is not in steadytrain yet"
 
 
 @dataclass(frozen=True)
@@ -337,8 +335,8 @@ def recommend(
     unknown = "" if fsdp.complete else NOT_COUNTED_FSDP
     if fsdp.total <= gpu_memory_bytes:
         return "fsdp", (
-            f"recommended: fsdp ({FSDP_NOT_YET}) — DDP needs {needs(ddp)} per rank, more than "
-            f"{budget}; FSDP needs {needs(fsdp)}{unknown}"
+            f"recommended: fsdp (parallel.strategy: fsdp) — DDP needs {needs(ddp)} per rank, "
+            f"more than {budget}; FSDP needs {needs(fsdp)}{unknown}"
         )
     fsdp_needs = f"FSDP needs {needs(fsdp)} per rank at world size {world_size}{unknown}"
     if not fsdp.complete:  # activations were not counted: advise only on what was
