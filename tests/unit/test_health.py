@@ -12,6 +12,7 @@ from steadytrain.telemetry import (
     RunWatch,
     Straggler,
     Usage,
+    comparable_seconds,
     earlier_usage,
     find_stragglers,
     goodput_fields,
@@ -90,6 +91,39 @@ def test_the_slow_rank_is_named_with_its_slowest_phase_not_the_ranks_waiting_for
 def test_even_ranks_and_a_single_rank_name_no_straggler() -> None:
     assert find_stragglers([phases(), phases(forward_s=0.045)], ratio=1.3) == []
     assert find_stragglers([phases(forward_s=10.0)], ratio=1.3) == []
+
+
+def synced(**seconds: float) -> dict[str, float]:
+    return {f"synced_{key}": value for key, value in phases(**seconds).items()}
+
+
+def test_on_cuda_only_synced_samples_are_compared_and_launch_times_are_not() -> None:
+    # Launch times say rank 1 is fast; its synced (device) times say it is 2x slower.
+    ranks = [
+        {"host": "a", **phases(), **synced()},
+        {"host": "b", **phases(forward_s=0.001), **synced(forward_s=0.18)},
+    ]
+    exact = comparable_seconds(ranks, exact_only=True)
+    assert exact is not None
+    assert exact[1] == {"host": "b", **phases(forward_s=0.18)}
+    [straggler] = find_stragglers(exact, ratio=1.3)
+    assert (straggler.rank, straggler.host, straggler.phase) == (1, "b", "forward")
+    # On CPU the measured phases are compared as they are (rank 1's 0.001 s forward).
+    as_measured = comparable_seconds(ranks, exact_only=False) or []
+    assert [s.rank for s in find_stragglers(as_measured, ratio=1.3)] == [0]
+    # An interval in which a rank has no synced sample cannot be judged on CUDA.
+    assert comparable_seconds([ranks[0], phases()], exact_only=True) is None
+
+
+def test_the_watch_keeps_the_last_verdict_for_an_interval_it_cannot_judge() -> None:
+    watch = RunWatch(emit=lambda kind, **fields: None, stall_after_s=60.0, restarts=0)
+    slow = Straggler(rank=1, host="b", ratio=2.0, phase="forward", own_s=0.2, others_median_s=0.1)
+    assert watch.confirm([slow], checks=2) == ([], [])
+    assert watch.confirm([slow], checks=2) == ([slow], [slow])
+    assert watch.last_confirmed() == [slow]
+    assert watch.confirm([], checks=2) == ([], [])
+    assert watch.last_confirmed() == []
+    watch.close()
 
 
 def test_restarts_count_resumes_since_the_last_fresh_start_and_not_rollbacks() -> None:

@@ -49,6 +49,31 @@ def own_seconds(phases: Mapping[str, float]) -> float:
     return max(0.0, total - phases.get("grad_sync_s", 0.0))
 
 
+def comparable_seconds(
+    per_rank: Sequence[Mapping[str, Any]], *, exact_only: bool
+) -> list[dict[str, Any]] | None:
+    """Each rank's host and per-step phase seconds, as a straggler check may compare them.
+
+    On CPU, the measured phases. On CUDA (``exact_only``) an unsynced phase time is the time
+    its kernels took to launch, not to run, so only the synced samples count: each rank's
+    ``synced_<phase>_s`` under the plain names; None when a rank has no synced sample in
+    the interval (the check waits for an interval that has one).
+    """
+    if not exact_only:
+        return [dict(entry) for entry in per_rank]
+    exact = []
+    for entry in per_rank:
+        synced = {
+            key.removeprefix("synced_"): value
+            for key, value in entry.items()
+            if key.startswith("synced_")
+        }
+        if not synced:
+            return None
+        exact.append({"host": entry.get("host", ""), **synced})
+    return exact
+
+
 def find_stragglers(per_rank: Sequence[Mapping[str, Any]], *, ratio: float) -> list[Straggler]:
     """Ranks slower than ``ratio`` × the median of the others, in their own time per step.
 
@@ -209,6 +234,7 @@ class RunWatch:
         self._quiet = False
         self._named: set[int] = set()
         self._streaks: dict[int, int] = {}
+        self._confirmed: list[Straggler] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if stall_after_s > 0:
@@ -260,7 +286,12 @@ class RunWatch:
         confirmed = [c for c in candidates if streaks[c.rank] >= checks]
         new = [c for c in confirmed if c.rank not in self._named]
         self._named = {c.rank for c in confirmed}
+        self._confirmed = confirmed
         return confirmed, new
+
+    def last_confirmed(self) -> list[Straggler]:
+        """The stragglers of the last check (for an interval with nothing to check)."""
+        return list(self._confirmed)
 
     def is_stalled(self) -> bool:
         """Whether the stall alarm is raised now (until the next step completes)."""
@@ -326,7 +357,8 @@ def headline_signals(
     record: Mapping[str, Any],
     *,
     reading: WatchReading,
-    per_rank: Sequence[Mapping[str, Any]],
+    per_rank: Sequence[Mapping[str, Any]] | None,
+    hosts: Sequence[str],
     stragglers: Sequence[Straggler],
     checkpoint_every_steps: int,
     useful_steps: int,
@@ -363,8 +395,9 @@ def headline_signals(
         "restarts": reading.restarts,
         "skipped_in_interval": skipped,
         "stragglers": [straggler.rank for straggler in stragglers],
-        "rank_own_s": [own_seconds(entry) for entry in per_rank],
-        "rank_hosts": [str(entry.get("host", "")) for entry in per_rank],
+        # None when the interval had nothing comparable (CUDA without a synced sample).
+        "rank_own_s": [own_seconds(entry) for entry in per_rank] if per_rank is not None else None,
+        "rank_hosts": list(hosts),
         "health_score": score,
         "health_reasons": reasons[:3],
         **goodput_fields(

@@ -52,7 +52,9 @@ from steadytrain.telemetry import (
     PhaseTimer,
     Progress,
     RunWatch,
+    Straggler,
     WatchReading,
+    comparable_seconds,
     find_stragglers,
     headline_signals,
     interval_record,
@@ -380,17 +382,22 @@ def finish_observing(parts: TrainingParts, shared: SharedInterval) -> dict[str, 
         record["loss"] = mean_loss
     if shared.reading is not None:  # rank 0
         telemetry = parts.config.telemetry
-        stragglers, named = parts.watch.confirm(
-            find_stragglers(timings, ratio=telemetry.straggler_ratio),
-            checks=telemetry.straggler_checks,
-        )
+        compared = comparable_seconds(timings, exact_only=parts.runtime.device.type == "cuda")
+        if compared is None:  # CUDA, no synced sample in this interval: the last verdict stands
+            stragglers, named = parts.watch.last_confirmed(), list[Straggler]()
+        else:
+            stragglers, named = parts.watch.confirm(
+                find_stragglers(compared, ratio=telemetry.straggler_ratio),
+                checks=telemetry.straggler_checks,
+            )
         for straggler in named:
             parts.events.emit("straggler", step=record["step"], **asdict(straggler))
         record.update(
             headline_signals(
                 record,
                 reading=shared.reading,
-                per_rank=timings,
+                per_rank=compared,
+                hosts=parts.hosts,
                 stragglers=stragglers,
                 checkpoint_every_steps=parts.config.checkpoint.every_steps,
                 useful_steps=shared.useful_steps,
