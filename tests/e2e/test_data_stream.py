@@ -55,7 +55,14 @@ def prepare(corpus: Path, output: str, endpoint: str):
     )
 
 
-def train(run_dir: Path, job: list[str], endpoint: str, *extra: str, nproc: int = 2):
+def train(
+    run_dir: Path,
+    job: list[str],
+    endpoint: str,
+    *extra: str,
+    nproc: int = 2,
+    env: dict[str, str] | None = None,
+):
     return run_steadytrain(
         "train",
         TINY_CONFIG,
@@ -65,7 +72,7 @@ def train(run_dir: Path, job: list[str], endpoint: str, *extra: str, nproc: int 
         run_dir,
         *extra,
         *as_set_args(job),
-        env=aws_env(endpoint),
+        env={**aws_env(endpoint), **(env or {})},
     )
 
 
@@ -170,6 +177,11 @@ def test_s3_and_local_corpora_train_the_same_samples_and_weights(
     last = step_records(run_dir)[-1]
     assert last["data_cache_misses"] > 0 and last["data_cache_bytes_fetched"] > 0
     assert last["data_cache_bytes"] == sum(p.stat().st_size for p in cache.rglob("*.bin"))
+    shown = run_steadytrain("status", run_dir, "--json")
+    assert shown.returncode == 0, shown.output
+    assert json.loads(shown.stdout)["data_cache"]["misses"] == last["data_cache_misses"]
+    screen = run_steadytrain("status", run_dir)
+    assert f"{last['data_cache_misses']} downloads" in screen.stdout, screen.output
     for path in run_dir.rglob("*"):  # credentials are never written
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), path
@@ -254,11 +266,13 @@ def test_server_errors_then_recovery(
     streamed_run, corpora, overrides, fault_proxy: FaultProxy, tmp_path: Path
 ) -> None:
     reference, _ = streamed_run
-    fault_proxy.fail(SLOW_DOWN, times=20, method="GET")  # past botocore's and s3fs's retries
+    # botocore sends each request once; s3fs retries SlowDown 5 times, then steadytrain's own
+    # retries (with backoff) take over.
+    fault_proxy.fail(SLOW_DOWN, times=8, method="GET")
     job = streamed(overrides, corpora[1], tmp_path / "cache", "train.max_steps=4")
-    result = train(tmp_path / "run", job, fault_proxy.url)
+    result = train(tmp_path / "run", job, fault_proxy.url, env={"AWS_MAX_ATTEMPTS": "1"})
     assert result.returncode == 0, result.output
-    assert fault_proxy.injected == 20
+    assert fault_proxy.injected == 8
     expected = consumption(reference)
     assert consumption(tmp_path / "run") == {step: expected[step] for step in range(4)}
 

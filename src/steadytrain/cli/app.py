@@ -364,6 +364,13 @@ def _status_screen(report: dict[str, Any]) -> list[str]:
             f"{usage['steps_computed']} steps computed), {usage['device_hours']:.3f} "
             f"device-hours{cost}"
         )
+    cache = report.get("data_cache")
+    if cache:
+        lines.append(
+            f"data cache  {cache['hits']} hits, {cache['misses']} downloads "
+            f"({cache['bytes_fetched'] / 2**20:,.1f} MiB), {cache['evictions']} evictions, "
+            f"{cache['corrupt']} corrupt; {cache['bytes'] / 2**20:,.1f} MiB cached"
+        )
     recoveries = ", ".join(
         f"{r['total_s']:.1f} s" + (" warm" if r["warm_start"] else "")
         for r in report["recoveries"]

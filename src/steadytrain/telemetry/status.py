@@ -90,6 +90,12 @@ def run_status(run_dir: Path, *, now: float | None = None) -> dict[str, Any]:
             key: last.get(key)
             for key in ("device_hours", "steps_computed", "useful_steps", "goodput", "cost")
         },
+        "data_cache": {  # a streamed corpus's shard cache (rank 0's process; docs/data.md)
+            key.removeprefix("data_cache_"): value
+            for key, value in last.items()
+            if key.startswith("data_cache_")
+        }
+        or None,
         "restarts": last.get("restarts", 0),
         "recoveries": [
             {key: event.get(key) for key in ("restart", "resumed_step", "total_s", "warm_start")}

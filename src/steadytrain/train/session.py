@@ -220,7 +220,8 @@ def build_parts(
             prefetch_shards=config.data.prefetch_shards,
         ),
     )
-    val_batches = _validation_batches(datasets, config, runtime, layout)
+    # Agreed: a streamed corpus's validation shards are fetched here.
+    val_batches = _agreed(lambda: _validation_batches(datasets, config, runtime, layout), runtime)
     progress = _progress(config, runtime)
     progress.say(f"data: {datasets.description}")
     observers = StepObservers()
