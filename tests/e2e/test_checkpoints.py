@@ -330,10 +330,14 @@ def test_preflight_refuses_a_destination_too_small_for_two_checkpoints(
     assert "less than two checkpoints" in result.stderr and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_async_saves_are_byte_identical_to_sync_saves(
-    reference: Path, overrides: list[str], tmp_path: Path
+    strategy: str, request: pytest.FixtureRequest, overrides: list[str], tmp_path: Path
 ) -> None:
-    result = train(tmp_path, [*overrides, "checkpoint.async_save=true"])
+    reference = request.getfixturevalue(REFERENCES[strategy])
+    result = train(
+        tmp_path, [*overrides, f"parallel.strategy={strategy}", "checkpoint.async_save=true"]
+    )
     assert result.returncode == 0, result.output
     for checkpoint in sorted((reference / "checkpoints").iterdir()):
         for path in sorted(checkpoint.iterdir()):
