@@ -58,10 +58,14 @@ def preflight(config: Config, *, world_size: int, prepare_corpus: bool) -> list[
 
 
 def _gradient_sync_line(config: Config, *, world_size: int) -> str:
-    if world_size == 1:
-        return "gradient sync: none with 1 rank (the parallel settings apply from 2)"
     parallel = config.parallel
     checkpointing = ", activation checkpointing" if parallel.activation_checkpointing else ""
+    if world_size == 1:
+        if checkpointing:  # it applies to one process as well
+            return "gradient sync: none with 1 rank (the other parallel settings apply from 2)" + (
+                checkpointing
+            )
+        return "gradient sync: none with 1 rank (the parallel settings apply from 2)"
     if parallel.strategy == "fsdp":
         precision = (
             "bf16 parameters, fp32 reduction" if config.train.precision == "bf16" else "fp32"
