@@ -45,6 +45,7 @@ test: lint typecheck browser
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/overhead_paired.py
 	$(BIN)/python benchmarks/checkpoint_io.py
 
 clean:
