@@ -310,3 +310,29 @@ def test_bad_stores_are_one_line_errors(
         fs.pipe(shard, bytes(entry["num_tokens"]))
     bad = train(tmp_path / "d", streamed(overrides, tampered, tmp_path / "c"), s3_endpoint)
     assert_one_line_data_error(bad, mentions=["index.json says", "upload the corpus again"])
+
+
+def test_a_mixture_of_a_local_and_a_streamed_source_is_audited_per_source(
+    corpora, overrides, s3_endpoint, tmp_path: Path
+) -> None:
+    local, url = corpora
+    job = [
+        *overrides,
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"data.sources=[{{corpus: {local}, weight: 3}}, {{corpus: '{url}', weight: 1}}]",
+    ]
+    first = train(tmp_path, job, s3_endpoint)
+    assert first.returncode == 0, first.output
+    resume_from = tmp_path / "checkpoints" / f"step_{MAX_STEPS - 8:08d}"
+    resumed = train(tmp_path, job, s3_endpoint, "--resume-from", resume_from, nproc=1)
+    assert resumed.returncode == 0, resumed.output
+    audit = run_steadytrain("audit", tmp_path)
+    assert audit.returncode == 0, audit.output
+    local_line, streamed_line = (line for line in audit.stdout.splitlines() if "source " in line)
+    assert local_line.startswith(f"source {local} (weight 3): ")
+    assert streamed_line.startswith(f"source {url} (weight 1): ")
+    consumed = [
+        int(line.split(": ")[1].split()[0].replace(",", "")) for line in (local_line, streamed_line)
+    ]
+    assert sum(consumed) == MAX_STEPS * 8
+    assert 2 * consumed[1] < consumed[0] < 4 * consumed[1]  # weight 3 to 1

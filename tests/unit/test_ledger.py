@@ -10,7 +10,12 @@ import pytest
 
 from steadytrain.config import BatchLayout, DataError
 from steadytrain.data import ConsumptionLedger, audit_ledger, new_attempt_id
-from steadytrain.data.sampler import GlobalPositionSampler, SampleOrder, epoch_permutation
+from steadytrain.data.sampler import (
+    GlobalPositionSampler,
+    MixtureOrder,
+    SampleOrder,
+    epoch_permutation,
+)
 
 SEED = 11
 NUM_SAMPLES = 100
@@ -299,3 +304,46 @@ def test_the_global_order_records_no_shuffle_in_the_ledger(tmp_path: Path) -> No
     assert "shuffle" not in json.loads((tmp_path / "ledger" / "meta.json").read_text())
     train_attempt(tmp_path, world_size=2, start_step=3, end_step=6)
     assert audit_ledger(tmp_path).ok
+
+
+def test_a_mixture_is_audited_per_source(tmp_path: Path) -> None:
+    mixture = MixtureOrder(names=("small", "large"), weights=(3.0, 1.0), source_samples=(10, 90))
+    train_attempt(tmp_path, world_size=2, start_step=0, end_step=12, order=mixture)
+    train_attempt(tmp_path, world_size=3, start_step=10, end_step=20, order=mixture)
+    report = audit_ledger(tmp_path)
+    assert report.ok, report.problems
+    small, large = report.sources
+    assert (small.name, small.weight, small.num_samples) == ("small", 3.0, 10)
+    assert small.num_consumed + large.num_consumed == 20 * GLOBAL_BATCH
+    assert small.num_consumed > 2.5 * large.num_consumed  # weight 3 to 1
+    assert small.passes > 10  # the small source is visited again and again, each time once
+
+
+def test_a_mixture_sample_consumed_more_often_than_its_order_says_is_a_problem(
+    tmp_path: Path,
+) -> None:
+    mixture = MixtureOrder(names=("small", "large"), weights=(3.0, 1.0), source_samples=(10, 90))
+
+    done: list[int] = []
+
+    def repeat_a_small_sample(step: int, rank: int, ids: list[int]) -> list[int]:
+        """Once: a small-source sample read in place of a large-source one."""
+        small = [i for i in ids if i < 10]
+        large = [i for i in ids if i >= 10]
+        if done or not small or not large:
+            return ids
+        done.append(step)
+        return [small[0] if i == large[0] else i for i in ids]
+
+    train_attempt(
+        tmp_path,
+        world_size=2,
+        start_step=0,
+        end_step=8,
+        order=mixture,
+        tamper=repeat_a_small_sample,
+    )
+    assert done
+    problems = audit_ledger(tmp_path).problems
+    assert any("more than once" in problem for problem in problems), problems
+    assert any("never consumed" in problem for problem in problems), problems

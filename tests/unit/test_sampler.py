@@ -10,6 +10,7 @@ import pytest
 from steadytrain.config import BatchLayout, DataError, batch_layout, config_from_dict
 from steadytrain.data.sampler import (
     GlobalPositionSampler,
+    MixtureOrder,
     SampleOrder,
     SamplerPosition,
     epoch_permutation,
@@ -320,3 +321,34 @@ def test_windowed_resume_with_another_world_size_is_exact(
             )
             assert sorted(ids) == sorted(permutation[: len(ids)].tolist())
             assert len(ids) == len(set(ids))
+
+
+# --- the weighted mixture -------------------------------------------------------------------
+
+MIXTURE = MixtureOrder(names=("small", "large"), weights=(3.0, 1.0), source_samples=(10, 90))
+
+
+def test_a_mixture_takes_each_source_at_its_weight_and_its_stream_once() -> None:
+    assert MIXTURE.epoch_counts() == [75, 25]
+    taken: dict[int, list[int]] = {0: [], 1: []}
+    for epoch in range(8):
+        permutation = epoch_permutation(seed=SEED, epoch=epoch, num_samples=100, order=MIXTURE)
+        assert np.array_equal(
+            permutation, epoch_permutation(seed=SEED, epoch=epoch, num_samples=100, order=MIXTURE)
+        )
+        assert len(permutation) == 100
+        small = permutation[permutation < 10]
+        assert len(small) == 75
+        taken[0].extend(small.tolist())
+        taken[1].extend((permutation[permutation >= 10] - 10).tolist())
+    # 600 samples of the small source: 60 whole passes, each sample 60 times; 200 of the large
+    # one: two whole passes and 20 samples of the third.
+    assert sorted(taken[0]) == sorted(list(range(10)) * 60)
+    counts = np.bincount(taken[1], minlength=90)
+    assert sorted(counts.tolist()) == [2] * 70 + [3] * 20
+
+
+def test_mixture_weights_round_to_the_epoch_length() -> None:
+    odd = MixtureOrder(names=("a", "b", "c"), weights=(1.0, 1.0, 1.0), source_samples=(5, 5, 4))
+    assert sum(odd.epoch_counts()) == 14
+    assert sorted(odd.epoch_counts()) == [4, 5, 5]

@@ -272,6 +272,11 @@ def audit(
                 f"  {len(epoch.skipped_by_guard)} samples skipped by the non-finite guard: "
                 f"{shown}{more}"
             )
+    for source in report.sources:
+        typer.echo(
+            f"source {source.name} (weight {source.weight:g}): {source.num_consumed:,} samples "
+            f"consumed, {source.passes:.2f} passes over its {source.num_samples:,}"
+        )
     if report.skipped_steps:
         typer.echo(
             f"steps skipped by the non-finite guard (update dropped, data passed over): "
@@ -287,6 +292,8 @@ def audit(
         typer.echo(f"audit FAILED: {len(report.problems)} problem(s); {summary}")
         raise typer.Exit(EXIT_AUDIT_FAILED)
     once = "consumed exactly once"
+    if report.sources:
+        once = "consumed as often as the mixture's order says (each source's stream once)"
     if report.skipped_steps:
         once += f" or skipped by the guard ({len(report.skipped_steps)} step(s))"
     typer.echo(f"audit OK: every sample {once}; {summary}")

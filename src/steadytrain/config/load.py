@@ -165,7 +165,11 @@ def _parse_yaml(text: str) -> Any:
 
 
 def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=list))
+    return json.loads(json.dumps(value, default=_plain))
+
+
+def _plain(value: Any) -> Any:
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else list(value)
 
 
 def _read_yaml_mapping(path: Path) -> dict[str, Any]:

@@ -76,6 +76,13 @@ class ModelConfig(_Section):
     )
 
 
+class SourceConfig(_Section):
+    corpus: str = identity_field(
+        ..., description="A prepared shard directory or its object store URL.", min_length=1
+    )
+    weight: float = identity_field(1.0, description="Share of each epoch, relative.", gt=0)
+
+
 class DataConfig(_Section):
     corpus: str = identity_field(
         "stdlib",
@@ -97,6 +104,12 @@ class DataConfig(_Section):
     )
     dataset_kwargs: dict[str, Any] = identity_field(
         {}, description="Keyword arguments passed to the dataset factory."
+    )
+    sources: list[SourceConfig] | None = identity_field(
+        None,
+        description="A weighted mixture of prepared corpora, [{corpus, weight}], instead of "
+        "data.corpus; the ledger and audit report each source.",
+        min_length=1,
     )
     shuffle_window_shards: int | None = identity_field(
         None,

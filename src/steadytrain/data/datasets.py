@@ -16,7 +16,7 @@ from steadytrain.config import BatchLayout, Config, DataConfig, DataError, resol
 from steadytrain.data.cache import ShardCache
 from steadytrain.data.loader import NullLookahead, StepLookahead
 from steadytrain.data.remote import ShardStore, is_remote, open_remote_index
-from steadytrain.data.sampler import GlobalPositionSampler, SampleOrder
+from steadytrain.data.sampler import GlobalPositionSampler, MixtureOrder, SampleOrder
 from steadytrain.data.shards import (
     SHARD_FORMAT_VERSION,
     ShardFile,
@@ -89,6 +89,25 @@ class TokenWindowDataset(Dataset[torch.Tensor]):
         return torch.from_numpy(tokens.astype(np.int64))
 
 
+class MixtureDataset(Dataset[torch.Tensor]):
+    """The samples of several sources, numbered source after source (``data.sources``)."""
+
+    def __init__(self, parts: list[TokenWindowDataset]) -> None:
+        self.parts = parts
+        self.first_sample = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(
+            np.int64
+        )
+
+    def __len__(self) -> int:
+        return int(self.first_sample[-1])
+
+    def __getitem__(self, sample_id: int) -> torch.Tensor:
+        if not 0 <= sample_id < len(self):
+            raise IndexError(f"sample {sample_id} outside [0, {len(self)})")
+        source = int(np.searchsorted(self.first_sample, sample_id, side="right") - 1)
+        return self.parts[source][sample_id - int(self.first_sample[source])]
+
+
 @dataclass(frozen=True)
 class Datasets:
     train: Dataset[Any]
@@ -130,7 +149,11 @@ def ensure_corpus(data: DataConfig) -> ShardIndex:
     """Open the prepared corpus, preparing it first when ``data.corpus`` is raw text.
 
     A corpus in an object store must be prepared there already: only its index is read.
+    With ``data.sources``, every source is made ready and the first one's index returned.
     """
+    if data.sources is not None:
+        indexes = [ensure_corpus(source_config(data, n)) for n in range(len(data.sources))]
+        return indexes[0]
     if is_remote(data.corpus):
         return open_remote_index(
             data.corpus,
@@ -145,12 +168,31 @@ def ensure_corpus(data: DataConfig) -> ShardIndex:
     )
 
 
-def sample_order(data: DataConfig, dataset: Dataset[Any]) -> SampleOrder | None:
-    """The windowed shuffle ``data.shuffle_window_shards`` asks for (None: global).
+def source_config(data: DataConfig, number: int) -> DataConfig:
+    """``data`` as if source ``number`` of ``data.sources`` were its only corpus."""
+    assert data.sources is not None
+    return data.model_copy(update={"corpus": data.sources[number].corpus, "sources": None})
+
+
+def sample_order(data: DataConfig, dataset: Dataset[Any]) -> SampleOrder | MixtureOrder | None:
+    """The order ``data`` asks for: a mixture of ``data.sources``, the windowed shuffle of
+    ``data.shuffle_window_shards``, or None (global).
 
     Raises:
-        DataError: a window asked for a dataset that is not made of token shards.
+        DataError: a window asked for a dataset that is not made of token shards, or for a
+            mixture.
     """
+    if isinstance(dataset, MixtureDataset):
+        assert data.sources is not None
+        if data.shuffle_window_shards is not None:
+            raise DataError(
+                "data.shuffle_window_shards: not available with data.sources yet; drop one"
+            )
+        return MixtureOrder(
+            names=tuple(source.corpus for source in data.sources),
+            weights=tuple(source.weight for source in data.sources),
+            source_samples=tuple(len(part) for part in dataset.parts),
+        )
     if data.shuffle_window_shards is None:
         return None
     if not isinstance(dataset, TokenWindowDataset):
@@ -204,6 +246,8 @@ def build_datasets(config: Config) -> Datasets:
             description=f"{data.dataset_factory} ({len(train)} train samples)",
             tokens_per_sample=data.seq_len,
         )
+    if data.sources is not None:
+        return _mixture_datasets(data)
     index = ensure_corpus(data)
     cache = None
     if index.url is not None:
@@ -229,6 +273,36 @@ def build_datasets(config: Config) -> Datasets:
         tokens_per_sample=data.seq_len,
         cache=cache,
         itemsize=index.dtype.itemsize,
+    )
+
+
+def _mixture_datasets(data: DataConfig) -> Datasets:
+    """One dataset per source, numbered source after source; streamed sources are read
+    through the shard cache without prefetching."""
+    assert data.sources is not None
+    trains, vals = [], []
+    for number in range(len(data.sources)):
+        source = build_datasets(Config(data=source_config(data, number)))
+        assert isinstance(source.train, TokenWindowDataset)
+        trains.append(source.train)
+        if source.val is not None:
+            assert isinstance(source.val, TokenWindowDataset)
+            vals.append(source.val)
+        if len(source.train) == 0:
+            raise DataError(
+                f"data.sources[{number}]: {data.sources[number].corpus} holds no training "
+                f"sample of {data.seq_len}+1 tokens; use another corpus or a shorter seq_len"
+            )
+    train = MixtureDataset(trains)
+    return Datasets(
+        train=train,
+        val=MixtureDataset(vals) if vals else None,
+        description="mixture of "
+        + ", ".join(
+            f"{source.corpus} (weight {source.weight:g}, {len(part):,} samples)"
+            for source, part in zip(data.sources, trains, strict=True)
+        ),
+        tokens_per_sample=data.seq_len,
     )
 
 

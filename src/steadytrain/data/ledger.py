@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
+
 from steadytrain.config import DataError
-from steadytrain.data.sampler import SampleOrder, epoch_permutation
+from steadytrain.data.sampler import MixtureOrder, SampleOrder, epoch_permutation
 
 LEDGER_VERSION = 1
 
@@ -43,7 +45,7 @@ class ConsumptionLedger:
         num_samples: int,
         global_batch_size: int,
         seed: int,
-        order: SampleOrder | None = None,
+        order: SampleOrder | MixtureOrder | None = None,
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
@@ -139,6 +141,20 @@ class EpochAudit:
 
 
 @dataclass
+class SourceAudit:
+    """What a mixture's run consumed of one source (its samples are in the epochs' check)."""
+
+    name: str
+    weight: float
+    num_samples: int
+    num_consumed: int
+
+    @property
+    def passes(self) -> float:
+        return self.num_consumed / self.num_samples
+
+
+@dataclass
 class AuditReport:
     num_samples: int
     global_batch_size: int
@@ -147,6 +163,7 @@ class AuditReport:
     epochs: list[EpochAudit]
     problems: list[str]
     skipped_steps: list[int] = field(default_factory=list)  # by the non-finite guard
+    sources: list[SourceAudit] = field(default_factory=list)  # a mixture's, one per source
 
     @property
     def ok(self) -> bool:
@@ -211,6 +228,7 @@ def audit_ledger(run_dir: Path) -> AuditReport:
         problems.extend(_describe(audit))
         epochs.append(audit)
     return AuditReport(
+        sources=_source_audits(order, by_epoch),
         num_samples=num_samples,
         global_batch_size=batch,
         num_steps=len(steps),
@@ -224,16 +242,35 @@ def audit_ledger(run_dir: Path) -> AuditReport:
 def _audit_epoch(
     epoch: int, consumed: list[int], expected: list[int], *, complete: bool
 ) -> EpochAudit:
-    counts = Counter(consumed)
-    expected_set = set(expected)
+    # A mixture's epoch may hold a sample of a small source more than once: counts compare.
+    counts, wanted = Counter(consumed), Counter(expected)
     return EpochAudit(
         epoch=epoch,
         num_consumed=len(consumed),
         complete=complete,
-        duplicates={sample: n for sample, n in sorted(counts.items()) if n > 1},
-        missing=sorted(expected_set - counts.keys()),
-        unexpected=sorted(counts.keys() - expected_set),
+        duplicates={s: n for s, n in sorted(counts.items()) if n > max(1, wanted[s])},
+        missing=sorted(sample for sample, n in wanted.items() if counts[sample] < n),
+        unexpected=sorted(counts.keys() - wanted.keys()),
     )
+
+
+def _source_audits(
+    order: SampleOrder | MixtureOrder | None, by_epoch: dict[int, list[int]]
+) -> list[SourceAudit]:
+    if not isinstance(order, MixtureOrder):
+        return []
+    first = order.first_sample()
+    consumed = [0] * len(order.names)
+    for ids in by_epoch.values():
+        sources = np.searchsorted(first, np.asarray(ids, dtype=np.int64), side="right") - 1
+        for k, n in Counter(sources.tolist()).items():
+            consumed[k] += n
+    return [
+        SourceAudit(name=name, weight=weight, num_samples=size, num_consumed=count)
+        for name, weight, size, count in zip(
+            order.names, order.weights, order.source_samples, consumed, strict=True
+        )
+    ]
 
 
 def _describe(audit: EpochAudit) -> list[str]:
@@ -294,7 +331,14 @@ def _effective_steps(
     return steps, problems
 
 
-def _order_of(meta: dict[str, Any]) -> SampleOrder | None:
+def _order_of(meta: dict[str, Any]) -> SampleOrder | MixtureOrder | None:
+    if "mixture" in meta:
+        mixture = meta["mixture"]
+        return MixtureOrder(
+            names=tuple(mixture["names"]),
+            weights=tuple(float(w) for w in mixture["weights"]),
+            source_samples=tuple(int(n) for n in mixture["source_samples"]),
+        )
     if "shuffle" not in meta:
         return None
     return SampleOrder(
@@ -309,7 +353,7 @@ def _write_meta(
     num_samples: int,
     global_batch_size: int,
     seed: int,
-    order: SampleOrder | None,
+    order: SampleOrder | MixtureOrder | None,
 ) -> None:
     meta: dict[str, Any] = {
         "version": LEDGER_VERSION,
@@ -317,7 +361,9 @@ def _write_meta(
         "global_batch_size": global_batch_size,
         "seed": seed,
     }
-    if order is not None and not order.is_global:  # the global order records nothing more
+    if isinstance(order, MixtureOrder):
+        meta["mixture"] = order.describe()
+    elif order is not None and not order.is_global:  # the global order records nothing more
         meta["shuffle"] = order.describe()
     path = directory / "meta.json"
     if path.is_file():

@@ -29,6 +29,7 @@ import numpy as np
 from steadytrain.config import BatchLayout, DataError
 
 SAMPLER_STATE_VERSION = 1
+MIXTURE_STREAM = 0x6D6978  # keeps a source's pass permutations apart from the epoch's
 
 
 @dataclass(frozen=True)
@@ -50,15 +51,79 @@ class SampleOrder:
         return {"window_shards": self.window_shards, "shard_samples": list(self.shard_samples)}
 
 
+@dataclass(frozen=True)
+class MixtureOrder:
+    """A weighted mixture of sources whose samples are numbered source after source.
+
+    An epoch has as many samples as all sources together; source ``k`` contributes
+    ``epoch_counts()[k]`` of them (its share of the weights, largest remainders rounded up):
+    the next ones of its own stream, which visits the source pass after pass, each pass a
+    permutation of ``(seed, pass, k)``. The epoch's samples are then shuffled together.
+    Over the run, each source's stream is consumed exactly once, in order.
+    """
+
+    names: tuple[str, ...]
+    weights: tuple[float, ...]
+    source_samples: tuple[int, ...]
+
+    @property
+    def is_global(self) -> bool:
+        return False
+
+    def epoch_counts(self) -> list[int]:
+        total, weight_sum = sum(self.source_samples), sum(self.weights)
+        shares = [total * weight / weight_sum for weight in self.weights]
+        counts = [int(share) for share in shares]
+        by_remainder = sorted(range(len(shares)), key=lambda k: counts[k] - shares[k])
+        for k in by_remainder[: total - sum(counts)]:
+            counts[k] += 1
+        return counts
+
+    def first_sample(self) -> np.ndarray:
+        """The global id of each source's first sample, and the total last."""
+        return np.concatenate([[0], np.cumsum(self.source_samples)]).astype(np.int64)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "names": list(self.names),
+            "weights": list(self.weights),
+            "source_samples": list(self.source_samples),
+        }
+
+
 def epoch_permutation(
-    *, seed: int, epoch: int, num_samples: int, order: SampleOrder | None = None
+    *,
+    seed: int,
+    epoch: int,
+    num_samples: int,
+    order: SampleOrder | MixtureOrder | None = None,
 ) -> np.ndarray:
     """The visiting order of epoch ``epoch``: identical on every rank, machine and restart,
     and for every world size."""
     generator = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch])))
+    if isinstance(order, MixtureOrder):
+        return generator.permutation(_mixture_samples(order, seed=seed, epoch=epoch))
     if order is None or order.is_global:
         return generator.permutation(num_samples)
     return _windowed_permutation(generator, order, num_samples=num_samples)
+
+
+def _mixture_samples(order: MixtureOrder, *, seed: int, epoch: int) -> np.ndarray:
+    """Epoch ``epoch``'s samples of every source, source after source (global ids)."""
+    pieces = []
+    first = order.first_sample()
+    for k, (size, count) in enumerate(zip(order.source_samples, order.epoch_counts(), strict=True)):
+        positions = np.arange(epoch * count, (epoch + 1) * count, dtype=np.int64)
+        passes, within = positions // size, positions % size
+        ids = np.empty(count, dtype=np.int64)
+        for number in np.unique(passes).tolist():
+            source_pass = np.random.Generator(
+                np.random.PCG64(np.random.SeedSequence([seed, number, k, MIXTURE_STREAM]))
+            ).permutation(size)
+            chosen = passes == number
+            ids[chosen] = source_pass[within[chosen]]
+        pieces.append(ids + first[k])
+    return np.concatenate(pieces)
 
 
 def _windowed_permutation(
@@ -105,7 +170,7 @@ class GlobalPositionSampler:
         num_samples: int,
         global_batch_size: int,
         seed: int,
-        order: SampleOrder | None = None,
+        order: SampleOrder | MixtureOrder | None = None,
     ) -> None:
         if num_samples < global_batch_size:
             raise DataError(

@@ -16,6 +16,7 @@ from steadytrain.config import (
 from steadytrain.data import (
     GlobalPositionSampler,
     TokenWindowDataset,
+    build_datasets,
     ensure_corpus,
     is_prepared,
     is_remote,
@@ -102,6 +103,15 @@ def _check_data(config: Config, *, global_batch_size: int, prepare_corpus: bool)
     if data.dataset_factory is not None:
         resolve_callable(data.dataset_factory, field="data.dataset_factory")
         return f"data: dataset factory {data.dataset_factory}"
+    if data.sources is not None:
+        datasets = build_datasets(config)
+        sampler = GlobalPositionSampler(
+            num_samples=len(datasets.train),  # type: ignore[arg-type]
+            global_batch_size=global_batch_size,
+            seed=config.seed,
+            order=sample_order(data, datasets.train),
+        )
+        return f"data: {datasets.description}; {sampler.steps_per_epoch} steps per epoch"
     directory = prepared_corpus_dir(data)
     if prepare_corpus or is_remote(data.corpus):  # a remote corpus: only its index is read
         index = ensure_corpus(data)
