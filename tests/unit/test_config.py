@@ -360,3 +360,15 @@ def test_a_field_added_since_a_checkpoint_counts_as_its_default_there() -> None:
     assert field_changes(recorded, identity_fields(load_config(None))) == {}
     changed = identity_fields(load_config(None, overrides=["parallel.comm_hook=fp16"]))
     assert field_changes(recorded, changed) == {"parallel.comm_hook": ("allreduce", "fp16")}
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ("data.corpus=texts", "data.corpus"),
+        ("data.dataset_factory=pkg:make", "data.dataset_factory"),
+    ],
+)
+def test_a_mixture_refuses_another_kind_of_data(extra: str, named: str) -> None:
+    with pytest.raises(ConfigError, match=f"data.sources and {named}: give one"):
+        load_config(None, overrides=["data.sources=[{corpus: a, weight: 2}]", extra])

@@ -143,6 +143,19 @@ class DataConfig(_Section):
         False, description="Record every committed step's consumed samples under RUN_DIR/ledger."
     )
 
+    @model_validator(mode="after")
+    def _one_kind_of_data(self) -> DataConfig:
+        if self.sources is None:
+            return self
+        if self.dataset_factory is not None:
+            raise ValueError("data.sources and data.dataset_factory: give one of them")
+        if self.corpus != "stdlib":
+            raise ValueError(
+                "data.sources and data.corpus: give one of them (a mixture lists its corpora "
+                "in data.sources)"
+            )
+        return self
+
 
 class TrainConfig(_Section):
     max_steps: int = identity_field(200, description="Optimizer steps to train for.", gt=0)
