@@ -12,12 +12,21 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from steadytrain.config import DataUnavailable
-from steadytrain.data import ShardCache, prepare_shards
+from steadytrain.config import BatchLayout, DataUnavailable
+from steadytrain.data import (
+    GlobalPositionSampler,
+    SampleOrder,
+    ShardCache,
+    TokenWindowDataset,
+    epoch_permutation,
+    prepare_shards,
+)
 from steadytrain.data.remote import ShardStore, open_remote_index
 from steadytrain.data.shards import ShardFile
+from steadytrain.data.streaming import CachedShards, ShardPrefetcher
 
 SHARD_TOKENS = 4096
 
@@ -226,3 +235,56 @@ def test_a_forked_child_does_not_keep_the_parents_locks(store_dir: Path, tmp_pat
         os.write(write_end, b"x")
         os.close(write_end)
         os.waitpid(child, 0)
+
+
+def test_the_prefetcher_fetches_ahead_in_reading_order_and_pins_the_current_shards(
+    store_dir: Path, tmp_path: Path
+) -> None:
+    index = open_remote_index(f"file://{store_dir}", cache_dir=tmp_path)
+    cache = new_cache(store_dir, tmp_path)
+    dataset = TokenWindowDataset(
+        index,
+        split="train",
+        seq_len=64,
+        reader=CachedShards(cache, index.splits["train"], index.dtype),
+    )
+    order = SampleOrder(window_shards=2, shard_samples=dataset.shard_num_samples)
+    sampler = GlobalPositionSampler(
+        num_samples=len(dataset), global_batch_size=8, seed=3, order=order
+    )
+    prefetcher = ShardPrefetcher(
+        cache,
+        dataset.shards,
+        dataset.first_sample,
+        sampler,
+        BatchLayout(world_size=1, micro_batch_size=8, grad_accum_steps=1),
+        rank=0,
+        prefetch_shards=2,
+        itemsize=1,
+    )
+    try:
+        permutation = epoch_permutation(seed=3, epoch=0, num_samples=len(dataset), order=order)
+        owners = np.searchsorted(dataset.first_sample, permutation, side="right") - 1
+        reading_order = [dataset.shards[n].sha256 for n in dict.fromkeys(owners.tolist())]
+        prefetcher.at_step(epoch=0, step_in_epoch=0)
+        deadline = time.monotonic() + 30
+        while cache.stats.misses < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        cached = {path.stem for path in (tmp_path / "shards").glob("*.bin")}
+        # Steps 0 and 1 read the first window's two shards; the next two come ahead.
+        assert cached == set(reading_order[:4])
+        other = new_cache(store_dir, tmp_path, limit_bytes=1)
+        other.evict()
+        assert {path.stem for path in (tmp_path / "shards").glob("*.bin")} == set(
+            reading_order[:2]
+        ), "a pinned shard of the current or next step was evicted"
+        # Reading the step through the dataset gives the sampler's samples, from the cache.
+        layout = BatchLayout(world_size=1, micro_batch_size=8, grad_accum_steps=1)
+        (ids,) = sampler.rank_micro_batches(layout, rank=0, epoch=0, step_in_epoch=0)
+        for sample_id in ids:
+            shard = int(np.searchsorted(dataset.first_sample, sample_id, side="right") - 1)
+            start = (sample_id - int(dataset.first_sample[shard])) * 64
+            expected = (store_dir / dataset.shards[shard].name).read_bytes()[start : start + 65]
+            assert bytes(dataset[sample_id].numpy().astype(np.uint8)) == expected
+    finally:
+        prefetcher.close()

@@ -13,6 +13,7 @@ ones and never more than the cache limit leaves room for.
 
 from __future__ import annotations
 
+import collections
 import threading
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
@@ -91,7 +92,8 @@ class ShardPrefetcher:
         self._generation = 0
         self._closed = False
         self._condition = threading.Condition()
-        self.errors: list[str] = []  # the reader meets the same error inline, and reports it
+        # The last failures: the reader meets the same error inline, and reports it.
+        self.errors: collections.deque[str] = collections.deque(maxlen=16)
         self._thread = threading.Thread(target=self._run, name="shard-prefetch", daemon=True)
         self._thread.start()
 
