@@ -21,9 +21,9 @@ from steadytrain.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from steadytrain.checkpoint.object_store import ObjectStorage, redact_url
+from steadytrain.checkpoint.object_store import ObjectStorage
 from steadytrain.checkpoint.storage import READ_CHUNK_BYTES, BytesPayload, StorageError
-from steadytrain.config import dump_config, load_config, operational_fields
+from steadytrain.config import dump_config, load_config, operational_fields, redact_url
 from steadytrain.config.models import REDACTED, redact_secrets, usable_storage_options
 from tests.helpers import TINY_CONFIG, RecordingEvents
 from tests.s3 import (

@@ -36,7 +36,7 @@ from steadytrain.checkpoint.manifest import (
     checksum_of,
     step_of,
 )
-from steadytrain.checkpoint.object_store import ObjectStorage, redact_url
+from steadytrain.checkpoint.object_store import ObjectStorage
 from steadytrain.checkpoint.read import CorruptCheckpoint, read_parts
 from steadytrain.checkpoint.save import SaveOutcome, save_checkpoint, write_snapshot
 from steadytrain.checkpoint.snapshot import (
@@ -99,7 +99,6 @@ __all__ = [
     "prune_checkpoints",
     "rank_stem",
     "read_parts",
-    "redact_url",
     "remove_leftovers",
     "replace_durably",
     "restore_checkpoint",

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from steadytrain.checkpoint.object_store import ObjectStorage, redact_url
+from steadytrain.checkpoint.object_store import ObjectStorage
 from steadytrain.checkpoint.storage import CheckpointStorage, LocalStorage
-from steadytrain.config import Config, ConfigError, usable_storage_options
+from steadytrain.config import Config, ConfigError, redact_url, usable_storage_options
 
 
 def open_storage(

@@ -16,7 +16,6 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 from steadytrain.checkpoint.manifest import MANIFEST_NAME, step_of
 from steadytrain.checkpoint.storage import (
@@ -26,20 +25,11 @@ from steadytrain.checkpoint.storage import (
     SizeMismatch,
     StorageError,
 )
+from steadytrain.config import redact_url
 
 T = TypeVar("T")
 UPLOAD_PART_BYTES = 64 * 2**20  # multipart uploads buffer one part at a time
 PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-
-
-def redact_url(url: str) -> str:
-    """``url`` without any user:password part."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 class ObjectStorage:

@@ -47,7 +47,7 @@ from steadytrain.config.models import (
     redact_secrets,
     usable_storage_options,
 )
-from steadytrain.config.references import resolve_callable
+from steadytrain.config.references import redact_url, resolve_callable
 
 __all__ = [
     "DEFAULT_MODEL_FACTORY",
@@ -90,6 +90,7 @@ __all__ = [
     "operational_fields",
     "powersgd_start_step",
     "redact_secrets",
+    "redact_url",
     "resolve_callable",
     "usable_storage_options",
 ]

@@ -1,10 +1,12 @@
-"""Resolve ``"pkg.module:function"`` references from the config into callables."""
+"""References in the config: ``"pkg.module:function"`` resolved into callables, and storage
+URLs (``s3://…``) shown without the credentials they may hold."""
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from steadytrain.config.errors import FactoryError
 
@@ -38,3 +40,13 @@ def resolve_callable(reference: str, *, field: str) -> Callable[..., Any]:
     if not callable(target):
         raise FactoryError(f"{field}: {reference!r} is not callable; point it at a function")
     return target
+
+
+def redact_url(url: str) -> str:
+    """``url`` without any user:password part (for messages and records)."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))

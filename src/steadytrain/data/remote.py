@@ -17,9 +17,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-from steadytrain.config import DataError, DataUnavailable
+from steadytrain.config import DataError, DataUnavailable, redact_url
 from steadytrain.data.shards import (
     INDEX_FILE,
     SPLITS,
@@ -38,16 +38,6 @@ def is_remote(corpus: str) -> bool:
     """Whether ``corpus`` names an object store URL rather than a local path."""
     scheme = urlsplit(corpus).scheme
     return len(scheme) > 1 and scheme != "file" and "://" in corpus
-
-
-def redact_url(url: str) -> str:
-    """``url`` without any user:password part."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 class ShardStore:
