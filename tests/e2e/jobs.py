@@ -6,9 +6,10 @@ weights every interrupted, restarted or faulted run of it must end with.
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
-from tests.helpers import TINY_CONFIG, CliResult, as_set_args, run_steadytrain
+from tests.helpers import TINY_CONFIG, CliResult, as_set_args, run_steadytrain, start_steadytrain
 
 MAX_STEPS = 24
 
@@ -35,8 +36,28 @@ def checkpoint_overrides(text_corpus: Path, data_cache: Path) -> list[str]:
     ]
 
 
-def train(run_dir: Path, overrides: list[str], *extra: str, nproc: int = 2) -> CliResult:
-    return run_steadytrain(
+def train(
+    run_dir: Path,
+    overrides: list[str],
+    *extra: str,
+    nproc: int = 2,
+    env: dict[str, str] | None = None,
+    timeout: float = 240,
+) -> CliResult:
+    """``steadytrain train`` of the tiny config with ``overrides``, to the end."""
+    command = train_args(run_dir, overrides, *extra, nproc=nproc)
+    return run_steadytrain(*command, env=env, timeout=timeout)
+
+
+def start_training(
+    run_dir: Path, overrides: list[str], *extra: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """The same, 2 ranks, started in the background (for signals and kills)."""
+    return start_steadytrain(*train_args(run_dir, overrides, *extra, nproc=2), env=env)
+
+
+def train_args(run_dir: Path, overrides: list[str], *extra: str, nproc: int) -> list[str | Path]:
+    return [
         "train",
         TINY_CONFIG,
         "--nproc",
@@ -45,7 +66,7 @@ def train(run_dir: Path, overrides: list[str], *extra: str, nproc: int = 2) -> C
         run_dir,
         *extra,
         *as_set_args(overrides),
-    )
+    ]
 
 
 def final_weights(run_dir: Path) -> bytes:

@@ -19,14 +19,12 @@ import torch
 from safetensors.torch import load_file
 
 from steadytrain.data.cache import file_sha256
-from tests.e2e.jobs import MAX_STEPS, assert_audit_ok, final_weights
+from tests.e2e.jobs import MAX_STEPS, assert_audit_ok, final_weights, start_training
+from tests.e2e.jobs import train as train_job
 from tests.helpers import (
-    TINY_CONFIG,
-    as_set_args,
     events,
     read_jsonl,
     run_steadytrain,
-    start_steadytrain,
     wait_for_step,
     worker_pids,
 )
@@ -63,30 +61,11 @@ def train(
     nproc: int = 2,
     env: dict[str, str] | None = None,
 ):
-    return run_steadytrain(
-        "train",
-        TINY_CONFIG,
-        "--nproc",
-        str(nproc),
-        "--run-dir",
-        run_dir,
-        *extra,
-        *as_set_args(job),
-        env={**aws_env(endpoint), **(env or {})},
-    )
+    return train_job(run_dir, job, *extra, nproc=nproc, env={**aws_env(endpoint), **(env or {})})
 
 
 def start_train(run_dir: Path, job: list[str], endpoint: str):
-    return start_steadytrain(
-        "train",
-        TINY_CONFIG,
-        "--nproc",
-        "2",
-        "--run-dir",
-        run_dir,
-        *as_set_args(job),
-        env=aws_env(endpoint),
-    )
+    return start_training(run_dir, job, env=aws_env(endpoint))
 
 
 def streamed(overrides: list[str], url: str, cache: Path, *more: str) -> list[str]:

@@ -23,6 +23,7 @@ from tests.e2e.jobs import (
     MAX_STEPS,
     assert_audit_ok,
     final_weights,
+    start_training,
     train,
 )
 from tests.helpers import (
@@ -31,25 +32,11 @@ from tests.helpers import (
     cli_env,
     events,
     run_steadytrain,
-    start_steadytrain,
     wait_for_step,
     worker_pids,
 )
 
 pytestmark = pytest.mark.slow
-
-
-def start_training(run_dir: Path, overrides: list[str], *extra: str):
-    return start_steadytrain(
-        "train",
-        TINY_CONFIG,
-        "--nproc",
-        "2",
-        "--run-dir",
-        run_dir,
-        *extra,
-        *as_set_args(overrides),
-    )
 
 
 @pytest.mark.parametrize("target", ["rank1", "launcher"])

@@ -25,7 +25,7 @@ from steadytrain.checkpoint import (
     verify_checkpoint,
 )
 from steadytrain.checkpoint.object_store import ObjectStorage
-from tests.e2e.jobs import MAX_STEPS, final_weights
+from tests.e2e.jobs import MAX_STEPS, final_weights, train
 from tests.helpers import (
     TINY_CONFIG,
     RecordingEvents,
@@ -42,17 +42,8 @@ pytestmark = pytest.mark.slow
 
 
 def train_s3(run_dir: Path, overrides: list[str], uri: str, endpoint: str, *extra: str):
-    return run_steadytrain(
-        "train",
-        TINY_CONFIG,
-        "--nproc",
-        "2",
-        "--run-dir",
-        run_dir,
-        *extra,
-        *as_set_args([*overrides, f"checkpoint.uri={uri}"]),
-        env=aws_env(endpoint),
-    )
+    overrides = [*overrides, f"checkpoint.uri={uri}"]
+    return train(run_dir, overrides, *extra, env=aws_env(endpoint))
 
 
 @pytest.fixture(scope="module")
