@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from steadytrain.checkpoint.sharded import Chunk, ShardedTensor
+from steadytrain.checkpoint.sharded import _storage_metadata as storage_metadata
 from steadytrain.config import load_config
 from steadytrain.distributed import ModelState, OptimizerState
 from steadytrain.model.gpt import GPT
@@ -62,3 +65,30 @@ def test_a_load_template_leaves_a_fresh_optimizer_fresh() -> None:
     for name, parameter in model.named_parameters():
         assert torch.equal(parameter, before[name]), name  # learning rate 0: nothing moved
         assert template["state"][name]["exp_avg"].shape == parameter.shape
+
+
+def test_optimizer_state_of_another_shape_is_refused_not_loaded_into_the_wrong_parameter() -> None:
+    _, optimizer = trained_pair()
+    by_position = optimizer.state_dict()
+    shapes = {position: entry["exp_avg"].shape for position, entry in by_position["state"].items()}
+    first = next(position for position, shape in shapes.items() if len(shape) == 2)
+    other = next(position for position, shape in shapes.items() if shape != shapes[first])
+    swapped = dict(by_position["state"])
+    swapped[first], swapped[other] = swapped[other], swapped[first]
+    target_model, target = fresh_pair()
+    with pytest.raises(ValueError, match=r"exp_avg for parameter .* has shape"):
+        OptimizerState(target_model, target).load_state_dict({**by_position, "state": swapped})
+    assert not target.state
+
+
+def test_shards_that_overlap_or_leave_a_hole_do_not_tile_the_tensor() -> None:
+    stored = ShardedTensor(shape=(4, 3), dtype=torch.float32)
+    halves = [Chunk(offset=(0, 0), shape=(2, 3)), Chunk(offset=(2, 0), shape=(2, 3))]
+    assert storage_metadata("w", stored, halves).size == torch.Size([4, 3])
+    empty = Chunk(offset=(4, 0), shape=(0, 3))  # a rank with nothing of this tensor
+    assert len(storage_metadata("w", stored, [*halves, empty]).chunks) == 3
+    twice_the_first = [halves[0], halves[0]]  # the same count of elements, and a hole
+    with pytest.raises(ValueError, match="do not tile"):
+        storage_metadata("w", stored, twice_the_first)
+    with pytest.raises(TypeError, match="cannot be saved"):
+        ShardedTensor(shape=(2,), dtype=torch.complex128).describe()

@@ -51,6 +51,8 @@ class ShardedTensor:
     dtype: torch.dtype
 
     def describe(self) -> dict[str, Any]:
+        if self.dtype not in DTYPE_CODES:
+            raise TypeError(f"tensors of dtype {self.dtype} cannot be saved")
         return {"shape": list(self.shape), "dtype": DTYPE_CODES[self.dtype]}
 
     @classmethod
@@ -228,7 +230,13 @@ def _storage_metadata(
 ) -> TensorStorageMetadata:
     """DCP's description of a stored tensor; its chunks must tile it exactly."""
     covered = sum(math.prod(chunk.shape) for chunk in chunks)
-    if covered != math.prod(stored.shape) or not all(c.inside(stored.shape) for c in chunks):
+    overlapping = any(
+        math.prod(a.shape) and math.prod(b.shape) and a.overlaps(b.offset, b.shape)
+        for i, a in enumerate(chunks)
+        for b in chunks[i + 1 :]
+    )
+    inside = all(c.inside(stored.shape) for c in chunks)
+    if covered != math.prod(stored.shape) or overlapping or not inside:
         raise ValueError(f"the shards of {name} do not tile its shape {list(stored.shape)}")
     return TensorStorageMetadata(
         properties=TensorProperties(dtype=stored.dtype),

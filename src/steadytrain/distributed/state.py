@@ -93,6 +93,15 @@ class OptimizerState:
         for key, entry in state["state"].items():
             position = position_of(key)
             like = parameters[position]
+            for field, value in entry.items():
+                # Per-parameter state (Adam's moments) has the parameter's shape: a mismatch
+                # means the state is not this parameter's (PyTorch would load it anyway).
+                misfit = isinstance(value, torch.Tensor) and value.dim() > 0
+                if misfit and tuple(value.shape) != tuple(like.shape):
+                    raise ValueError(
+                        f"the optimizer's {field} for parameter {names[position]!r} has "
+                        f"shape {list(value.shape)}, the parameter {list(like.shape)}"
+                    )
             by_position[position] = {k: laid_out_like(v, like) for k, v in entry.items()}
         groups = [
             {**group, "params": [position_of(key) for key in group["params"]]}
