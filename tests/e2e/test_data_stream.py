@@ -296,7 +296,7 @@ def test_a_mixture_of_a_local_and_a_streamed_source_is_audited_per_source(
 ) -> None:
     local, url = corpora
     job = [
-        *overrides,
+        *(setting for setting in overrides if not setting.startswith("data.corpus=")),
         f"data.cache_dir={tmp_path / 'cache'}",
         f"data.sources=[{{corpus: {local}, weight: 3}}, {{corpus: '{url}', weight: 1}}]",
     ]
