@@ -183,6 +183,12 @@ class TrainConfig(_Section):
         description="'pkg.module:function(model, batch) -> mean loss'; default: next-token "
         "cross-entropy.",
     )
+    compile: bool = operational_field(
+        False,
+        description="Compile the model with torch.compile, in place before DDP or FSDP wraps "
+        "it (parameter names and checkpoints stay an eager run's); the first step compiles, "
+        "within fault.hang_warmup_s. Not with parallel.activation_checkpointing.",
+    )
     eval_every: int = operational_field(
         0, description="Validation loss every N steps (0: only at the end).", ge=0
     )
@@ -364,8 +370,9 @@ class FaultConfig(_Section):
     )
     hang_warmup_s: float = operational_field(
         900.0,
-        description="Allowance before the first step completes, and during checkpoint saves "
-        "and evaluation, before the watchdog counts a rank as hung.",
+        description="Allowance before the first step completes (it compiles the model with "
+        "train.compile), and during checkpoint saves and evaluation, before the watchdog "
+        "counts a rank as hung.",
         ge=0,
     )
 

@@ -12,6 +12,7 @@ from steadytrain.distributed.agree import (
     start_rows_from_all,
 )
 from steadytrain.distributed.comm_hooks import check_gradient_sync
+from steadytrain.distributed.compiling import check_compile
 from steadytrain.distributed.launch import (
     become_local_worker,
     end_local_worker,
@@ -57,6 +58,7 @@ __all__ = [
     "become_local_worker",
     "broadcast_from_main",
     "capture_rng_state",
+    "check_compile",
     "check_gradient_sync",
     "end_local_worker",
     "exit_process",

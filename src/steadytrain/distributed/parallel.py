@@ -20,6 +20,7 @@ from steadytrain.distributed.comm_hooks import (
     build_gradient_sync,
     timed_hook,
 )
+from steadytrain.distributed.compiling import compile_in_place
 from steadytrain.distributed.fsdp import checkpoint_activations, set_gradient_sync, shard_model
 from steadytrain.distributed.runtime import Runtime, keep_until_exit
 
@@ -80,6 +81,9 @@ class ParallelModel:
         settings = config.parallel
         if settings.activation_checkpointing:
             checkpoint_activations(self.unwrapped)
+        if config.train.compile:
+            # The inner module, before DDP or FSDP wraps it, as PyTorch advises (compiling.py).
+            compile_in_place(self.unwrapped)
         if not runtime.is_distributed:
             return
         if settings.strategy == "fsdp":

@@ -70,10 +70,11 @@ class HangWatchdog:
     """A step observer that ends its process when the training thread stops making progress.
 
     A rank hangs when its current phase (or the gap between phases) lasts longer than
-    ``timeout_s``; before the first step completes and in the ``checkpoint`` and ``eval``
-    phases the allowance is ``warmup_s + timeout_s``. The thread starts with the first step
-    (or ``start()``); ``stop()`` ends it. ``on_hang`` is called once, after the dump and the
-    event; the default exits with ``EXIT_HANG``.
+    ``timeout_s``; before the first step completes (which builds ``torch.compile``'s graphs
+    with ``train.compile``) and in the ``checkpoint`` and ``eval`` phases the allowance is
+    ``warmup_s + timeout_s``. The thread starts with the first step (or ``start()``);
+    ``stop()`` ends it. ``on_hang`` is called once, after the dump and the event; the default
+    exits with ``EXIT_HANG``.
     """
 
     def __init__(

@@ -25,7 +25,7 @@ from steadytrain.data import (
     resolve_source_files,
     sample_order,
 )
-from steadytrain.distributed import check_gradient_sync, planned_backend
+from steadytrain.distributed import check_compile, check_gradient_sync, planned_backend
 from steadytrain.model import build_model, resolve_loss_fn
 
 
@@ -39,6 +39,7 @@ def preflight(config: Config, *, world_size: int, prepare_corpus: bool) -> list[
     """
     layout = batch_layout(config, world_size=world_size)
     check_gradient_sync(config.parallel, backend=planned_backend(config), layout=layout)
+    check_compile(config, device_type="cuda" if planned_backend(config) == "nccl" else "cpu")
     with torch.device("meta"):
         model = build_model(config)
     resolve_loss_fn(config)

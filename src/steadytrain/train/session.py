@@ -58,6 +58,7 @@ from steadytrain.distributed import (
     Runtime,
     barrier,
     broadcast_from_main,
+    check_compile,
     check_gradient_sync,
     first_failure,
     gather_from_all,
@@ -190,6 +191,7 @@ def build_parts(
         lambda: check_gradient_sync(config.parallel, backend=runtime.backend, layout=layout),
         runtime,
     )
+    _agreed(lambda: check_compile(config, device_type=runtime.device.type), runtime)
     seed_all(config.seed)  # same model init on every rank
     model = _agreed(lambda: build_model(config), runtime)
     loss_fn = _agreed(lambda: resolve_loss_fn(config), runtime)
