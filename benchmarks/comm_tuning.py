@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shutil
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +31,11 @@ from checkpoint_io import source_provenance
 from overhead import (
     LOG_EVERY,
     NOISY_FOREIGN_SHARE,
-    check_timed_steps,
+    run_variant_rounds,
     train_logged,
-    write_summary,
+    variant_rounds_args,
 )
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO_ROOT / "examples" / "tiny.yaml"
 # Variant -> its parallel.* settings; "plain" is DDP's defaults (the baseline of each round).
 VARIANTS: dict[str, list[str]] = {
     "plain": [],
@@ -223,41 +219,11 @@ def print_report(summary: dict[str, Any]) -> None:
     )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
-    parser.add_argument("--warmup", type=int, default=20, help="untimed steps at the start")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions")
-    parser.add_argument("--nproc", type=int, default=2, help="ranks per run")
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="steadytrain YAML")
-    parser.add_argument("--json", type=Path, default=None, help="write the results here")
-    parser.add_argument("--work-dir", type=Path, default=None, help="keep run dirs here")
-    parser.add_argument(
-        "--set",
-        dest="settings",
-        action="append",
-        default=[],
-        help="a config override for every variant (repeatable), e.g. a larger model",
-    )
-    args = parser.parse_args(argv)
-    check_timed_steps(parser, args)
-    args.config = args.config.resolve()
-    args.work_dir = args.work_dir.resolve() if args.work_dir is not None else None
-    return args
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="steadytrain-comm-"))
-    print(f"comm_tuning: {args.rounds} round(s) of {', '.join(VARIANTS)}")
-    try:
-        summary = measure(args, work_dir=work_dir)
-    finally:
-        if args.work_dir is None:
-            shutil.rmtree(work_dir, ignore_errors=True)
-    print_report(summary)
-    write_summary(args.json, summary)
-    return 0
+    args = variant_rounds_args(__doc__.split("\n\n")[0], argv, rounds=3)
+    return run_variant_rounds(
+        "comm_tuning", args, variants=tuple(VARIANTS), measure=measure, report=print_report
+    )
 
 
 if __name__ == "__main__":

@@ -21,19 +21,21 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shutil
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from checkpoint_io import source_provenance
-from overhead import LOG_EVERY, NOISY_FOREIGN_SHARE, check_timed_steps, train_logged, write_summary
+from overhead import (
+    LOG_EVERY,
+    NOISY_FOREIGN_SHARE,
+    run_variant_rounds,
+    train_logged,
+    variant_rounds_args,
+)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO_ROOT / "examples" / "tiny.yaml"
 STRATEGIES = ("ddp", "fsdp")
 VARIANTS: dict[str, list[str]] = {
     f"{mode}_{strategy}": [
@@ -180,41 +182,11 @@ def print_report(summary: dict[str, Any]) -> None:
     )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
-    parser.add_argument("--warmup", type=int, default=20, help="untimed steps at the start")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions")
-    parser.add_argument("--nproc", type=int, default=2, help="ranks per run")
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="steadytrain YAML")
-    parser.add_argument("--json", type=Path, default=None, help="write the results here")
-    parser.add_argument("--work-dir", type=Path, default=None, help="keep run dirs here")
-    parser.add_argument(
-        "--set",
-        dest="settings",
-        action="append",
-        default=[],
-        help="a config override for every variant (repeatable), e.g. a larger model",
-    )
-    args = parser.parse_args(argv)
-    check_timed_steps(parser, args)
-    args.config = args.config.resolve()
-    args.work_dir = args.work_dir.resolve() if args.work_dir is not None else None
-    return args
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="steadytrain-compile-"))
-    print(f"compile_speed: {args.rounds} round(s) of {', '.join(VARIANTS)}")
-    try:
-        summary = measure(args, work_dir=work_dir)
-    finally:
-        if args.work_dir is None:
-            shutil.rmtree(work_dir, ignore_errors=True)
-    print_report(summary)
-    write_summary(args.json, summary)
-    return 0
+    args = variant_rounds_args(__doc__.split("\n\n")[0], argv, rounds=2)
+    return run_variant_rounds(
+        "compile_speed", args, variants=tuple(VARIANTS), measure=measure, report=print_report
+    )
 
 
 if __name__ == "__main__":

@@ -158,6 +158,56 @@ def check_timed_steps(parser: argparse.ArgumentParser, args: argparse.Namespace)
         )
 
 
+def variant_rounds_args(
+    description: str, argv: list[str] | None, *, rounds: int
+) -> argparse.Namespace:
+    """The command line of a benchmark that trains steadytrain variants in interleaved rounds
+    (comm_tuning.py, compile_speed.py): steps, warm-up, rounds, ranks, config, JSON output,
+    work directory, and ``--set`` overrides for every variant."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed steps at the start")
+    parser.add_argument("--rounds", type=int, default=rounds, help="interleaved repetitions")
+    parser.add_argument("--nproc", type=int, default=2, help="ranks per run")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="steadytrain YAML")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--work-dir", type=Path, default=None, help="keep run dirs here")
+    parser.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        help="a config override for every variant (repeatable), e.g. a larger model",
+    )
+    args = parser.parse_args(argv)
+    check_timed_steps(parser, args)
+    args.config = args.config.resolve()
+    args.work_dir = args.work_dir.resolve() if args.work_dir is not None else None
+    return args
+
+
+def run_variant_rounds(
+    name: str,
+    args: argparse.Namespace,
+    *,
+    variants: tuple[str, ...],
+    measure: Any,
+    report: Any,
+) -> int:
+    """Measure (in ``args.work_dir``, or a temporary directory removed afterwards), print the
+    report and write the JSON."""
+    work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix=f"steadytrain-{name}-"))
+    print(f"{name}: {args.rounds} round(s) of {', '.join(variants)}")
+    try:
+        summary = measure(args, work_dir=work_dir)
+    finally:
+        if args.work_dir is None:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    report(summary)
+    write_summary(args.json, summary)
+    return 0
+
+
 def write_summary(path: Path | None, summary: dict[str, Any]) -> None:
     """The results as JSON at ``path`` (nothing without one)."""
     if path is None:
