@@ -31,6 +31,8 @@ from checkpoint_io import source_provenance
 from overhead import (
     LOG_EVERY,
     NOISY_FOREIGN_SHARE,
+    alternating_orders,
+    prepare_runs,
     run_variant_rounds,
     train_logged,
     variant_rounds_args,
@@ -76,8 +78,7 @@ def run_variant(
 
 def measure(args: argparse.Namespace, *, work_dir: Path) -> dict[str, Any]:
     """Interleave rounds of every variant; per-round ratios against that round's plain run."""
-    from steadytrain.config import batch_layout, load_config
-    from steadytrain.data import ensure_corpus
+    from steadytrain.config import load_config
 
     config = load_config(args.config, overrides=list(args.settings))
     micro_batch = config.train.global_batch_size // args.nproc
@@ -93,13 +94,9 @@ def measure(args: argparse.Namespace, *, work_dir: Path) -> dict[str, Any]:
         f"parallel.powersgd_start_step={max(0, args.warmup - 2)}",
         *args.settings,
     ]
-    config = load_config(args.config, overrides=overrides)
-    batch_layout(config, world_size=args.nproc)  # a layout that does not divide fails here
-    ensure_corpus(config.data)  # prepared once, outside every measured run
-    names = list(VARIANTS)
+    prepare_runs(args.config, overrides, nproc=args.nproc)
     rounds = []
-    for number in range(args.rounds):
-        order = names if number % 2 == 0 else names[::-1]
+    for number, order in alternating_orders(VARIANTS, args.rounds):
         measured: dict[str, Any] = {}
         for name in order:
             measured[name] = run_variant(
@@ -118,11 +115,11 @@ def measure(args: argparse.Namespace, *, work_dir: Path) -> dict[str, Any]:
             name: {
                 ratio: measured[name][key] / measured["plain"][key] for ratio, key in RATIOS.items()
             }
-            for name in names
+            for name in VARIANTS
         }
         contended = [
             name
-            for name in names
+            for name in VARIANTS
             if measured[name].get("foreign_cpu_share", 0.0) > NOISY_FOREIGN_SHARE
         ]
         rounds.append(
@@ -221,9 +218,10 @@ def print_report(summary: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = variant_rounds_args(__doc__.split("\n\n")[0], argv, rounds=3)
-    return run_variant_rounds(
+    run_variant_rounds(
         "comm_tuning", args, variants=tuple(VARIANTS), measure=measure, report=print_report
     )
+    return 0
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ from checkpoint_io import source_provenance
 from overhead import (
     LOG_EVERY,
     NOISY_FOREIGN_SHARE,
+    alternating_orders,
+    prepare_runs,
     run_variant_rounds,
     train_logged,
     variant_rounds_args,
@@ -67,8 +69,6 @@ def run_variant(
 
 def measure(args: argparse.Namespace, *, work_dir: Path) -> dict[str, Any]:
     """Interleave rounds of every variant; compiled against eager of the same round."""
-    from steadytrain.config import batch_layout, load_config
-    from steadytrain.data import ensure_corpus
 
     overrides = [
         f"train.max_steps={args.steps}",
@@ -79,13 +79,9 @@ def measure(args: argparse.Namespace, *, work_dir: Path) -> dict[str, Any]:
         "dist.backend=gloo",  # CPU, also on a machine with GPUs
         *args.settings,
     ]
-    config = load_config(args.config, overrides=overrides)
-    batch_layout(config, world_size=args.nproc)  # a layout that does not divide fails here
-    ensure_corpus(config.data)  # prepared once, outside every measured run
-    names = list(VARIANTS)
+    prepare_runs(args.config, overrides, nproc=args.nproc)
     rounds = []
-    for number in range(args.rounds):
-        order = names if number % 2 == 0 else names[::-1]
+    for number, order in alternating_orders(VARIANTS, args.rounds):
         runs: dict[str, Any] = {}
         for name in order:
             runs[name] = run_variant(
@@ -110,7 +106,9 @@ def measure(args: argparse.Namespace, *, work_dir: Path) -> dict[str, Any]:
             for strategy in STRATEGIES
         }
         contended = [
-            name for name in names if runs[name].get("foreign_cpu_share", 0.0) > NOISY_FOREIGN_SHARE
+            name
+            for name in VARIANTS
+            if runs[name].get("foreign_cpu_share", 0.0) > NOISY_FOREIGN_SHARE
         ]
         rounds.append({"round": number + 1, "order": order, "contended": contended, "runs": runs})
         rounds[-1]["compared"] = compared
@@ -139,7 +137,7 @@ def measure(args: argparse.Namespace, *, work_dir: Path) -> dict[str, Any]:
                 "final_loss": statistics.median(r["runs"][name]["final_loss"] for r in rounds),
                 "contended_rounds": sum(name in r["contended"] for r in rounds),
             }
-            for name in names
+            for name in VARIANTS
         },
         "compiled_vs_eager": {
             strategy: {
@@ -184,9 +182,10 @@ def print_report(summary: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = variant_rounds_args(__doc__.split("\n\n")[0], argv, rounds=2)
-    return run_variant_rounds(
+    run_variant_rounds(
         "compile_speed", args, variants=tuple(VARIANTS), measure=measure, report=print_report
     )
+    return 0
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -159,29 +160,33 @@ def check_timed_steps(parser: argparse.ArgumentParser, args: argparse.Namespace)
 
 
 def variant_rounds_args(
-    description: str, argv: list[str] | None, *, rounds: int
+    description: str,
+    argv: list[str] | None,
+    *,
+    rounds: int,
+    steps: int = 60,
+    check: str | None = None,
+    settings_help: str = "a config override for every variant (repeatable), e.g. a larger model",
 ) -> argparse.Namespace:
     """The command line of a benchmark that trains steadytrain variants in interleaved rounds
     (comm_tuning.py, compile_speed.py): steps, warm-up, rounds, ranks, config, JSON output,
-    work directory, and ``--set`` overrides for every variant."""
+    work directory, ``--set`` overrides for every variant, and ``--check`` (with its help)
+    where the benchmark has a target to exit 1 on."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
+    parser.add_argument("--steps", type=int, default=steps, help="optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps at the start")
     parser.add_argument("--rounds", type=int, default=rounds, help="interleaved repetitions")
     parser.add_argument("--nproc", type=int, default=2, help="ranks per run")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="steadytrain YAML")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep run dirs here")
-    parser.add_argument(
-        "--set",
-        dest="settings",
-        action="append",
-        default=[],
-        help="a config override for every variant (repeatable), e.g. a larger model",
-    )
+    if check is not None:
+        parser.add_argument("--check", action="store_true", help=check)
+    parser.add_argument("--set", dest="settings", action="append", default=[], help=settings_help)
     args = parser.parse_args(argv)
     check_timed_steps(parser, args)
     args.config = args.config.resolve()
+    # Runs start in the repository root; keep paths meaning what they meant here.
     args.work_dir = args.work_dir.resolve() if args.work_dir is not None else None
     return args
 
@@ -193,9 +198,9 @@ def run_variant_rounds(
     variants: tuple[str, ...],
     measure: Any,
     report: Any,
-) -> int:
+) -> dict[str, Any]:
     """Measure (in ``args.work_dir``, or a temporary directory removed afterwards), print the
-    report and write the JSON."""
+    report, write the JSON, and return the summary."""
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix=f"steadytrain-{name}-"))
     print(f"{name}: {args.rounds} round(s) of {', '.join(variants)}")
     try:
@@ -205,7 +210,26 @@ def run_variant_rounds(
             shutil.rmtree(work_dir, ignore_errors=True)
     report(summary)
     write_summary(args.json, summary)
-    return 0
+    return summary
+
+
+def alternating_orders(names: Sequence[str], rounds: int) -> Iterator[tuple[int, list[str]]]:
+    """Each round's number and the order its variants run in, reversed every other round so
+    a drift in machine load does not always favour one of them."""
+    for number in range(rounds):
+        yield number, list(names) if number % 2 == 0 else list(names)[::-1]
+
+
+def prepare_runs(config_path: Path, overrides: list[str], *, nproc: int) -> Any:
+    """The runs' config, once: a batch that does not divide over ``nproc`` ranks fails here,
+    and the corpus is prepared outside every measured run."""
+    from steadytrain.config import batch_layout, load_config
+    from steadytrain.data import ensure_corpus
+
+    config = load_config(config_path, overrides=overrides)
+    batch_layout(config, world_size=nproc)
+    ensure_corpus(config.data)
+    return config
 
 
 def write_summary(path: Path | None, summary: dict[str, Any]) -> None:
@@ -272,9 +296,6 @@ def own_children_ticks() -> float:
 
 def measure(args: argparse.Namespace, *, work_dir: Path) -> dict[str, Any]:
     """Interleave rounds of every variant; per-round and median ratios against the baseline."""
-    from steadytrain.config import load_config
-    from steadytrain.data import ensure_corpus
-
     overrides = [
         f"train.max_steps={args.steps}",
         f"log.every_steps={LOG_EVERY}",
@@ -285,13 +306,10 @@ def measure(args: argparse.Namespace, *, work_dir: Path) -> dict[str, Any]:
         "dist.backend=gloo",
         *args.settings,  # both sides: e.g. a smaller model
     ]
-    # Prepare the corpus once, so neither side pays for it inside a measured run.
-    ensure_corpus(load_config(args.config, overrides=overrides).data)
+    prepare_runs(args.config, overrides, nproc=args.nproc)
     common = {"config_path": args.config, "nproc": args.nproc, "warmup": args.warmup}
     rounds = []
-    for number in range(args.rounds):
-        # Alternate the order so a drift in machine load does not always favour one side.
-        order = VARIANTS if number % 2 == 0 else tuple(reversed(VARIANTS))
+    for number, order in alternating_orders(VARIANTS, args.rounds):
         measured: dict[str, Any] = {}
         for variant in order:
             run_dir = work_dir / f"round{number + 1}-{variant}"
@@ -436,42 +454,22 @@ def print_report(summary: dict[str, Any]) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=80, help="optimizer steps per run")
-    parser.add_argument("--warmup", type=int, default=20, help="untimed steps at the start")
     # Run-to-run noise dominates on a shared machine, so more short rounds beat fewer long ones.
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved repetitions")
-    parser.add_argument("--nproc", type=int, default=2, help="ranks per run")
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="steadytrain YAML")
-    parser.add_argument("--json", type=Path, default=None, help="write the results here")
-    parser.add_argument("--work-dir", type=Path, default=None, help="keep run dirs here")
-    parser.add_argument("--check", action="store_true", help="exit 1 above the target ratio")
-    parser.add_argument(
-        "--set",
-        dest="settings",
-        action="append",
-        default=[],
-        help="a config override for both sides (repeatable), e.g. a smaller model",
+    return variant_rounds_args(
+        __doc__.split("\n\n")[0],
+        argv,
+        rounds=5,
+        steps=80,
+        check="exit 1 above the target ratio",
+        settings_help="a config override for both sides (repeatable), e.g. a smaller model",
     )
-    args = parser.parse_args(argv)
-    check_timed_steps(parser, args)
-    args.config = args.config.resolve()
-    # Runs start in the repository root; keep paths meaning what they meant here.
-    args.work_dir = args.work_dir.resolve() if args.work_dir is not None else None
-    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="steadytrain-overhead-"))
-    print(f"overhead: {args.rounds} round(s) of baseline / steadytrain {', '.join(VARIANTS[1:])}")
-    try:
-        summary = measure(args, work_dir=work_dir)
-    finally:
-        if args.work_dir is None:
-            shutil.rmtree(work_dir, ignore_errors=True)
-    print_report(summary)
-    write_summary(args.json, summary)
+    summary = run_variant_rounds(
+        "overhead", args, variants=VARIANTS, measure=measure, report=print_report
+    )
     return 1 if args.check and not summary["within_target"] else 0
 
 
