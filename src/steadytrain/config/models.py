@@ -456,6 +456,59 @@ class TelemetryConfig(_Section):
         return uri
 
 
+class ServeConfig(_Section):
+    """``steadytrain serve``: batching, backpressure, timeouts and limits of the model API."""
+
+    max_batch_size: int = operational_field(
+        8, description="Most requests (or generating sequences) in one batch of the model.", ge=1
+    )
+    max_wait_ms: float = operational_field(
+        5.0,
+        description="Longest wait for a batch to fill, counted from its first request (0: "
+        "take whatever is queued).",
+        ge=0,
+    )
+    max_queue: int = operational_field(
+        64,
+        description="Requests waiting for a batch beyond which new ones get 503 with Retry-After.",
+        ge=1,
+    )
+    retry_after_s: int = operational_field(
+        1, description="Seconds a rejected client is told to wait (the Retry-After header).", ge=0
+    )
+    request_timeout_s: float = operational_field(
+        60.0,
+        description="Longest a request may take, queued or running; past it, it is dropped "
+        "from the queue or its batch and answered 504.",
+        gt=0,
+    )
+    shutdown_grace_s: float = operational_field(
+        30.0,
+        description="On SIGTERM: stop accepting, then let requests in flight finish for at "
+        "most this long.",
+        gt=0,
+    )
+    max_prompt_tokens: int = operational_field(
+        2048,
+        description="Longest prompt (UTF-8 bytes for /v1/generate) or token list "
+        "(/v1/forward) accepted; longer ones get 413.",
+        ge=1,
+    )
+    max_new_tokens: int = operational_field(
+        512, description="Most new tokens one /v1/generate request may ask for.", ge=1
+    )
+    causal: bool | None = operational_field(
+        None,
+        description="Whether a token of the model sees only tokens before it, so rows of "
+        "/v1/forward of different lengths are right-padded into one batch without changing "
+        "their results; otherwise only rows of equal length share a batch. None: true for "
+        "the default GPT, false for other factories.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = operational_field(
+        "auto", description="Where the model runs (auto: CUDA when present)."
+    )
+
+
 class Config(_Section):
     seed: int = identity_field(1234, description="Seeds the model init and data order.", ge=0)
     deterministic: bool = operational_field(
@@ -482,6 +535,10 @@ class Config(_Section):
     telemetry: TelemetryConfig = Field(
         default_factory=TelemetryConfig,
         description="Health, stalls, stragglers and where metrics go besides metrics.jsonl.",
+    )
+    serve: ServeConfig = Field(
+        default_factory=ServeConfig,
+        description="steadytrain serve: batching, backpressure, timeouts and limits.",
     )
 
 
