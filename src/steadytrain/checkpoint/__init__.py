@@ -57,7 +57,11 @@ from steadytrain.checkpoint.storage import (
     StorageError,
     replace_durably,
 )
-from steadytrain.checkpoint.weights import save_final_weights
+from steadytrain.checkpoint.weights import (
+    load_final_weights,
+    read_checkpoint_part,
+    save_final_weights,
+)
 
 __all__ = [
     "MANIFEST_NAME",
@@ -95,9 +99,11 @@ __all__ = [
     "find_restorable",
     "host_buffers_like",
     "inspect_checkpoints",
+    "load_final_weights",
     "open_storage",
     "prune_checkpoints",
     "rank_stem",
+    "read_checkpoint_part",
     "read_parts",
     "remove_leftovers",
     "replace_durably",
