@@ -16,6 +16,8 @@ ALLOWED = {
     "config": set(),
     "distributed": {"config"},
     **{component: {"config", "distributed"} for component in LEAF_COMPONENTS},
+    # Serving loads what training wrote through the leaves' public names, never via train.
+    "serve": {"config", "distributed", "checkpoint", "model", "telemetry"},
 }
 
 
@@ -104,6 +106,11 @@ def test_the_package_root_imports_no_component() -> None:
     for path in root_files:
         imported = {component_of(module) for module in imported_modules(path)}
         assert imported <= {None, ""}, f"{path.name} imports {imported - {None, ''}}"
+
+
+def test_serve_never_imports_train() -> None:
+    assert ("serve", "checkpoint") in EDGES  # the scan sees serve's imports
+    assert ("serve", "train") not in EDGES
 
 
 def test_nothing_imports_cli() -> None:

@@ -327,6 +327,34 @@ def report(run_dir: RunDirArg) -> None:
     typer.echo(f"report: {written.page} ({len(written.images)} plots in {written.directory})")
 
 
+@app.command()
+def serve(
+    run_dir: RunDirArg,
+    checkpoint: Annotated[
+        int | None,
+        typer.Option(
+            "--checkpoint",
+            min=0,
+            help="Serve this committed checkpoint's weights (verified) instead of the final ones.",
+        ),
+    ] = None,
+    host: Annotated[
+        str, typer.Option("--host", help="Address to bind; anything but loopback is a choice.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to bind.")] = 8000,
+    overrides: SetOpt = None,
+) -> None:
+    """Serve a trained run over HTTP (POST /v1/generate, /v1/forward; GET /healthz, /readyz,
+    /metrics) with dynamic batching, until SIGTERM, which drains requests in flight.
+
+    The run's own config and model factory; weights verified, never unpickled (exit code 4
+    when they are missing or corrupted). --set takes serve.* settings only.
+    """
+    from steadytrain.serve import serve as run_server
+
+    run_server(run_dir, checkpoint_step=checkpoint, host=host, port=port, overrides=overrides or [])
+
+
 def _status_screen(report: dict[str, Any]) -> list[str]:
     from steadytrain.telemetry import format_duration
 
