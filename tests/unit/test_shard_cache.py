@@ -288,3 +288,31 @@ def test_the_prefetcher_fetches_ahead_in_reading_order_and_pins_the_current_shar
             assert bytes(dataset[sample_id].numpy().astype(np.uint8)) == expected
     finally:
         prefetcher.close()
+
+
+def mapped_deleted_files(directory: Path) -> list[str]:
+    """Files under ``directory`` this process still maps though they were deleted."""
+    lines = Path("/proc/self/maps").read_text().splitlines()
+    return [line for line in lines if str(directory) in line and line.endswith("(deleted)")]
+
+
+def test_a_shard_evicted_while_mapped_is_still_read_right_then_let_go(
+    store_dir: Path, tmp_path: Path
+) -> None:
+    """The reader maps each shard once; another process's eviction does not change what it
+    reads, and the map is dropped when the next shard is mapped, so the disk space is freed."""
+    shards = shards_of(store_dir, tmp_path)
+    reader = CachedShards(new_cache(store_dir, tmp_path), shards, np.dtype(np.uint8))
+    first = reader.tokens(0)
+    expected = (store_dir / shards[0].name).read_bytes()
+    assert bytes(first) == expected
+    evictor = new_cache(store_dir, tmp_path, limit_bytes=1)
+    evictor.evict()  # nothing is pinned: the mapped shard's file goes
+    assert not (tmp_path / "shards" / f"{shards[0].sha256}.bin").exists()
+    assert bytes(reader.tokens(0)) == expected  # the same map, still the verified bytes
+    assert mapped_deleted_files(tmp_path / "shards")
+    del first
+    assert bytes(reader.tokens(1)) == (store_dir / shards[1].name).read_bytes()
+    assert mapped_deleted_files(tmp_path / "shards") == []
+    assert bytes(reader.tokens(0)) == expected  # fetched again
+    assert reader.cache.stats.misses == 3

@@ -12,6 +12,7 @@ import torch
 
 from steadytrain.config import DataError
 from steadytrain.data import TokenWindowDataset, prepare_shards, read_index
+from steadytrain.data.datasets import MixtureDataset
 from steadytrain.data.shards import DOCUMENT_SEPARATOR, INDEX_FILE, ShardIndex, is_prepared
 
 SEPARATOR = bytes([DOCUMENT_SEPARATOR])
@@ -294,6 +295,31 @@ def test_windows_match_raw_bytes_and_never_cross_shards(sharded: ShardIndex) -> 
     # Concatenating the shards would give more windows than the dataset has.
     total = sharded.num_tokens("train")
     assert len(dataset) < (total - 1) // seq_len
+
+
+def test_a_micro_batch_read_at_once_is_the_windows_stacked(
+    sharded: ShardIndex, tmp_path: Path
+) -> None:
+    """``read_samples`` (how the loader reads a micro-batch) gives, row by row, the raw-byte
+    windows of ids from several shards in any order, repeats included; a mixture reads each
+    row from its own source."""
+    seq_len = 16
+    dataset = TokenWindowDataset(sharded, split="train", seq_len=seq_len)
+    expected = expected_windows(sharded, "train", seq_len)
+    ids = [len(dataset) - 1, 0, 7, int(dataset.first_sample[1]), 7, int(dataset.first_sample[2])]
+    batch = dataset.read_samples(ids)
+    assert batch.dtype == torch.int64 and batch.shape == (len(ids), seq_len + 1)
+    assert [bytes(row.to(torch.uint8).tolist()) for row in batch] == [expected[i] for i in ids]
+    make_corpus(tmp_path / "other", 3, size=500)
+    other_index = prepare_shards(str(tmp_path / "other"), tmp_path / "o", val_fraction=0.0)
+    other = TokenWindowDataset(other_index, split="train", seq_len=seq_len)
+    mixture = MixtureDataset([dataset, other])
+    size = len(dataset)
+    rows = mixture.read_samples([size + 2, 3, size, 0])
+    expected_rows = [other[2], dataset[3], other[0], dataset[0]]
+    assert all(torch.equal(row, want) for row, want in zip(rows, expected_rows, strict=True))
+    with pytest.raises(IndexError):
+        dataset.read_samples([0, len(dataset)])
 
 
 def test_window_index_out_of_range(sharded: ShardIndex) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,8 +22,9 @@ from steadytrain.data.shards import (
     SHARD_FORMAT_VERSION,
     ShardFile,
     ShardIndex,
+    ShardMaps,
     is_prepared,
-    open_shard,
+    map_shard_file,
     prepare_shards,
     read_index,
 )
@@ -30,9 +32,9 @@ from steadytrain.data.streaming import CachedShards, DataMetricsSink, MetricWrit
 
 
 class ShardReader(Protocol):
-    """Reads ``count`` tokens of shard ``shard_number`` from token ``start`` on."""
+    """The tokens of shard ``shard_number``, memory-mapped (read them before the next call)."""
 
-    def read(self, shard_number: int, start: int, count: int) -> np.ndarray: ...
+    def tokens(self, shard_number: int) -> np.ndarray: ...
 
 
 class MappedShards:
@@ -41,16 +43,19 @@ class MappedShards:
     def __init__(self, shards: list[ShardFile], dtype: np.dtype[Any]) -> None:
         self._shards = shards
         self._dtype = dtype
-        self._maps: dict[int, np.memmap[Any, Any]] = {}
+        self._maps = ShardMaps()
 
-    def read(self, shard_number: int, start: int, count: int) -> np.ndarray:
-        if shard_number not in self._maps:
-            self._maps[shard_number] = open_shard(self._shards[shard_number], self._dtype)
-        return self._maps[shard_number][start : start + count]
+    def tokens(self, shard_number: int) -> np.ndarray:
+        tokens = self._maps.get(shard_number)
+        if tokens is None:
+            shard = self._shards[shard_number]
+            tokens, inode = map_shard_file(shard.path, self._dtype, shard.num_tokens)
+            self._maps.put(shard_number, tokens, inode)
+        return tokens
 
     def __getstate__(self) -> dict[str, Any]:
         # Memory maps are reopened by each worker rather than pickled as copies.
-        return {**self.__dict__, "_maps": {}}
+        return {**self.__dict__, "_maps": ShardMaps()}
 
 
 class TokenWindowDataset(Dataset[torch.Tensor]):
@@ -81,12 +86,28 @@ class TokenWindowDataset(Dataset[torch.Tensor]):
         return int(self.first_sample[-1])
 
     def __getitem__(self, sample_id: int) -> torch.Tensor:
-        if not 0 <= sample_id < len(self):
-            raise IndexError(f"sample {sample_id} outside [0, {len(self)})")
-        shard_number = int(np.searchsorted(self.first_sample, sample_id, side="right") - 1)
-        start = (sample_id - int(self.first_sample[shard_number])) * self.seq_len
-        tokens = self._reader.read(shard_number, start, self.seq_len + 1)
-        return torch.from_numpy(tokens.astype(np.int64))
+        return self.read_samples([sample_id])[0]
+
+    def read_samples(self, sample_ids: Sequence[int]) -> torch.Tensor:
+        """The samples ``sample_ids`` as one int64 tensor, a row each (what ``default_collate``
+        makes of them one by one, without a tensor per sample)."""
+        ids = np.asarray(sample_ids, dtype=np.int64).reshape(-1)
+        outside = ids[(ids < 0) | (ids >= len(self))]
+        if outside.size:
+            raise IndexError(f"sample {int(outside[0])} outside [0, {len(self)})")
+        shard_numbers = np.searchsorted(self.first_sample, ids, side="right") - 1
+        starts = (ids - self.first_sample[shard_numbers]) * self.seq_len
+        batch = torch.empty((len(ids), self.seq_len + 1), dtype=torch.int64)
+        rows = batch.numpy()
+        shard_tokens: dict[int, np.ndarray] = {}
+        for row, (number, start) in enumerate(
+            zip(shard_numbers.tolist(), starts.tolist(), strict=True)
+        ):
+            tokens = shard_tokens.get(number)
+            if tokens is None:
+                tokens = shard_tokens[number] = self._reader.tokens(number)
+            rows[row] = tokens[start : start + self.seq_len + 1]  # widened to int64 in place
+        return batch
 
 
 class MixtureDataset(Dataset[torch.Tensor]):
@@ -102,10 +123,21 @@ class MixtureDataset(Dataset[torch.Tensor]):
         return int(self.first_sample[-1])
 
     def __getitem__(self, sample_id: int) -> torch.Tensor:
-        if not 0 <= sample_id < len(self):
-            raise IndexError(f"sample {sample_id} outside [0, {len(self)})")
-        source = int(np.searchsorted(self.first_sample, sample_id, side="right") - 1)
-        return self.parts[source][sample_id - int(self.first_sample[source])]
+        return self.read_samples([sample_id])[0]
+
+    def read_samples(self, sample_ids: Sequence[int]) -> torch.Tensor:
+        """The samples ``sample_ids`` as one tensor, a row each, read source by source."""
+        ids = np.asarray(sample_ids, dtype=np.int64).reshape(-1)
+        outside = ids[(ids < 0) | (ids >= len(self))]
+        if outside.size:
+            raise IndexError(f"sample {int(outside[0])} outside [0, {len(self)})")
+        sources = np.searchsorted(self.first_sample, ids, side="right") - 1
+        batch = torch.empty((len(ids), self.parts[0].seq_len + 1), dtype=torch.int64)
+        for source in np.unique(sources).tolist():
+            rows = np.flatnonzero(sources == source)
+            part_ids = ids[rows] - self.first_sample[source]
+            batch[torch.from_numpy(rows)] = self.parts[source].read_samples(part_ids.tolist())
+        return batch
 
 
 @dataclass(frozen=True)

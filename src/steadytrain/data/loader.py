@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
@@ -45,19 +45,32 @@ class NullLookahead:
         return None
 
 
-class _WithSampleIds(Dataset[tuple[int, Any]]):
+@runtime_checkable
+class ReadsSamples(Protocol):
+    """A dataset that reads a micro-batch's samples together, stacked as ``default_collate``
+    stacks them one by one (the token datasets: no tensor per sample)."""
+
+    def read_samples(self, sample_ids: Sequence[int]) -> Any: ...
+
+
+class _MicroBatches(Dataset[MicroBatch]):
+    """Item ``sample_ids`` is the micro-batch of those samples of ``dataset``: read together
+    when it can, else item by item and collated."""
+
     def __init__(self, dataset: Dataset[Any]) -> None:
         self.dataset = dataset
+        self._reads_samples = isinstance(dataset, ReadsSamples)
 
-    def __getitem__(self, sample_id: int) -> tuple[int, Any]:
-        return sample_id, self.dataset[sample_id]
+    def __getitem__(self, sample_ids: list[int]) -> MicroBatch:
+        if self._reads_samples:
+            batch = self.dataset.read_samples(sample_ids)  # type: ignore[attr-defined]
+        else:
+            batch = default_collate([self.dataset[sample_id] for sample_id in sample_ids])
+        return MicroBatch(sample_ids=torch.tensor(sample_ids, dtype=torch.int64), batch=batch)
 
 
-def _collate_with_ids(items: list[tuple[int, Any]]) -> MicroBatch:
-    return MicroBatch(
-        sample_ids=torch.tensor([sample_id for sample_id, _ in items], dtype=torch.int64),
-        batch=default_collate([item for _, item in items]),
-    )
+def _as_read(micro_batch: Any) -> Any:
+    return micro_batch
 
 
 class _RankSchedule(Sampler[list[int]]):
@@ -107,7 +120,7 @@ class StepBatches:
         pin_memory: bool = False,
         lookahead: StepLookahead | None = None,
     ) -> None:
-        self._dataset = _WithSampleIds(dataset)
+        self._micro_batches = _MicroBatches(dataset)
         self.lookahead = lookahead or NullLookahead()
         self._sampler = sampler
         self._layout = layout
@@ -138,10 +151,16 @@ class StepBatches:
         schedule = _RankSchedule(
             self._sampler, self._layout, rank=self._rank, epoch=epoch, first_step=first_step
         )
+        if self._num_workers == 0 and not self._pin_memory:
+            # Read in this thread: a DataLoader would add only its per-item overhead.
+            return (self._micro_batches[sample_ids] for sample_ids in schedule)
+        # Each item is a whole micro-batch (the schedule yields its sample ids), so a worker
+        # reads it in one call rather than sample by sample.
         loader = DataLoader(
-            self._dataset,
-            batch_sampler=schedule,
-            collate_fn=_collate_with_ids,
+            self._micro_batches,
+            sampler=schedule,
+            batch_size=None,
+            collate_fn=_as_read,
             num_workers=self._num_workers,
             pin_memory=self._pin_memory,
         )
@@ -163,10 +182,9 @@ def validation_batches(
     """
     per_round = world_size * micro_batch_size
     num_batches = min(max_batches, len(dataset) // per_round)  # type: ignore[arg-type]
-    indexed = _WithSampleIds(dataset)
+    micro_batches = _MicroBatches(dataset)
     batches = []
     for number in range(num_batches):
         first = number * per_round + rank * micro_batch_size
-        items = [indexed[sample_id] for sample_id in range(first, first + micro_batch_size)]
-        batches.append(_collate_with_ids(items))
+        batches.append(micro_batches[list(range(first, first + micro_batch_size))])
     return batches

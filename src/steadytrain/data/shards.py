@@ -13,9 +13,11 @@ stable when files are added and no file is cut in two.
 
 from __future__ import annotations
 
+import collections
 import glob
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import sysconfig
@@ -35,6 +37,7 @@ DOCUMENT_SEPARATOR = 0
 BYTE_VOCAB_SIZE = 256
 INDEX_FILE = "index.json"
 SPLITS = ("train", "val")
+MAX_MAPPED_SHARDS = 64  # memory maps one reader keeps open (each holds a file descriptor)
 
 
 @dataclass(frozen=True)
@@ -253,8 +256,42 @@ def index_of(
     )
 
 
-def open_shard(shard: ShardFile, dtype: np.dtype[Any]) -> np.memmap[Any, Any]:
-    return np.memmap(shard.path, dtype=dtype, mode="r", shape=(shard.num_tokens,))
+def map_shard_file(path: Path, dtype: np.dtype[Any], num_tokens: int) -> tuple[np.ndarray, int]:
+    """The tokens of the shard file at ``path``, memory-mapped read-only, and its inode.
+
+    A plain ndarray (not ``np.memmap``), so slicing it per sample costs no subclass hooks.
+    """
+    with open(path, "rb") as handle:
+        inode = os.fstat(handle.fileno()).st_ino
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    return np.frombuffer(mapped, dtype=dtype, count=num_tokens), inode
+
+
+class ShardMaps:
+    """The memory-mapped shards of one reader, by shard number: at most
+    ``MAX_MAPPED_SHARDS``, the least recently used unmapped first."""
+
+    def __init__(self) -> None:
+        self._maps: collections.OrderedDict[int, tuple[np.ndarray, int]] = collections.OrderedDict()
+
+    def get(self, number: int) -> np.ndarray | None:
+        entry = self._maps.get(number)
+        if entry is None:
+            return None
+        self._maps.move_to_end(number)
+        return entry[0]
+
+    def put(self, number: int, tokens: np.ndarray, inode: int) -> None:
+        self._maps[number] = (tokens, inode)
+        while len(self._maps) > MAX_MAPPED_SHARDS:
+            self._maps.popitem(last=False)
+
+    def inodes(self) -> list[tuple[int, int]]:
+        return [(number, inode) for number, (_, inode) in self._maps.items()]
+
+    def drop(self, number: int) -> None:
+        # The map itself goes when no array read from it is left.
+        self._maps.pop(number, None)
 
 
 def validation_files(relative_paths: list[str], val_fraction: float) -> set[str]:

@@ -1,8 +1,9 @@
 """Read a streamed corpus through the shard cache, and fetch its shards ahead of use.
 
-``CachedShards`` is the dataset's shard reader for a corpus in an object store: each sample
-is read from the cached shard file, which is fetched (and verified) first if need be, inline,
-so a shard that prefetching has not brought yet shows up as ``data_wait``, never hidden.
+``CachedShards`` is the dataset's shard reader for a corpus in an object store: samples are
+read from the cached shard file, memory-mapped once per process, which is fetched (and
+verified) first if need be, inline, so a shard that prefetching has not brought yet shows up
+as ``data_wait``, never hidden.
 
 ``ShardPrefetcher`` is the loader's step lookahead. At each step it computes, from the same
 pure ``(seed, epoch)`` order as the sampler, which shards this rank reads at the current and
@@ -14,6 +15,7 @@ ones and never more than the cache limit leaves room for.
 from __future__ import annotations
 
 import collections
+import os
 import threading
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
@@ -27,38 +29,52 @@ from steadytrain.data.sampler import (
     epoch_permutation,
     rank_micro_batch_offsets,
 )
-from steadytrain.data.shards import ShardFile
+from steadytrain.data.shards import ShardFile, ShardMaps, map_shard_file
 
 MAX_STEPS_SCANNED = 256  # how far ahead the prefetcher looks for its next shards
 
 
 class CachedShards:
-    """Shard reader over a ``ShardCache``: samples are read from verified local copies."""
+    """Shard reader over a ``ShardCache``: shards are memory-mapped from verified local copies.
+
+    A map stays valid when another process evicts its file (the bytes stay until unmapped);
+    whenever a new shard is mapped, the maps of evicted or replaced files are let go, so
+    their disk space is freed.
+    """
 
     def __init__(self, cache: ShardCache, shards: list[ShardFile], dtype: np.dtype[Any]) -> None:
         self.cache = cache
         self._shards = shards
         self._dtype = dtype
-        self._ready: dict[int, str] = {}  # shard number -> verified path, in this process
+        self._maps = ShardMaps()
 
-    def read(self, shard_number: int, start: int, count: int) -> np.ndarray:
-        offset = start * self._dtype.itemsize
+    def tokens(self, shard_number: int) -> np.ndarray:
+        tokens = self._maps.get(shard_number)
+        if tokens is None:
+            self._unmap_evicted()
+            tokens, inode = self._map(self._shards[shard_number])
+            self._maps.put(shard_number, tokens, inode)
+        return tokens
+
+    def _map(self, shard: ShardFile) -> tuple[np.ndarray, int]:
+        path = self.cache.ensure(shard, itemsize=self._dtype.itemsize)
         try:
-            return np.fromfile(self._path(shard_number), self._dtype, count, offset=offset)
+            return map_shard_file(path, self._dtype, shard.num_tokens)
         except FileNotFoundError:  # evicted by another process since: fetch it again
-            self._ready.pop(shard_number, None)
-            return np.fromfile(self._path(shard_number), self._dtype, count, offset=offset)
+            path = self.cache.ensure(shard, itemsize=self._dtype.itemsize)
+            return map_shard_file(path, self._dtype, shard.num_tokens)
 
-    def _path(self, shard_number: int) -> str:
-        path = self._ready.get(shard_number)
-        if path is None:
-            shard = self._shards[shard_number]
-            path = str(self.cache.ensure(shard, itemsize=self._dtype.itemsize))
-            self._ready[shard_number] = path
-        return path
+    def _unmap_evicted(self) -> None:
+        for number, inode in self._maps.inodes():
+            try:
+                current = os.stat(self.cache.path_of(self._shards[number])).st_ino
+            except FileNotFoundError:
+                current = None
+            if current != inode:
+                self._maps.drop(number)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_ready": {}}
+        return {**self.__dict__, "_maps": ShardMaps()}
 
 
 class ShardPrefetcher:
