@@ -1,0 +1,203 @@
+"""The batcher's timing rules and the model thread's failure isolation, with real threads,
+a real event loop and a real (small, untrained) GPT; a failing model at the model boundary."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from steadytrain.config import config_from_dict
+from steadytrain.model import GPT
+from steadytrain.serve import (
+    FORWARD,
+    GENERATE,
+    Batcher,
+    BatcherClosed,
+    ForwardRequest,
+    GenerateRequest,
+    ModelWorker,
+    Pending,
+    QueueFull,
+    Sampling,
+    ServedModel,
+    ServeFailure,
+    ServeMetrics,
+    generate,
+)
+from steadytrain.serve.app import LoopReply
+
+
+class Collected:
+    """A reply that records what the model's thread sent (a Reply at its Protocol)."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.outcome: Any = None
+        self.done = threading.Event()
+
+    def token(self, token: int) -> None:
+        self.tokens.append(token)
+
+    def finish(self, result: Any) -> None:
+        self.outcome = result
+        self.done.set()
+
+    def fail(self, error: ServeFailure) -> None:
+        self.outcome = error
+        self.done.set()
+
+
+def pending(kind: str = FORWARD, *, timeout: float = 60.0, payload: Any = None) -> Pending:
+    return Pending(kind, payload, Collected(), deadline=time.monotonic() + timeout)
+
+
+def test_the_wait_counts_from_the_first_request_not_from_the_take() -> None:
+    batcher = Batcher(max_queue=8, kinds=(FORWARD,))
+    first = pending()
+    batcher.put(first)
+    time.sleep(0.3)  # the first request has waited longer than max_wait already
+    started = time.monotonic()
+    taken, _ = batcher.take(FORWARD, limit=4, max_wait_s=0.25)
+    assert taken == [first]
+    assert time.monotonic() - started < 0.1
+
+
+def test_a_batch_waits_for_more_requests_until_the_wait_ends() -> None:
+    batcher = Batcher(max_queue=8, kinds=(FORWARD,))
+    first, second = pending(), pending()
+    batcher.put(first)
+    threading.Timer(0.05, batcher.put, args=(second,)).start()
+    started = time.monotonic()
+    taken, _ = batcher.take(FORWARD, limit=3, max_wait_s=0.4)
+    elapsed = time.monotonic() - started
+    assert taken == [first, second]
+    assert 0.3 <= elapsed < 0.9  # the whole wait (no third came), counted from the first
+
+
+def test_a_full_batch_and_a_zero_wait_do_not_wait() -> None:
+    batcher = Batcher(max_queue=8, kinds=(FORWARD,))
+    requests = [pending() for _ in range(3)]
+    for request in requests:
+        batcher.put(request)
+    started = time.monotonic()
+    full, _ = batcher.take(FORWARD, limit=2, max_wait_s=5.0)
+    rest, _ = batcher.take(FORWARD, limit=8, max_wait_s=0.0)
+    assert (full, rest) == (requests[:2], requests[2:])
+    assert time.monotonic() - started < 0.1
+    assert batcher.take(FORWARD, limit=8, max_wait_s=5.0)[0] == []  # nothing queued: no wait
+
+
+def test_gone_and_expired_requests_are_dropped_before_a_batch_forms() -> None:
+    batcher = Batcher(max_queue=8, kinds=(FORWARD,))
+    gone, expired, live = pending(), pending(timeout=0.05), pending()
+    for request in (gone, expired, live):
+        batcher.put(request)
+    gone.gone = True
+    time.sleep(0.1)
+    taken, dropped = batcher.take(FORWARD, limit=8, max_wait_s=0.0)
+    assert taken == [live]
+    assert (dropped.gone, dropped.expired) == ([gone], [expired])
+
+
+def test_the_queue_is_bounded_and_a_discarded_request_frees_its_place() -> None:
+    batcher = Batcher(max_queue=2, kinds=(FORWARD, GENERATE))
+    first, second = pending(), pending()
+    batcher.put(first)
+    batcher.put(second)
+    with pytest.raises(QueueFull):
+        batcher.put(pending())
+    batcher.put(pending(GENERATE))  # each kind has its own bound
+    batcher.discard(first)
+    batcher.put(pending())
+    assert batcher.close("draining") and batcher.queued() == 0
+    with pytest.raises(BatcherClosed, match="draining"):
+        batcher.put(pending())
+
+
+class FailsOn(nn.Module):
+    """A GPT that raises for any batch holding token 7 (a request that breaks the model)."""
+
+    def __init__(self, model: GPT) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if (tokens == 7).any():
+            raise RuntimeError("token 7 breaks this model")
+        return self.model(tokens)
+
+
+def served(model: nn.Module, **serve: Any) -> ServedModel:
+    config = config_from_dict({"serve": {"max_batch_size": 4, "max_wait_ms": 50, **serve}})
+    return ServedModel(
+        model=model,
+        config=config,
+        source="test",
+        step=None,
+        device=torch.device("cpu"),
+        causal=True,
+        generates=True,
+        max_seq_len=32,
+        vocab_size=256,
+    )
+
+
+def small_gpt() -> GPT:
+    torch.manual_seed(0)
+    return GPT(max_seq_len=32, num_layers=1, width=32, num_heads=2).eval()
+
+
+def test_a_failing_request_fails_alone_and_the_loop_keeps_serving() -> None:
+    batcher = Batcher(max_queue=16, kinds=(FORWARD, GENERATE))
+    worker = ModelWorker(served(FailsOn(small_gpt())), batcher, ServeMetrics(max_batch_size=4))
+    worker.start()
+    good = [pending(payload=ForwardRequest([1, 2, 3][: n + 1], "logprobs")) for n in range(3)]
+    bad = pending(payload=ForwardRequest([1, 7], "logprobs"))
+    making = [pending(GENERATE, payload=GenerateRequest([1, 2], Sampling(4, 0.0))) for _ in "ab"]
+    poisoned = pending(GENERATE, payload=GenerateRequest([7], Sampling(4, 0.0)))
+    for request in [*good[:2], bad, good[2], *making, poisoned]:
+        batcher.put(request)
+    for request in [*good, bad, *making, poisoned]:
+        assert request.reply.done.wait(30)  # type: ignore[attr-defined]
+    outcomes = {id(r): r.reply.outcome for r in [*good, bad, *making, poisoned]}  # type: ignore[attr-defined]
+    for failed in (bad, poisoned):
+        assert isinstance(outcomes[id(failed)], ServeFailure)
+        assert outcomes[id(failed)].status == 500
+        assert "token 7 breaks this model" in str(outcomes[id(failed)])
+    assert [len(outcomes[id(r)]["logprobs"]) for r in good] == [0, 1, 2]
+    assert all(outcomes[id(r)]["num_tokens"] == 4 for r in making)
+    assert worker.alive
+    worker.stop(timeout=5)
+    assert not worker.alive
+
+
+def test_batched_generation_gives_each_prompt_what_it_gets_alone() -> None:
+    model = small_gpt()
+    prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9]]
+    greedy = Sampling(max_new_tokens=30, temperature=0.0)  # past max_seq_len: the context slides
+    sampled = Sampling(max_new_tokens=5, temperature=1.0, top_k=20, seed=3)
+    for sampling in (greedy, sampled):
+        alone = [generate(model, [p], sampling=sampling, max_seq_len=32)[0] for p in prompts]
+        together = generate(model, prompts, sampling=sampling, max_batch_size=2, max_seq_len=32)
+        assert together == alone
+
+
+def test_a_reply_is_never_set_on_a_future_whose_client_has_gone() -> None:
+    async def scenario() -> tuple[bool, Any]:
+        loop = asyncio.get_running_loop()
+        left, stayed = LoopReply(loop, stream=False), LoopReply(loop, stream=True)
+        left.future.cancel()  # its client disconnected
+        threading.Thread(target=left.finish, args=({"text": "x"},)).start()
+        threading.Thread(target=stayed.finish, args=({"text": "y"},)).start()
+        result = await asyncio.wait_for(stayed.future, 5)
+        await asyncio.sleep(0.05)
+        return left.future.cancelled(), result
+
+    cancelled, result = asyncio.run(scenario())
+    assert cancelled and result == {"text": "y"}
