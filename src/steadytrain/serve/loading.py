@@ -3,6 +3,7 @@ weights verified (checksums where a manifest records them), never unpickled."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,7 +70,9 @@ def load_run_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) 
                 f"--set {override}: serve takes only serve.* settings; the model and its "
                 "weights are the run's own"
             )
-    return load_config(path, overrides=list(overrides))
+    # The run is where it is now (it may have been copied or moved since it was trained):
+    # its default checkpoint location follows it.
+    return load_config(path, overrides=[*overrides, f"run_dir={json.dumps(str(run_dir))}"])
 
 
 def resolve_device(config: Config) -> torch.device:
