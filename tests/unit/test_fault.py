@@ -74,15 +74,22 @@ def test_decide_reads_the_agreed_gradient_norm_and_a_nonfinite_loss_poisons_it()
     assert decider.decide(step=0, preempt_requested=False, loss=one, grad_norm=one).action is (
         StepAction.COMMIT
     )
-    # A finite loss goes to backward unchanged, to the bit; a non-finite one makes its
-    # gradients NaN, so the all-reduced gradient norm tells every rank.
+    # A finite loss's backward starts from the scale: the gradients of loss × scale, to the
+    # bit; a non-finite one's from NaN, so its gradients are NaN and the all-reduced gradient
+    # norm tells every rank.
     weight = torch.tensor(3.0, requires_grad=True)
+    (weight * 0.1 / 3).backward()
+    divided, weight.grad = weight.grad, None
     loss = weight * 0.1
-    assert torch.equal(decider.guard_loss(loss, step=0), loss)
+    loss.backward(decider.backward_seed(loss, step=0, scale=1 / 3))
+    assert weight.grad is not None and torch.equal(weight.grad, divided)
+    weight.grad = None
     for bad in (weight * float("inf"), weight * float("nan")):
-        decider.guard_loss(bad, step=0).backward()
+        bad.backward(decider.backward_seed(bad, step=0, scale=0.5))
         assert weight.grad is not None and weight.grad.isnan().all()
         weight.grad = None
+    half = torch.tensor(1.0, dtype=torch.bfloat16)
+    assert decider.backward_seed(half, step=0, scale=0.5).dtype == torch.bfloat16
     nan_loss = decider.decide(
         step=1,
         preempt_requested=False,
@@ -96,8 +103,8 @@ def test_decide_reads_the_agreed_gradient_norm_and_a_nonfinite_loss_poisons_it()
     assert inf_norm.gradient_nonfinite and inf_norm.nonfinite_loss_ranks == ()
     assert (inf_norm.action, inf_norm.stop) == (StepAction.SKIP, StopReason.PREEMPTED)
     # Injected faults: step 7 on this rank (0), step 8 on another rank only.
-    assert decider.guard_loss(one, step=7).isnan()
-    assert torch.equal(decider.guard_loss(one, step=8), one)
+    assert decider.backward_seed(one, step=7, scale=1.0).isnan()
+    assert decider.backward_seed(one, step=8, scale=1.0).item() == 1.0
 
 
 def test_preemption_signals_are_checked_about_every_signal_check_s() -> None:

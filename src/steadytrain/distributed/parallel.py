@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -23,6 +23,8 @@ from steadytrain.distributed.comm_hooks import (
 from steadytrain.distributed.compiling import compile_in_place
 from steadytrain.distributed.fsdp import checkpoint_activations, set_gradient_sync, shard_model
 from steadytrain.distributed.runtime import Runtime, keep_until_exit
+
+_IN_SYNC = contextlib.nullcontext()  # backward syncs as it always does
 
 
 class GradSyncClock:
@@ -116,17 +118,13 @@ class ParallelModel:
         self.module = ddp
         keep_until_exit(ddp)  # its reducer's gloo group must never be destroyed
 
-    @contextlib.contextmanager
-    def gradient_sync(self, *, enabled: bool) -> Iterator[None]:
+    def gradient_sync(self, *, enabled: bool) -> contextlib.AbstractContextManager[None]:
         """Inside, backward syncs gradients only if ``enabled`` (``no_sync`` otherwise)."""
         if self.sharded:
             set_gradient_sync(self.unwrapped, enabled=enabled)
-            yield
-        elif enabled or not isinstance(self.module, DistributedDataParallel):
-            yield
-        else:
-            with self.module.no_sync():
-                yield
+        elif not enabled and isinstance(self.module, DistributedDataParallel):
+            return self.module.no_sync()
+        return _IN_SYNC
 
     def gradient_norm(self) -> torch.Tensor:
         """The L2 norm of all synced gradients, the same on every rank (on the device).

@@ -3,10 +3,10 @@
 Two kinds of signal, agreed in two ways:
 
 - **Non-finite loss or gradients** are agreed through the gradient all-reduce itself. A rank
-  whose loss is not finite backpropagates ``loss × NaN`` (``guard_loss``), so its gradients
-  are NaN; the all-reduce spreads them to every rank, and the global gradient norm, computed
-  from the same reduced gradients on every rank (the premise DDP already rests on: every rank
-  holds identical gradients after the sync), is non-finite everywhere. Every step reads that
+  whose loss is not finite starts its backward from a NaN gradient (``backward_seed``), so its
+  gradients are NaN; the all-reduce spreads them to every rank, and the global gradient norm,
+  computed from the same reduced gradients on every rank (the premise DDP already rests on:
+  every rank holds identical gradients after the sync), is non-finite everywhere. Every step reads that
   norm once on the host (``decide``'s one host sync) and no extra collective is needed.
 - **Preemption signals** arrive on any rank at any time. Ranks agree on them in a small MAX
   all-reduce of a ``4 × world_size`` int32 table (preempted, non-finite loss, non-finite
@@ -120,13 +120,15 @@ class StepGuard:
         self._next_check: int | None = None  # the step of the next signal check (None: now)
         self._last_check: tuple[int, float] | None = None  # its step and time
 
-    def guard_loss(self, loss: torch.Tensor, *, step: int) -> torch.Tensor:
-        """The loss to backpropagate: ``loss`` itself when it is finite (× 1, the same bits),
-        ``loss × NaN`` when it is not, so every gradient of this rank turns NaN and the
-        gradient all-reduce carries the verdict to all ranks. On the device: no host sync."""
+    def backward_seed(self, loss: torch.Tensor, *, step: int, scale: float) -> torch.Tensor:
+        """The gradient to start ``loss.backward`` from: ``scale`` when the loss is finite,
+        NaN when it is not, so every gradient of this rank turns NaN and the gradient
+        all-reduce carries the verdict to all ranks. Seeding the backward, rather than
+        multiplying the loss, adds no node to the graph. On the device: no host sync."""
         if step in self._injected_steps:  # fault injection (fault.inject_nonfinite_at)
-            loss = loss * float("nan")
-        return loss * torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))
+            return torch.full_like(loss, float("nan"), requires_grad=False)
+        finite = torch.isfinite(loss.detach())
+        return torch.where(finite, scale, float("nan")).to(loss.dtype)
 
     def decide(
         self,

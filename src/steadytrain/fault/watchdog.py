@@ -100,6 +100,7 @@ class HangWatchdog:
         self._emit, self._board, self._on_hang = emit, board, on_hang
         self._interval = beat_interval_s
         self._open_phases: list[str] = []  # training thread only
+        self._long_phases_open = 0  # how many of them are LONG_PHASES
         self._num_phases_entered = 0
         self._first_step_done = False
         self._position = _Position(0, "setup", 0, time.monotonic(), True)
@@ -111,6 +112,7 @@ class HangWatchdog:
 
     def step_started(self, *, step: int) -> None:
         self._open_phases.clear()
+        self._long_phases_open = 0
         self._num_phases_entered = 0
         self._record(step, "step start")
         if self._thread is None:
@@ -118,24 +120,27 @@ class HangWatchdog:
 
     def phase_started(self, phase: str, *, step: int) -> None:
         self._open_phases.append(phase)
+        self._long_phases_open += phase in LONG_PHASES
         self._num_phases_entered += 1
         self._record(step, phase)
 
     def phase_ended(self, phase: str, *, step: int, seconds: float) -> None:
         if self._open_phases and self._open_phases[-1] == phase:
             self._open_phases.pop()
+            self._long_phases_open -= phase in LONG_PHASES
         self._record(step, self._open_phases[-1] if self._open_phases else f"after {phase}")
 
     def step_ended(self, *, step: int, action: str, seconds: float) -> None:
         self._first_step_done = True
         self._open_phases.clear()
+        self._long_phases_open = 0
         self._record(step, "between steps")
 
     def event(self, kind: str, fields: dict[str, Any]) -> None:
         return None  # events also come from background threads (async saves): not progress
 
     def _record(self, step: int, phase: str) -> None:
-        generous = not self._first_step_done or any(p in LONG_PHASES for p in self._open_phases)
+        generous = self._long_phases_open > 0 or not self._first_step_done
         # One attribute write of a new tuple: atomic under the GIL, no lock needed.
         self._position = _Position(
             step, phase, self._num_phases_entered, time.monotonic(), generous

@@ -7,9 +7,8 @@ per-phase time needs a device sync at each phase boundary; that sync is only pai
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
+from types import TracebackType
 
 import torch
 
@@ -34,6 +33,7 @@ class PhaseTimer:
         self._step_number = 0
         self._seconds = dict.fromkeys(PHASES, 0.0)
         self._step_started = time.perf_counter()
+        self._phases: dict[str, _Phase] = {}
 
     @property
     def sampling(self) -> bool:
@@ -47,19 +47,21 @@ class PhaseTimer:
             torch.cuda.synchronize()  # device sync (sampled steps only)
         self._step_started = time.perf_counter()
 
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        self.observers.phase_started(name)
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.sampling:
-                torch.cuda.synchronize()  # device sync (sampled steps only)
-            seconds = time.perf_counter() - started
-            # Phases outside the step contract (evaluation) are only seen by the observers.
-            self._seconds[name] = self._seconds.get(name, 0.0) + seconds
-            self.observers.phase_ended(name, seconds=seconds)
+    def phase(self, name: str) -> _Phase:
+        """A context that times ``name`` (reused: a plain object is cheaper per micro-step
+        than a generator-based context manager)."""
+        phase = self._phases.get(name)
+        if phase is None:
+            phase = self._phases[name] = _Phase(self, name)
+        return phase
+
+    def _phase_ended(self, name: str, started: float) -> None:
+        if self.sampling:
+            torch.cuda.synchronize()  # device sync (sampled steps only)
+        seconds = time.perf_counter() - started
+        # Phases outside the step contract (evaluation) are only seen by the observers.
+        self._seconds[name] = self._seconds.get(name, 0.0) + seconds
+        self.observers.phase_ended(name, seconds=seconds)
 
     def add(self, name: str, seconds: float) -> None:
         """Charge time measured elsewhere (e.g. the gradient all-reduce) to ``name``."""
@@ -72,3 +74,25 @@ class PhaseTimer:
         elapsed = time.perf_counter() - self._step_started
         self._step_number += 1
         return elapsed, dict(self._seconds)
+
+
+class _Phase:
+    """One phase's timing context; nested entries of the same phase are timed separately."""
+
+    __slots__ = ("_name", "_started", "_timer")
+
+    def __init__(self, timer: PhaseTimer, name: str) -> None:
+        self._timer, self._name = timer, name
+        self._started: list[float] = []
+
+    def __enter__(self) -> None:
+        self._timer.observers.phase_started(self._name)
+        self._started.append(time.perf_counter())
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._timer._phase_ended(self._name, self._started.pop())
