@@ -19,6 +19,7 @@ from steadytrain.serve import (
     GENERATE,
     Batcher,
     BatcherClosed,
+    Faults,
     ForwardRequest,
     GenerateRequest,
     ModelWorker,
@@ -30,7 +31,7 @@ from steadytrain.serve import (
     ServeMetrics,
     generate,
 )
-from steadytrain.serve.app import LoopReply
+from steadytrain.serve.app import LoopReply, ServerState
 
 
 class Collected:
@@ -201,3 +202,38 @@ def test_a_reply_is_never_set_on_a_future_whose_client_has_gone() -> None:
 
     cancelled, result = asyncio.run(scenario())
     assert cancelled and result == {"text": "y"}
+
+
+def test_a_running_generation_past_its_time_is_stopped_with_504() -> None:
+    batcher = Batcher(max_queue=4, kinds=(FORWARD, GENERATE))
+    slow = Faults(step_delay_s=0.05)  # about 20 decoding steps a second
+    worker = ModelWorker(served(small_gpt()), batcher, ServeMetrics(max_batch_size=4), faults=slow)
+    worker.start()
+    late = pending(GENERATE, timeout=0.5, payload=GenerateRequest([1], Sampling(1000, 0.0)))
+    batcher.put(late)
+    assert late.reply.done.wait(10)  # type: ignore[attr-defined]
+    outcome, tokens = late.reply.outcome, late.reply.tokens  # type: ignore[attr-defined]
+    assert isinstance(outcome, ServeFailure) and outcome.status == 504
+    assert 0 < len(tokens) < 100  # it ran, then was stopped, not left to run on
+    worker.stop(timeout=5)
+
+
+class BrokenReply(Collected):
+    def finish(self, result: Any) -> None:
+        raise RuntimeError("a bug in delivering results")
+
+
+def test_readiness_fails_when_the_batch_loop_dies() -> None:
+    batcher = Batcher(max_queue=4, kinds=(FORWARD, GENERATE))
+    worker = ModelWorker(served(small_gpt()), batcher, ServeMetrics(max_batch_size=4))
+    state = ServerState(served=worker.served, worker=worker)
+    worker.start()
+    assert state.not_ready() is None
+    batcher.put(Pending(FORWARD, ForwardRequest([1, 2], "logits"), BrokenReply(), deadline=1e12))
+    deadline = time.monotonic() + 10
+    while worker.alive and time.monotonic() < deadline:
+        time.sleep(0.01)
+    reason = state.not_ready()
+    assert reason is not None and "a bug in delivering results" in reason
+    with pytest.raises(BatcherClosed):  # new requests are refused rather than left waiting
+        batcher.put(pending())

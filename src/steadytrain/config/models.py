@@ -470,7 +470,8 @@ class ServeConfig(_Section):
     )
     max_queue: int = operational_field(
         64,
-        description="Requests waiting for a batch beyond which new ones get 503 with Retry-After.",
+        description="Requests of one endpoint waiting for a batch beyond which new ones get 503 "
+        "with Retry-After.",
         ge=1,
     )
     retry_after_s: int = operational_field(

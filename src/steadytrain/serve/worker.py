@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -101,9 +102,9 @@ class ModelWorker:
         try:
             with torch.inference_mode():
                 self._loop()
-        except BaseException as error:
+        except BaseException as error:  # a bug: say so where operators look, and stop
             self.error = f"the batch loop stopped: {type(error).__name__}: {error}"
-            raise
+            traceback.print_exc()
         finally:
             reason = self.error or "the server is shutting down"
             left = self.batcher.close(reason)
