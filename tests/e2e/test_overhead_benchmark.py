@@ -52,11 +52,18 @@ def test_the_paired_benchmark_brackets_each_block_with_the_hand_loops_turns(
         around = (turns[number]["seconds"] + turns[number + 1]["seconds"]) / 2
         assert pair["baseline"]["seconds"] == pytest.approx(around)
         assert pair["wall_ratio"] == pytest.approx(pair["steadytrain"]["seconds"] / around)
+        cpu_around = (turns[number]["cpu_seconds"] + turns[number + 1]["cpu_seconds"]) / 2
+        # The training thread's CPU time: positive, and never more than its wall time.
+        assert 0 < pair["steadytrain"]["cpu_seconds"] <= pair["steadytrain"]["seconds"]
+        assert pair["cpu_ratio"] == pytest.approx(pair["steadytrain"]["cpu_seconds"] / cpu_around)
     assert variant["median_wall_ratio"] == pytest.approx(
         statistics.median(pair["wall_ratio"] for pair in pairs)
     )
     low, high = variant["median_wall_ratio_95"]
     assert low <= variant["median_wall_ratio"] <= high
+    assert variant["median_cpu_ratio"] == pytest.approx(
+        statistics.median(pair["cpu_ratio"] for pair in pairs)
+    )
     assert raw["world_size"] == 2 and raw["grad_accum_steps"] == 1
     # steadytrain really trained: its run directory has the ledger of every committed step.
     rank_files = sorted((tmp_path / "work" / "ledger_on").rglob("rank-0000?.jsonl"))
