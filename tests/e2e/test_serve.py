@@ -235,17 +235,15 @@ async def _poison_overflow_and_disconnect(server: Server) -> None:
         # Two long generations fill the batch; two more fill the queue; the next is refused.
         running = [generate("def ", 15), generate("x = ", 15)]
         await asyncio.sleep(0.5)
-        leaving = asyncio.ensure_future(
-            httpx.AsyncClient(base_url=server.url, timeout=0.8).post(
-                "/v1/generate", json={"prompt": "bye", "max_new_tokens": 2, "temperature": 0}
-            )
-        )
-        queued = generate("class", 2)
-        await asyncio.sleep(0.3)
-        refused = await client.post("/v1/generate", json={"prompt": "late", "max_new_tokens": 1})
-        assert refused.status_code == 503 and refused.headers["retry-after"] == "7"
-        with pytest.raises(httpx.TimeoutException):
-            await leaving  # its client gives up and disconnects: its place is freed
+        async with httpx.AsyncClient(base_url=server.url, timeout=0.8) as impatient:
+            body = {"prompt": "bye", "max_new_tokens": 2, "temperature": 0}
+            leaving = asyncio.ensure_future(impatient.post("/v1/generate", json=body))
+            queued = generate("class", 2)
+            await asyncio.sleep(0.3)
+            refused = await client.post("/v1/generate", json={"prompt": "late"})
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "7"
+            with pytest.raises(httpx.TimeoutException):
+                await leaving  # its client gives up and disconnects: its place is freed
         await asyncio.sleep(0.3)
         taken = generate("after", 2)  # in the place the disconnected request left
         answers = [await task for task in [*running, queued, taken]]
@@ -255,7 +253,8 @@ async def _poison_overflow_and_disconnect(server: Server) -> None:
     assert samples[("steadytrain_serve_requests_total", outcome)] == 1
     assert samples[("steadytrain_serve_rejections_total", (("reason", "queue_full"),))] == 1
     assert samples[("steadytrain_serve_batch_failures_total", (("kind", "generate"),))] >= 1
-    # The disconnected request never ran: 4 answered generations of 2, 2 of 15, 2 of 2.
+    # The disconnected request never ran: the poison's neighbour 2 tokens, the long ones 15
+    # each, the queued one and the one that took the freed place 2 each.
     assert samples[("steadytrain_serve_generated_tokens_total", ())] == 2 + 15 * 2 + 2 * 2
 
 

@@ -115,94 +115,43 @@ def create_app(
     state: ServerState, *, batcher: Batcher, metrics: ServeMetrics, settings: ServeConfig
 ) -> FastAPI:
     """The API over ``batcher`` (whose requests the model's thread answers)."""
+    api = _Api(state, batcher=batcher, metrics=metrics, settings=settings)
     app = FastAPI(title="steadytrain serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_exception_handler(ServeFailure, api.failed)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, api.invalid)  # type: ignore[arg-type]
+    app.add_api_route("/healthz", api.healthz, methods=["GET"])
+    app.add_api_route("/readyz", api.readyz, methods=["GET"])
+    app.add_api_route("/metrics", api.prometheus_metrics, methods=["GET"])
+    app.add_api_route("/v1/forward", api.forward, methods=["POST"])
+    app.add_api_route("/v1/generate", api.generate, methods=["POST"])
     metrics.ready.set_function(lambda: 0.0 if state.not_ready() else 1.0)
+    return app
 
-    def count(request: Request, status: int) -> None:
-        outcome = OUTCOMES.get(status, "bad_request" if 400 <= status < 500 else "failed")
-        metrics.requests.labels(request.url.path, outcome).inc()
 
-    def failure_response(request: Request, failure: ServeFailure) -> JSONResponse:
-        count(request, failure.status)
-        headers = {"Retry-After": str(settings.retry_after_s)} if failure.status == 503 else None
-        return JSONResponse({"error": str(failure)}, status_code=failure.status, headers=headers)
+class _Api:
+    """The handlers: check, queue, await the outcome, answer (and count what happened)."""
 
-    @app.exception_handler(ServeFailure)
-    async def _failed(request: Request, failure: ServeFailure) -> JSONResponse:
-        return failure_response(request, failure)
+    def __init__(
+        self,
+        state: ServerState,
+        *,
+        batcher: Batcher,
+        metrics: ServeMetrics,
+        settings: ServeConfig,
+    ) -> None:
+        self.state = state
+        self.batcher = batcher
+        self.metrics = metrics
+        self.settings = settings
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
-        first = error.errors()[0]
-        if first.get("type") == "json_invalid":
-            return failure_response(request, ServeFailure(400, "the body is not valid JSON"))
-        if "json" not in request.headers.get("content-type", ""):
-            return failure_response(
-                request, ServeFailure(415, "send the body as JSON (Content-Type: application/json)")
-            )
-        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "body"
-        return failure_response(request, ServeFailure(422, f"{where}: {first.get('msg')}"))
-
-    def ready_model() -> ServedModel:
-        reason = state.not_ready()
-        if reason is not None or state.served is None:
-            metrics.rejections.labels("draining" if state.draining else "not_ready").inc()
-            raise ServeFailure(503, f"not ready: {reason}")
-        return state.served
-
-    def submit(kind: str, payload: Any, *, stream: bool = False) -> Pending:
-        reply = LoopReply(asyncio.get_running_loop(), stream=stream)
-        pending = Pending(
-            kind, payload, reply, deadline=batcher.clock() + settings.request_timeout_s
-        )
-        try:
-            batcher.put(pending)
-        except QueueFull as full:
-            metrics.rejections.labels("queue_full").inc()
-            raise ServeFailure(
-                503, f"the queue is full ({full}); retry after {settings.retry_after_s} s"
-            ) from None
-        except BatcherClosed as closed:
-            metrics.rejections.labels("draining").inc()
-            raise ServeFailure(503, str(closed)) from None
-        metrics.queue_length.labels(kind).set(batcher.queued(kind))
-        return pending
-
-    async def outcome(pending: Pending, request: Request) -> Any:
-        """The request's result; a client that leaves or outlasts its time is dropped."""
-        future = pending.reply.future  # type: ignore[attr-defined]
-        watcher = asyncio.ensure_future(_client_gone(request))
-        try:
-            done, _ = await asyncio.wait(
-                {future, watcher},
-                timeout=max(0.0, pending.deadline - batcher.clock()),
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        except asyncio.CancelledError:  # the shutdown grace ran out
-            batcher.discard(pending)
-            raise
-        finally:
-            watcher.cancel()
-        if future.done():
-            return future.result()  # raises its ServeFailure
-        batcher.discard(pending)
-        future.cancel()
-        if watcher in done:
-            raise ServeFailure(CLIENT_GONE, "the client disconnected")
-        raise ServeFailure(
-            504, f"not answered within serve.request_timeout_s ({settings.request_timeout_s:g} s)"
-        )
-
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
+    async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz")
-    async def readyz() -> JSONResponse:
-        reason = state.not_ready()
-        if reason is not None or state.served is None:
+    async def readyz(self) -> JSONResponse:
+        reason = self.state.not_ready()
+        served = self.state.served
+        if reason is not None or served is None:
             return JSONResponse({"ready": False, "reason": reason}, status_code=503)
-        served = state.served
         return JSONResponse(
             {
                 "ready": True,
@@ -212,28 +161,36 @@ def create_app(
             }
         )
 
-    @app.get("/metrics")
-    async def prometheus_metrics() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    async def prometheus_metrics(self) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/forward")
-    async def forward(body: ForwardBody, request: Request) -> Any:
-        served = ready_model()
+    async def forward(self, body: ForwardBody, request: Request) -> Any:
+        served = self.ready_model()
         tokens = body.tokens
-        limit = min(settings.max_prompt_tokens, served.max_seq_len or settings.max_prompt_tokens)
+        limit = self.settings.max_prompt_tokens
+        limit = min(limit, served.max_seq_len or limit)
         if len(tokens) > limit:
             raise ServeFailure(
                 413, f"tokens: {len(tokens)} tokens, more than the {limit} this server takes"
             )
         if served.vocab_size is not None and not all(0 <= t < served.vocab_size for t in tokens):
             raise ServeFailure(422, f"tokens: ids must be in [0, {served.vocab_size})")
-        result = await outcome(submit(FORWARD, ForwardRequest(tokens, body.output)), request)
-        count(request, 200)
+        pending = self.submit(FORWARD, ForwardRequest(tokens, body.output))
+        result = await self.outcome(pending, request)
+        self.count(request, 200)
         return result
 
-    @app.post("/v1/generate")
-    async def generate(body: GenerateBody, request: Request) -> Any:
-        served = ready_model()
+    async def generate(self, body: GenerateBody, request: Request) -> Any:
+        pending = self.submit(GENERATE, self.generate_request(body), stream=body.stream)
+        if body.stream:  # counted as answered: what follows goes in the stream's own events
+            self.count(request, 200)
+            return StreamingResponse(_events(pending, self.batcher), media_type="text/event-stream")
+        result = await self.outcome(pending, request)
+        self.count(request, 200)
+        return result
+
+    def generate_request(self, body: GenerateBody) -> GenerateRequest:
+        served, settings = self.ready_model(), self.settings
         if not served.generates:
             raise ServeFailure(
                 404,
@@ -259,17 +216,75 @@ def create_app(
             top_k=body.top_k,
             seed=body.seed,
         )
-        pending = submit(GENERATE, GenerateRequest(tokens, sampling), stream=body.stream)
-        if body.stream:
-            count(request, 200)
-            return StreamingResponse(
-                _events(pending, batcher=batcher), media_type="text/event-stream"
-            )
-        result = await outcome(pending, request)
-        count(request, 200)
-        return result
+        return GenerateRequest(tokens, sampling)
 
-    return app
+    def ready_model(self) -> ServedModel:
+        reason = self.state.not_ready()
+        if reason is not None or self.state.served is None:
+            self.metrics.rejections.labels("draining" if self.state.draining else "not_ready").inc()
+            raise ServeFailure(503, f"not ready: {reason}")
+        return self.state.served
+
+    def submit(self, kind: str, payload: Any, *, stream: bool = False) -> Pending:
+        reply = LoopReply(asyncio.get_running_loop(), stream=stream)
+        deadline = self.batcher.clock() + self.settings.request_timeout_s
+        pending = Pending(kind, payload, reply, deadline=deadline)
+        try:
+            self.batcher.put(pending)
+        except QueueFull as full:
+            self.metrics.rejections.labels("queue_full").inc()
+            raise ServeFailure(
+                503, f"the queue is full ({full}); retry after {self.settings.retry_after_s} s"
+            ) from None
+        except BatcherClosed as closed:
+            self.metrics.rejections.labels("draining").inc()
+            raise ServeFailure(503, str(closed)) from None
+        self.metrics.queue_length.labels(kind).set(self.batcher.queued(kind))
+        return pending
+
+    async def outcome(self, pending: Pending, request: Request) -> Any:
+        """The request's result; a client that leaves or outlasts its time is dropped."""
+        future = pending.reply.future  # type: ignore[attr-defined]
+        watcher = asyncio.ensure_future(_client_gone(request))
+        try:
+            done, _ = await asyncio.wait(
+                {future, watcher},
+                timeout=max(0.0, pending.deadline - self.batcher.clock()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        except asyncio.CancelledError:  # the shutdown grace ran out
+            self.batcher.discard(pending)
+            raise
+        finally:
+            watcher.cancel()
+        if future.done():
+            return future.result()  # raises its ServeFailure
+        self.batcher.discard(pending)
+        future.cancel()
+        if watcher in done:
+            raise ServeFailure(CLIENT_GONE, "the client disconnected")
+        limit = self.settings.request_timeout_s
+        raise ServeFailure(504, f"not answered within serve.request_timeout_s ({limit:g} s)")
+
+    def count(self, request: Request, status: int) -> None:
+        outcome = OUTCOMES.get(status, "bad_request" if 400 <= status < 500 else "failed")
+        self.metrics.requests.labels(request.url.path, outcome).inc()
+
+    async def failed(self, request: Request, failure: ServeFailure) -> JSONResponse:
+        self.count(request, failure.status)
+        retry = {"Retry-After": str(self.settings.retry_after_s)} if failure.status == 503 else None
+        return JSONResponse({"error": str(failure)}, status_code=failure.status, headers=retry)
+
+    async def invalid(self, request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0]
+        if first.get("type") == "json_invalid":
+            failure = ServeFailure(400, "the body is not valid JSON")
+        elif "json" not in request.headers.get("content-type", ""):
+            failure = ServeFailure(415, "send the body as JSON (Content-Type: application/json)")
+        else:
+            where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+            failure = ServeFailure(422, f"{where or 'body'}: {first.get('msg')}")
+        return await self.failed(request, failure)
 
 
 async def _client_gone(request: Request) -> None:
@@ -280,7 +295,7 @@ async def _client_gone(request: Request) -> None:
             return
 
 
-async def _events(pending: Pending, *, batcher: Batcher) -> AsyncIterator[str]:
+async def _events(pending: Pending, batcher: Batcher) -> AsyncIterator[str]:
     """A generation as server-sent events: one per token, then ``done`` (or ``error``)."""
     reply: LoopReply = pending.reply  # type: ignore[assignment]
     assert reply.tokens is not None
