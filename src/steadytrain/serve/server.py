@@ -131,12 +131,17 @@ def _bind(host: str, port: int) -> socket.socket:
     """The listening socket, bound here so that a taken port is one clear line."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        return socket.create_server((host, port), family=family, backlog=2048)
+        listener = socket.create_server((host, port), family=family, backlog=2048)
     except OSError as error:
         raise ConfigError(
             f"--host {host} --port {port}: cannot listen there ({error.strerror or error}); "
             "choose another --port (or --host)"
         ) from None
+    # Accepted connections inherit it. asyncio sets it only on sockets whose proto is TCP, and
+    # create_server's is 0: without it, uvicorn's separate header and body writes meet the
+    # client's delayed ACK and every answer waits ~40 ms (Nagle).
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return listener
 
 
 class _DrainingServer(uvicorn.Server):
