@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from steadytrain.checkpoint.sharded import Chunk, ShardedTensor
+from steadytrain.checkpoint.sharded import Chunk, ShardedTensor, index_problems
 from steadytrain.checkpoint.sharded import _storage_metadata as storage_metadata
+from steadytrain.checkpoint.tensorfile import Entry
 from steadytrain.config import load_config
 from steadytrain.distributed import ModelState, OptimizerState
 from steadytrain.model.gpt import GPT
@@ -56,15 +57,15 @@ def test_format_1_positions_and_format_2_names_load_the_same_state() -> None:
     assert loaded[0]["param_groups"] == loaded[1]["param_groups"] == by_position["param_groups"]
 
 
-def test_a_load_template_leaves_a_fresh_optimizer_fresh() -> None:
+def test_a_fresh_optimizers_load_template_is_its_parameters_without_a_step() -> None:
     model, optimizer = fresh_pair()
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
     template = OptimizerState(model, optimizer).load_template()
-    assert not optimizer.state, "the template's zero step must not count as a step"
+    assert not optimizer.state, "a template must not create optimizer state"
     assert all(p.grad is None for p in model.parameters())
+    # Each parameter stands for all of its state: a load lays every moment out like it.
+    assert list(template["state"]) == [name for name, _ in model.named_parameters()]
     for name, parameter in model.named_parameters():
-        assert torch.equal(parameter, before[name]), name  # learning rate 0: nothing moved
-        assert template["state"][name]["exp_avg"].shape == parameter.shape
+        assert template["state"][name] is parameter, name
 
 
 def test_optimizer_state_of_another_shape_is_refused_not_loaded_into_the_wrong_parameter() -> None:
@@ -92,3 +93,44 @@ def test_shards_that_overlap_or_leave_a_hole_do_not_tile_the_tensor() -> None:
         storage_metadata("w", stored, twice_the_first)
     with pytest.raises(TypeError, match="cannot be saved"):
         ShardedTensor(shape=(2,), dtype=torch.complex128).describe()
+
+
+def test_the_chunk_index_check_names_each_fault_of_a_sharded_checkpoint() -> None:
+    shared = {"sharded": {"model": {"w": {"shape": [5, 3], "dtype": "F32"}}}}  # uneven: 3 + 2
+
+    def rank_document(rank: int, offset: list[int], shape: list[int]) -> dict[str, object]:
+        return {
+            "tensor_files": {"model": f"rank-0000{rank}-model.safetensors"},
+            "chunks": {"model": {"w": {"offset": offset, "shape": shape}}},
+        }
+
+    headers: dict[str, dict[str, Entry]] = {
+        "rank-00000-model.safetensors": {"w": (torch.float32, [3, 3], 0, 36)},
+        "rank-00001-model.safetensors": {"w": (torch.float32, [2, 3], 0, 24)},
+    }
+    good = {
+        "rank-00000.json": rank_document(0, [0, 0], [3, 3]),
+        "rank-00001.json": rank_document(1, [3, 0], [2, 3]),
+    }
+    assert index_problems(shared, good, headers.get) == []
+
+    overlapping = {**good, "rank-00001.json": rank_document(1, [2, 0], [2, 3])}
+    assert index_problems(shared, overlapping, headers.get) == [
+        "model w: the chunks ([0, 0]+[3, 3], [2, 0]+[2, 3]) do not tile its shape [5, 3]"
+    ]
+
+    unlisted = index_problems(shared, good, lambda name: headers.get(name.replace("1", "9")))
+    assert unlisted == [
+        "rank-00001.json: model shards in 'rank-00001-model.safetensors', not in the manifest",
+        "model w: the chunks ([0, 0]+[3, 3]) do not tile its shape [5, 3]",
+    ]
+    other_shape = {**headers, "rank-00001-model.safetensors": {"w": (torch.float16, [2, 3], 0, 12)}}
+    assert index_problems(shared, good, other_shape.get) == [
+        "rank-00001.json: model w: rank-00001-model.safetensors holds F16 [2, 3], the index "
+        "F32 [2, 3]"
+    ]
+    unknown = {**good, "rank-00001.json": rank_document(1, [3, 0], [2, 3]) | {"tensor_files": {}}}
+    assert "not in the manifest" in index_problems(shared, unknown, headers.get)[0]
+    assert index_problems(shared, {"rank-00000.json": {}}, headers.get)[0].startswith(
+        "chunk index unreadable"
+    )

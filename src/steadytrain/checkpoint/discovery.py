@@ -13,12 +13,14 @@ from steadytrain.checkpoint.manifest import (
     checksum_matches,
     step_of,
 )
-from steadytrain.checkpoint.snapshot import TENSOR_SUFFIX
+from steadytrain.checkpoint.sharded import index_problems
+from steadytrain.checkpoint.snapshot import SHARED_STEM, TENSOR_SUFFIX, rank_stem
 from steadytrain.checkpoint.storage import CheckpointStorage
-from steadytrain.checkpoint.tensorfile import TensorFileError, header_size, parse_header
+from steadytrain.checkpoint.tensorfile import Entry, TensorFileError, header_size, parse_header
 from steadytrain.config import ConfigError
 
 HEAD_BYTES = 64 * 2**10  # read first: enough for the header of a file of many tensors
+SHARED_FILE = f"{SHARED_STEM}.json"
 
 
 def verify_checkpoint(
@@ -51,7 +53,30 @@ def verify_checkpoint(
             problems.append(f"{filename}: checksum mismatch (corrupted)")
         elif (problem := _format_problem(storage, name, filename, size)) is not None:
             problems.append(f"{filename}: {problem}")
+    if read_files and not problems and SHARED_FILE in manifest.files:
+        problems.extend(_chunk_index_problems(storage, name, manifest))
     return manifest, problems
+
+
+def _chunk_index_problems(storage: CheckpointStorage, name: str, manifest: Manifest) -> list[str]:
+    """A sharded checkpoint's chunk index against the files (read and checked already)."""
+    shared = json.loads(storage.read_file(name, SHARED_FILE))
+    if not isinstance(shared, dict) or not shared.get("sharded"):
+        return []
+    documents = {}
+    for rank in range(manifest.world_size):
+        filename = f"{rank_stem(rank)}.json"
+        if filename not in manifest.files:
+            return [f"{filename}: missing from the manifest of a sharded checkpoint"]
+        documents[filename] = json.loads(storage.read_file(name, filename))
+
+    def header(filename: str) -> dict[str, Entry] | None:
+        entry = manifest.files.get(filename) if isinstance(filename, str) else None
+        if entry is None or not filename.endswith(TENSOR_SUFFIX):
+            return None
+        return parse_header(read_head(storage, name, filename, entry.size), entry.size)[0]
+
+    return index_problems(shared, documents, header)
 
 
 def _format_problem(storage: CheckpointStorage, name: str, filename: str, size: int) -> str | None:

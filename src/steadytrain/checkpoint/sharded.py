@@ -40,7 +40,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.futures import Future
 
-from steadytrain.checkpoint.tensorfile import DTYPE_CODES, DTYPES
+from steadytrain.checkpoint.tensorfile import DTYPE_CODES, DTYPES, Entry
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,20 @@ class Chunk:
             start >= 0 and start + size <= total
             for start, size, total in zip(self.offset, self.shape, shape, strict=True)
         )
+
+
+def tiles(shape: tuple[int, ...], chunks: list[Chunk]) -> bool:
+    """Whether ``chunks`` cover a tensor of ``shape`` exactly: each inside it, none
+    overlapping another, together as many elements as it has."""
+    if not all(len(c.offset) == len(c.shape) == len(shape) and c.inside(shape) for c in chunks):
+        return False
+    if sum(math.prod(chunk.shape) for chunk in chunks) != math.prod(shape):
+        return False
+    return not any(
+        math.prod(a.shape) and math.prod(b.shape) and a.overlaps(b.offset, b.shape)
+        for i, a in enumerate(chunks)
+        for b in chunks[i + 1 :]
+    )
 
 
 def local_shard(tensor: DTensor) -> tuple[torch.Tensor, list[int]]:
@@ -154,6 +168,62 @@ class RankShards:
         return cls(chunks=chunks, tensor_files=dict(document["tensor_files"]))
 
 
+def index_problems(
+    shared: dict[str, Any],
+    rank_documents: dict[str, dict[str, Any]],
+    header: Callable[[str], dict[str, Entry] | None],
+) -> list[str]:
+    """What is wrong with a sharded checkpoint's chunk index; empty when nothing is.
+
+    Every tensor that ``shared`` (``shared.json``) stores in shards must be tiled exactly by
+    the chunks the ranks' documents (``rank-NNNNN.json`` by filename) index, and every chunk
+    must name such a tensor and sit in a tensor file whose header (``header(filename)``;
+    None: the manifest does not list it) holds it with the chunk's shape and the tensor's
+    dtype. A resume finds the same faults only when it reads the chunks.
+    """
+    try:
+        stored = {
+            (part, key): ShardedTensor.from_json(described)
+            for part, found in shared.get("sharded", {}).items()
+            for key, described in found.items()
+        }
+        ranks = {name: RankShards.from_document(doc) for name, doc in rank_documents.items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        return [f"chunk index unreadable ({type(error).__name__}: {error})"]
+    problems = []
+    chunks: dict[tuple[str, str], list[Chunk]] = {name: [] for name in stored}
+    for document, shards in sorted(ranks.items()):
+        for part, entries in shards.chunks.items():
+            filename = shards.tensor_files.get(part)
+            entries_in_file = header(filename) if filename is not None else None
+            if entries_in_file is None:
+                problems.append(f"{document}: {part} shards in {filename!r}, not in the manifest")
+                continue
+            for key, chunk in entries.items():
+                where = f"{document}: {part} {key}"
+                if (part, key) not in stored:
+                    problems.append(f"{where}: not a sharded tensor of shared.json")
+                    continue
+                chunks[(part, key)].append(chunk)
+                entry = entries_in_file.get(key)
+                dtype = stored[(part, key)].dtype
+                if entry is None:
+                    problems.append(f"{where}: not in {filename}")
+                elif entry[0] != dtype or tuple(entry[1]) != chunk.shape:
+                    problems.append(
+                        f"{where}: {filename} holds {DTYPE_CODES.get(entry[0])} {entry[1]}, "
+                        f"the index {DTYPE_CODES.get(dtype)} {list(chunk.shape)}"
+                    )
+    for (part, key), found in sorted(chunks.items()):
+        shape = stored[(part, key)].shape
+        if not tiles(shape, found):
+            places = ", ".join(f"{list(c.offset)}+{list(c.shape)}" for c in found) or "none"
+            problems.append(
+                f"{part} {key}: the chunks ({places}) do not tile its shape {list(shape)}"
+            )
+    return problems
+
+
 def resolve_shards(
     states: dict[str, Any],
     *,
@@ -163,11 +233,15 @@ def resolve_shards(
 ) -> dict[str, Any]:
     """``states`` with every ``ShardedTensor`` replaced by a tensor laid out as in
     ``templates()`` (each part's own state: a DTensor there is filled as a DTensor of the
-    same layout, anything else as a full tensor on the host).
+    same layout, anything else as a full tensor on the host). A template may give one
+    tensor for a whole subtree (an optimizer's state of one parameter, before it has any):
+    every tensor below it of its global shape is laid out like it.
 
     ``rank_documents()``: every saving rank's ``rank-NNNNN.json``. Only the rank files holding
-    a chunk this rank needs are read. The parts are not touched: the targets are new
-    tensors, so nothing changes before every rank has read its share intact.
+    a chunk this rank needs are read. A stored chunk that is exactly this rank's part of a
+    tensor (a resume at the same world size) becomes that part as read, without a copy;
+    only the rest is planned and copied by DCP. The parts are not touched: the results are
+    new tensors, so nothing changes before every rank has read its share intact.
 
     Raises:
         ValueError: the chunk index does not describe the stored tensors (corrupt).
@@ -180,19 +254,48 @@ def resolve_shards(
     if not placeholders:
         return states
     ranks = [RankShards.from_document(json.loads(document)) for document in rank_documents()]
-    targets: dict[str, torch.Tensor] = {}
+    wanted: dict[str, tuple[ShardedTensor, DTensor | None]] = {}
     metadata: dict[str, Any] = {}
     layouts = templates()
     for part, found in placeholders.items():
         like = dict(tensor_leaves(layouts.get(part)))
         for key, stored in found.items():
             name = f"{part}/{key}"
-            targets[name] = _target(stored, like.get(key))
+            wanted[name] = (stored, _layout(like, key, stored))
             chunks = [
                 shards.chunks[part][key] for shards in ranks if key in shards.chunks.get(part, {})
             ]
             metadata[name] = _storage_metadata(name, stored, chunks)
-    data = _read_needed(targets, ranks, read_tensor_file)
+    regions = {name: _region(stored, layout) for name, (stored, layout) in wanted.items()}
+    data = _read_needed(regions, ranks, read_tensor_file)
+    resolved: dict[str, torch.Tensor] = {}
+    resharded: dict[str, torch.Tensor] = {}
+    for name, (stored, layout) in wanted.items():
+        offset, shape = regions[name]
+        as_stored = data.get((name, offset))
+        if as_stored is not None and tuple(as_stored.shape) == shape:
+            resolved[name] = _laid_out(as_stored, layout)
+        elif math.prod(shape) == 0:
+            resolved[name] = _target(stored, layout)  # nothing of it on this rank
+        else:
+            resharded[name] = _target(stored, layout)
+    if resharded:
+        _load_resharded(resharded, metadata, data)
+    resolved.update(resharded)
+    return {
+        part: replace_leaves(
+            state, {key: resolved[f"{part}/{key}"] for key in placeholders.get(part, {})}
+        )
+        for part, state in states.items()
+    }
+
+
+def _load_resharded(
+    targets: dict[str, torch.Tensor],
+    metadata: dict[str, Any],
+    data: dict[tuple[str, tuple[int, ...]], torch.Tensor],
+) -> None:
+    """Fill ``targets`` from the stored chunks in ``data``, as DCP plans the copies."""
     try:
         with warnings.catch_warnings():
             # DCP warns that no_dist means "a single process": here, each rank on its own.
@@ -209,34 +312,58 @@ def resolve_shards(
             for cause in failed.failures.values()
         ]
         raise ValueError(f"reading the shards failed: {'; '.join(causes)}") from None
-    return {
-        part: replace_leaves(
-            state, {key: targets[f"{part}/{key}"] for key in placeholders.get(part, {})}
-        )
-        for part, state in states.items()
-    }
 
 
-def _target(stored: ShardedTensor, like: Any) -> torch.Tensor:
-    """A new tensor to load ``stored`` into: laid out like ``like`` when that is a DTensor
-    of the same global shape, else full (on the host)."""
-    if isinstance(like, DTensor) and tuple(like.shape) == stored.shape:
-        return torch.empty_like(like, dtype=stored.dtype)
+def _layout(like: dict[str, Any], key: str, stored: ShardedTensor) -> DTensor | None:
+    """The DTensor of a template that ``key`` is laid out as: its own leaf, else the nearest
+    enclosing key's; None when there is none of ``stored``'s global shape (full on the host)."""
+    probe = key
+    while probe not in like:
+        probe, dot, _ = probe.rpartition(".")
+        if not dot:
+            return None
+    found = like[probe]
+    if isinstance(found, DTensor) and tuple(found.shape) == stored.shape:
+        return found
+    return None
+
+
+def _region(
+    stored: ShardedTensor, layout: DTensor | None
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The (offset, shape) of the global tensor this rank loads."""
+    if layout is None:
+        return (0,) * len(stored.shape), stored.shape
+    return needed_region(layout)
+
+
+def _target(stored: ShardedTensor, layout: DTensor | None) -> torch.Tensor:
+    """A new tensor to load ``stored`` into: laid out as ``layout``, else full (on the host)."""
+    if layout is not None:
+        return torch.empty_like(layout, dtype=stored.dtype)
     return torch.empty(stored.shape, dtype=stored.dtype)
+
+
+def _laid_out(local: torch.Tensor, layout: DTensor | None) -> torch.Tensor:
+    """``local`` (this rank's part, as read) as a tensor laid out as ``layout``; no copy on
+    the host."""
+    if layout is None:
+        return local
+    return DTensor.from_local(
+        local.to(layout.device),
+        layout.device_mesh,
+        layout.placements,
+        run_check=False,
+        shape=layout.shape,
+        stride=layout.stride(),
+    )
 
 
 def _storage_metadata(
     name: str, stored: ShardedTensor, chunks: list[Chunk]
 ) -> TensorStorageMetadata:
     """DCP's description of a stored tensor; its chunks must tile it exactly."""
-    covered = sum(math.prod(chunk.shape) for chunk in chunks)
-    overlapping = any(
-        math.prod(a.shape) and math.prod(b.shape) and a.overlaps(b.offset, b.shape)
-        for i, a in enumerate(chunks)
-        for b in chunks[i + 1 :]
-    )
-    inside = all(c.inside(stored.shape) for c in chunks)
-    if covered != math.prod(stored.shape) or overlapping or not inside:
+    if not tiles(stored.shape, chunks):
         raise ValueError(f"the shards of {name} do not tile its shape {list(stored.shape)}")
     return TensorStorageMetadata(
         properties=TensorProperties(dtype=stored.dtype),
@@ -249,19 +376,18 @@ def _storage_metadata(
 
 
 def _read_needed(
-    targets: dict[str, torch.Tensor],
+    regions: dict[str, tuple[tuple[int, ...], tuple[int, ...]]],
     ranks: list[RankShards],
     read_tensor_file: Callable[[str], dict[str, torch.Tensor]],
 ) -> dict[tuple[str, tuple[int, ...]], torch.Tensor]:
-    """The stored chunks that overlap what this rank's targets hold, by (name, offset)."""
+    """The stored chunks that overlap the ``regions`` this rank loads, by (name, offset)."""
     data: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
     for shards in ranks:
         for part, chunks in shards.chunks.items():
             wanted = [
                 key
                 for key, chunk in chunks.items()
-                if f"{part}/{key}" in targets
-                and chunk.overlaps(*needed_region(targets[f"{part}/{key}"]))
+                if f"{part}/{key}" in regions and chunk.overlaps(*regions[f"{part}/{key}"])
             ]
             if not wanted:
                 continue

@@ -11,11 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 
@@ -110,14 +106,15 @@ class OptimizerState:
         self.optimizer.load_state_dict({"state": by_position, "param_groups": groups})
 
     def load_template(self) -> dict[str, Any]:
-        """The state a load fills, with its tensors, even before the first step.
+        """The state a load fills, showing how its tensors are laid out, even before the
+        first step.
 
-        An optimizer that has not stepped has no state tensors yet; PyTorch's
-        ``get_optimizer_state_dict`` creates them with a step at learning rate 0 (which
-        moves no parameter). That state is dropped again here, so only a load sets it.
+        An optimizer that has not stepped has no state tensors yet. Its per-parameter state
+        (Adam's moments, momentum) is created like each parameter, so the template gives
+        each parameter for all of that parameter's state (a tensor standing for a subtree):
+        nothing is allocated and no step is taken, where PyTorch's
+        ``get_optimizer_state_dict`` would create the state with a step at learning rate 0.
         """
         if self.optimizer.state:
             return self.state_dict()
-        template = get_optimizer_state_dict(self.module, self.optimizer)
-        self.optimizer.state.clear()
-        return dict(template)
+        return {"state": dict(self.module.named_parameters())}
