@@ -93,8 +93,10 @@ def report_end(parts: TrainingParts, result: FitResult, *, seconds: float) -> No
     """
     config = parts.config
     finished = result.stop_reason is StopReason.FINISHED
-    # Every rank: gathering FSDP's shards is a collective (rank 0 receives them).
-    weights = parts.model.full_state_dict() if finished else {}
+    # Gathering FSDP's shards is a collective that every rank joins (rank 0 receives them);
+    # under DDP rank 0 holds all the weights, and another rank would copy them for nothing.
+    gathers = parts.runtime.is_main or parts.model.sharded
+    weights = parts.model.full_state_dict() if finished and gathers else {}
     if not parts.runtime.is_main:
         return
     if not finished:
