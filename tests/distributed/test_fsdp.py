@@ -4,7 +4,9 @@
 Tolerances: final weights within 1e-3 relative L2 (the issue's bound; fp32 here differs by
 about 1e-7, the order of summation in reduce-scatter against all-reduce), each logged loss
 within 1e-5 relative. Under bf16 (bf16 parameters in compute, fp32 reduction) the weights stay
-within 2e-2 of fp32 DDP's (about 3e-3 here) and visibly differ from fp32 FSDP's.
+within 2e-2 of fp32 DDP's (about 3e-3 here) and visibly differ from fp32 FSDP's; the run's
+own hooks (tests/plugins/precision_probe.py) show the forward computing with bf16 parameters
+and the optimizer stepping fp32 shards with fp32 gradients.
 """
 
 from __future__ import annotations
@@ -67,8 +69,18 @@ def runs(
             root / "fsdp",
             [*data, *COMMON, "parallel.strategy=fsdp", "parallel.activation_checkpointing=true"],
         ),
+        # The same GPT built by a factory that records the dtypes inside the run.
         "fsdp-bf16": train(
-            root / "fsdp-bf16", [*data, *COMMON, "parallel.strategy=fsdp", "train.precision=bf16"]
+            root / "fsdp-bf16",
+            [
+                *data,
+                *COMMON,
+                "parallel.strategy=fsdp",
+                "train.precision=bf16",
+                "model.factory=precision_probe:build_recording_gpt",
+                "model.kwargs={num_layers: 2, width: 32, num_heads: 2, max_seq_len: 32, "
+                f"record_dir: {root / 'fsdp-bf16-dtypes'}}}",
+            ],
         ),
     }
 
@@ -96,6 +108,23 @@ def test_fsdp_reports_its_gradient_sync_and_consumes_exactly_once(runs: dict[str
     assert all(0 < r["grad_sync_share"] < 1 for r in records), records
     audit = run_steadytrain("audit", runs["fsdp"])
     assert audit.returncode == 0, audit.output
+
+
+def test_fsdp_in_bf16_computes_in_bf16_on_fp32_shards_and_fp32_gradients(
+    runs: dict[str, Path],
+) -> None:
+    records_dir = runs["fsdp-bf16"].parent / "fsdp-bf16-dtypes"
+    for rank in (0, 1):
+        records = read_jsonl(records_dir / f"rank-{rank}.jsonl")
+        forwards = [r for r in records if r["at"] == "forward"]
+        steps = [r for r in records if r["at"] == "optimizer_step"]
+        # 6 steps of 2 micro-steps each, then the final validation batches.
+        assert len(forwards) >= 12 and len(steps) == 6, records
+        # A forward computes with the gathered parameters cast to bf16, and in bf16 ...
+        assert all(r["weights"] == r["inputs"] == ["Tensor torch.bfloat16"] for r in forwards)
+        # ... while the optimizer updates this rank's fp32 shards with fp32 reduced gradients.
+        for step in steps:
+            assert step["parameters"] == step["gradients"] == ["DTensor torch.float32"], step
 
 
 def test_fsdp_in_bf16_keeps_fp32_shards_and_stays_near_fp32(runs: dict[str, Path]) -> None:
