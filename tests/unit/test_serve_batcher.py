@@ -1,18 +1,21 @@
-"""The batcher's timing rules and the model thread's failure isolation, with real threads,
-a real event loop and a real (small, untrained) GPT; a failing model at the model boundary."""
+"""The batcher's timing rules, the model thread's failure isolation and the weights' checks,
+with real threads, a real event loop, real files and a real (small, untrained) GPT; a failing
+model at the model boundary."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-from steadytrain.config import config_from_dict
+from steadytrain.checkpoint import save_final_weights
+from steadytrain.config import ConfigError, config_from_dict, dump_config
 from steadytrain.model import GPT
 from steadytrain.serve import (
     FORWARD,
@@ -29,7 +32,10 @@ from steadytrain.serve import (
     ServedModel,
     ServeFailure,
     ServeMetrics,
+    ServeRefused,
     generate,
+    load_run_config,
+    load_served_model,
 )
 from steadytrain.serve.app import LoopReply, ServerState
 
@@ -237,3 +243,26 @@ def test_readiness_fails_when_the_batch_loop_dies() -> None:
     assert reason is not None and "a bug in delivering results" in reason
     with pytest.raises(BatcherClosed):  # new requests are refused rather than left waiting
         batcher.put(pending())
+
+
+def test_weights_that_are_cut_short_or_do_not_fit_are_refused(tmp_path: Path) -> None:
+    config = config_from_dict(
+        {"run_dir": str(tmp_path), "data": {"seq_len": 32}, "model": {"kwargs": {"width": 32}}}
+    )
+    (tmp_path / "config.yaml").write_text(dump_config(config))
+    weights = tmp_path / "final" / "model.safetensors"
+    with pytest.raises(ServeRefused, match="missing, so the run has not finished"):
+        load_served_model(load_run_config(tmp_path), run_dir=tmp_path)
+    save_final_weights(small_gpt().state_dict(), weights)  # width 32, one layer: not this model
+    with pytest.raises(ServeRefused, match="does not fit the model"):
+        load_served_model(load_run_config(tmp_path), run_dir=tmp_path)
+    model = GPT(max_seq_len=32, width=32)
+    save_final_weights(model.state_dict(), weights)
+    loaded = load_served_model(load_run_config(tmp_path), run_dir=tmp_path)
+    assert loaded.generates and loaded.causal and loaded.max_seq_len == 32
+    assert torch.equal(loaded.model.head.weight, model.head.weight)
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(ServeRefused, match="offsets do not match the size"):
+        load_served_model(load_run_config(tmp_path), run_dir=tmp_path)
+    with pytest.raises(ConfigError, match="serve takes only serve"):
+        load_run_config(tmp_path, ["train.lr=1"])
