@@ -347,8 +347,7 @@ def serve(
     """Serve a trained run over HTTP (POST /v1/generate, /v1/forward; GET /healthz, /readyz,
     /metrics) with dynamic batching, until SIGTERM, which drains requests in flight.
 
-    The run's own config and model factory; weights verified, never unpickled (exit code 4
-    when they are missing or corrupted). --set takes serve.* settings only.
+    Exit code 4: the weights are missing or corrupted. --set takes serve.* settings only.
     """
     from steadytrain.serve import serve as run_server
 

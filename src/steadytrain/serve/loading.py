@@ -138,16 +138,26 @@ def load_served_model(
     )
 
 
-def _checkpoint_weights(config: Config, step: int) -> tuple[str, dict[str, torch.Tensor]]:
+def check_checkpoint_exists(config: Config, step: int) -> None:
+    """Refuse a step with no checkpoint at once, before anything starts.
+
+    Raises:
+        ConfigError: naming the steps there are.
+    """
     storage = checkpoint_storage(config)
-    name = checkpoint_name(step)
     names = storage.checkpoint_names()
-    if name not in names:
+    if checkpoint_name(step) not in names:
         steps = ", ".join(str(step_of(found)) for found in names) or "none"
         raise ConfigError(
             f"--checkpoint {step}: no checkpoint at that step in {storage.describe('')} "
             f"(steps there: {steps})"
         )
+
+
+def _checkpoint_weights(config: Config, step: int) -> tuple[str, dict[str, torch.Tensor]]:
+    check_checkpoint_exists(config, step)
+    storage = checkpoint_storage(config)
+    name = checkpoint_name(step)
     try:
         _, weights = read_checkpoint_part(storage, name, part="model")
     except CorruptCheckpoint as error:

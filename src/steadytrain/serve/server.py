@@ -6,6 +6,7 @@ within ``serve.shutdown_grace_s``; the model's thread keeps answering them meanw
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import sys
@@ -20,7 +21,11 @@ from steadytrain.config import Config, ConfigError
 from steadytrain.serve.app import ServerState, create_app
 from steadytrain.serve.batcher import Batcher
 from steadytrain.serve.faults import Faults
-from steadytrain.serve.loading import load_run_config, load_served_model
+from steadytrain.serve.loading import (
+    check_checkpoint_exists,
+    load_run_config,
+    load_served_model,
+)
 from steadytrain.serve.metrics import ServeMetrics
 from steadytrain.serve.worker import KINDS, ModelWorker
 
@@ -46,6 +51,8 @@ def serve(
         FactoryError: the run's model factory cannot be called.
     """
     config = load_run_config(run_dir, overrides)
+    if checkpoint_step is not None:
+        check_checkpoint_exists(config, checkpoint_step)
     faults = Faults.from_environment()
     listener = _bind(host, port)
     settings = config.serve
@@ -133,8 +140,9 @@ def _bind(host: str, port: int) -> socket.socket:
     try:
         listener = socket.create_server((host, port), family=family, backlog=2048)
     except OSError as error:
+        reason = os.strerror(error.errno) if error.errno else str(error)
         raise ConfigError(
-            f"--host {host} --port {port}: cannot listen there ({error.strerror or error}); "
+            f"--host {host} --port {port}: cannot listen there ({reason}); "
             "choose another --port (or --host)"
         ) from None
     # Accepted connections inherit it. asyncio sets it only on sockets whose proto is TCP, and
