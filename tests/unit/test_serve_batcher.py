@@ -266,5 +266,5 @@ def test_weights_that_are_cut_short_or_do_not_fit_are_refused(tmp_path: Path) ->
         load_served_model(load_run_config(tmp_path), run_dir=tmp_path)
     with pytest.raises(ConfigError, match="serve takes only serve"):
         load_run_config(tmp_path, ["train.lr=1"])
-    with pytest.raises(ConfigError, match=r"no checkpoint at that step .* steps there: none"):
+    with pytest.raises(ConfigError, match=r"no checkpoint at that step .*steps there: none"):
         load_served_model(load_run_config(tmp_path), run_dir=tmp_path, checkpoint_step=5)
