@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/overhead_paired.py
 	$(BIN)/python benchmarks/checkpoint_io.py
+	$(BIN)/python benchmarks/serve.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

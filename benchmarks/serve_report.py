@@ -1,0 +1,242 @@
+"""benchmarks/serve.py's figures from its rounds: medians, pooled percentiles, the ratios
+and the verdicts against the issue's targets, and the printed report."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from serve_load import percentile
+
+TARGET_GENERATION_RATIO = 0.8  # served generation at saturation ÷ the in-process limit
+LATENCY_SLACK_S = 0.005  # low-load p99 ≤ max_wait_ms + one in-process generation + 5 ms
+SERVERS = ("batched", "batch_size_1")
+# Per-level figures taken as the median over rounds (latency percentiles are pooled instead).
+MEDIAN_KEYS = (
+    "requests_per_s",
+    "client_cores",
+    "server_event_loop_cores",
+    "server_other_threads_cores",
+    "client_cpu_s_per_request",
+    "server_event_loop_cpu_s_per_request",
+    "machine_busy_share",
+)
+SERVER_KEYS = (
+    "model_s_per_call",
+    "model_s_per_request",
+    "mean_batch_size",
+    "queue_wait_s",
+    "padding_share",
+)
+
+
+def _median(values: list[Any]) -> float | None:
+    present = [value for value in values if value is not None]
+    return statistics.median(present) if present else None
+
+
+def _in_process_rows(rounds: list[dict[str, Any]], endpoint: str) -> list[dict[str, Any]]:
+    by_size: dict[int, list[dict[str, Any]]] = {}
+    for measured in rounds:
+        for row in measured["in_process"][endpoint]:
+            by_size.setdefault(row["batch_size"], []).append(row)
+    rows = []
+    for size, runs in sorted(by_size.items()):
+        row: dict[str, Any] = {"batch_size": size, "rounds": len(runs)}
+        for key in ("requests_per_s", "tokens_per_s", "seconds_per_request"):
+            if key in runs[0]:
+                row[key] = statistics.median(run[key] for run in runs)
+        rows.append(row)
+    return rows
+
+
+def _served_rows(
+    rounds: list[dict[str, Any]], server: str, endpoint: str, *, new_tokens: int
+) -> list[dict[str, Any]]:
+    by_level: dict[int, list[dict[str, Any]]] = {}
+    for measured in rounds:
+        for run in measured[server].get(endpoint, []):
+            by_level.setdefault(run["concurrency"], []).append(run)
+    rows = []
+    for concurrency, runs in sorted(by_level.items()):
+        latencies = [latency for run in runs for latency in run["latencies_s"]]
+        row: dict[str, Any] = {
+            "concurrency": concurrency,
+            "rounds": len(runs),
+            "requests": len(latencies),
+            "p50_s": percentile(latencies, 0.5),
+            "p99_s": percentile(latencies, 0.99),
+            "not_ok": sum(n for run in runs for s, n in run["statuses"].items() if s != "200"),
+            "foreign_cpu_share_max": max(run.get("foreign_cpu_share", 0.0) for run in runs),
+        }
+        for key in MEDIAN_KEYS:
+            row[key] = _median([run.get(key) for run in runs])
+        if endpoint == "generate":
+            row["tokens_per_s"] = row["requests_per_s"] * new_tokens
+        for key in SERVER_KEYS:
+            row[key] = _median([run["server"][key] for run in runs if "server" in run])
+        rows.append(row)
+    return rows
+
+
+def summarize(report: dict[str, Any]) -> dict[str, Any]:
+    """Medians per batch size and per concurrency level, the ratios, and the verdicts."""
+    settings, rounds = report["settings"], report["rounds"]
+    in_process = {
+        endpoint: _in_process_rows(rounds, endpoint) for endpoint in ("generate", "forward")
+    }
+    served = {
+        server: {
+            endpoint: _served_rows(rounds, server, endpoint, new_tokens=settings["new_tokens"])
+            for endpoint in ("generate", "forward", "healthz")
+            if rounds[0][server].get(endpoint)
+        }
+        for server in SERVERS
+    }
+    limits = {
+        endpoint: max(rows, key=lambda row: row["requests_per_s"])
+        for endpoint, rows in in_process.items()
+    }
+    ratios: dict[str, Any] = {}
+    for endpoint in ("generate", "forward"):
+        batched = max(served["batched"][endpoint], key=lambda row: row["requests_per_s"])
+        single = max(served["batch_size_1"][endpoint], key=lambda row: row["requests_per_s"])
+        per_level = {
+            str(b["concurrency"]): b["requests_per_s"] / s["requests_per_s"]
+            for b, s in zip(
+                served["batched"][endpoint], served["batch_size_1"][endpoint], strict=True
+            )
+        }
+        ratios[endpoint] = {
+            "saturation_over_limit": batched["requests_per_s"] / limits[endpoint]["requests_per_s"],
+            "saturation_concurrency": batched["concurrency"],
+            "limit_batch_size": limits[endpoint]["batch_size"],
+            "batch_1_saturation_over_limit": single["requests_per_s"]
+            / limits[endpoint]["requests_per_s"],
+            "batched_over_batch_1_at_saturation": batched["requests_per_s"]
+            / single["requests_per_s"],
+            "batched_over_batch_1_per_concurrency": per_level,
+        }
+    one = {
+        endpoint: next(row for row in rows if row["batch_size"] == 1)["seconds_per_request"]
+        for endpoint, rows in in_process.items()
+    }
+    wait_s = settings["max_wait_ms"] / 1e3
+    low_load = {
+        endpoint: {
+            "p99_s": served["batched"][endpoint][0]["p99_s"],
+            "p50_s": served["batched"][endpoint][0]["p50_s"],
+            "one_in_process_s": one[endpoint],
+            "bound_s": wait_s + one[endpoint] + LATENCY_SLACK_S,
+            "batch_1_p99_s": served["batch_size_1"][endpoint][0]["p99_s"],
+        }
+        for endpoint in ("generate", "forward")
+    }
+    generation = ratios["generate"]["saturation_over_limit"]
+    verdicts = {
+        "generation_throughput": {
+            "value": generation,
+            "target": TARGET_GENERATION_RATIO,
+            "met": generation >= TARGET_GENERATION_RATIO,
+        },
+        "generation_low_load_p99": {
+            "value": low_load["generate"]["p99_s"],
+            "target": low_load["generate"]["bound_s"],
+            "met": low_load["generate"]["p99_s"] <= low_load["generate"]["bound_s"],
+        },
+    }
+    return {
+        "in_process": in_process,
+        "limits": limits,
+        "served": served,
+        "ratios": ratios,
+        "low_load": low_load,
+        "verdicts": verdicts,
+    }
+
+
+def _ms(value: float | None) -> str:
+    return "–" if value is None else f"{value * 1e3:.1f}"
+
+
+def _num(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def print_report(report: dict[str, Any]) -> None:
+    settings, summary, machine = report["settings"], report["summary"], report["machine"]
+    print(
+        f"\n{machine['cpu_cores']} cores, Python {machine['python']}, torch {machine['torch']} "
+        f"({machine['torch_threads']} threads); model {settings['model']}, context "
+        f"{settings['max_seq_len']}; {settings['new_tokens']} new tokens after "
+        f"{settings['prompt_bytes']}-byte prompts, forward rows of {settings['forward_tokens']} "
+        f"tokens; batched server: max_batch_size {settings['max_batch_size']}, max_wait_ms "
+        f"{settings['max_wait_ms']:g}; {settings['rounds']} round(s) of {settings['seconds']:g} s "
+        f"per level; {report['seconds']:.0f} s"
+    )
+    print("\nIn-process (medians over rounds)\n")
+    print(
+        "| batch | generate tokens/s | generate requests/s | ms per generation "
+        "| forward requests/s |"
+    )
+    print("|---:|---:|---:|---:|---:|")
+    for g, f in zip(
+        summary["in_process"]["generate"], summary["in_process"]["forward"], strict=True
+    ):
+        print(
+            f"| {g['batch_size']} | {g['tokens_per_s']:.0f} | {g['requests_per_s']:.1f} | "
+            f"{g['seconds_per_request'] * 1e3:.1f} | {f['requests_per_s']:.0f} |"
+        )
+    print("\nServed (requests/s: median over rounds; p50/p99 over all rounds' requests)\n")
+    print(
+        "| server | endpoint | clients | requests/s | p50 ms | p99 ms | mean batch | model ms "
+        "/ request | queue wait ms | padding | client cores | server loop cores | server model "
+        "cores | others' CPU |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for server, endpoints in summary["served"].items():
+        for endpoint, rows in endpoints.items():
+            for row in rows:
+                flag = f" ({row['not_ok']} not 200)" if row["not_ok"] else ""
+                padding = row["padding_share"]
+                print(
+                    f"| {server} | {endpoint} | {row['concurrency']} | "
+                    f"{row['requests_per_s']:.1f}{flag} | {_ms(row['p50_s'])} | "
+                    f"{_ms(row['p99_s'])} | {_num(row['mean_batch_size'])} | "
+                    f"{_ms(row['model_s_per_request'])} | {_ms(row['queue_wait_s'])} | "
+                    f"{'–' if padding is None else f'{padding:.0%}'} | "
+                    f"{_num(row['client_cores'])} | {_num(row['server_event_loop_cores'])} | "
+                    f"{_num(row['server_other_threads_cores'])} | "
+                    f"{row['foreign_cpu_share_max']:.0%} |"
+                )
+    print()
+    for endpoint, ratio in summary["ratios"].items():
+        per_level = ", ".join(
+            f"c={level} {value:.2f}"
+            for level, value in ratio["batched_over_batch_1_per_concurrency"].items()
+        )
+        print(
+            f"{endpoint}: served at saturation (c={ratio['saturation_concurrency']}) ÷ "
+            f"in-process limit (batch {ratio['limit_batch_size']}) = "
+            f"{ratio['saturation_over_limit']:.3f} (batch 1 served: "
+            f"{ratio['batch_1_saturation_over_limit']:.3f}); batched ÷ batch 1: "
+            f"{ratio['batched_over_batch_1_at_saturation']:.2f} at saturation ({per_level})"
+        )
+    for endpoint, low in summary["low_load"].items():
+        print(
+            f"{endpoint} at c=1: p99 {_ms(low['p99_s'])} ms (p50 {_ms(low['p50_s'])}) against "
+            f"max_wait + one in-process call ({_ms(low['one_in_process_s'])} ms) + 5 ms = "
+            f"{_ms(low['bound_s'])} ms; batch-1 server p99 {_ms(low['batch_1_p99_s'])} ms"
+        )
+    answers = report["answers"]
+    print(
+        f"answers checked: {answers['generate_checked']} generations "
+        f"({answers['generate_differs']} differ from in-process greedy), "
+        f"{answers['forward_checked']} forwards; servers exited {report['server_exit_codes']}"
+    )
+    for name, verdict in summary["verdicts"].items():
+        comparison = "≥" if name == "generation_throughput" else "≤"
+        print(
+            f"{name}: {verdict['value']:.4f} (target {comparison} {verdict['target']:.4f}): "
+            f"{'met' if verdict['met'] else 'MISSED'}"
+        )
