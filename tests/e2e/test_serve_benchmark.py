@@ -42,7 +42,9 @@ def test_the_serving_benchmark_derives_its_ratios_from_its_measurements(
             for run in runs:
                 assert run["statuses"] == {"200": run["requests"]}, (server, endpoint)
                 assert run["requests_per_s"] == pytest.approx(run["answered"] / run["seconds"])
-                assert run["p99_s"] == pytest.approx(np.percentile(run["latencies_s"], 99), abs=1e-5)
+                assert run["p99_s"] == pytest.approx(
+                    np.percentile(run["latencies_s"], 99), abs=1e-5
+                )
                 assert run["client_cores"] > 0 and run["server_event_loop_cores"] >= 0
     # The server's own metrics: batch 1 never batches; 4 clients generating share batches.
     assert {run["server"]["mean_batch_size"] for run in measured["batch_size_1"]["generate"]} == {
