@@ -105,6 +105,10 @@ class ShardPrefetcher:
         self._permutations: dict[int, np.ndarray] = {}
         self._step_shards: dict[tuple[int, int], tuple[int, ...]] = {}
         self._wanted: list[ShardFile] = []
+        self._wanted_numbers: tuple[set[int], list[int]] = (set(), [])
+        self._last_pinned: set[int] = set()
+        self._last_ahead: list[int] = []
+        self._failed = False  # a download of the last pass failed: the next step tries again
         self._generation = 0
         self._closed = False
         self._condition = threading.Condition()
@@ -122,11 +126,20 @@ class ShardPrefetcher:
             for shard in self._shards_of(*position)
         )
         self._cache.pin(self._shards[number] for number in pinned)
-        ahead = self._ahead(upcoming, pinned=pinned)
+        if set(pinned) == self._last_pinned:
+            # The same pinned shards are followed by the same ones: the scan would repeat,
+            # and waking the thread for an unchanged list only takes the GIL from training.
+            ahead = self._last_ahead
+        else:
+            ahead = self._ahead(upcoming, pinned=pinned)
+            self._last_pinned, self._last_ahead = set(pinned), ahead
         with self._condition:
-            self._wanted = [self._shards[number] for number in [*pinned, *ahead]]
-            self._generation += 1
-            self._condition.notify()
+            if self._wanted_numbers != (self._last_pinned, ahead) or self._failed:
+                self._wanted_numbers = (self._last_pinned, ahead)
+                self._wanted = [self._shards[number] for number in [*pinned, *ahead]]
+                self._failed = False
+                self._generation += 1
+                self._condition.notify()
         self._forget_before(epoch, step_in_epoch)
 
     def prime(self, *, epoch: int, step_in_epoch: int) -> None:
@@ -175,6 +188,7 @@ class ShardPrefetcher:
                     self._cache.ensure(shard, itemsize=self._itemsize)
                 except Exception as error:
                     self.errors.append(f"{shard.name}: {error}")
+                    self._failed = True
 
     def _positions(self, epoch: int, step_in_epoch: int) -> Iterator[tuple[int, int]]:
         while True:
