@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import functools
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from steadytrain.serve.metrics import ServeMetrics
 from steadytrain.serve.worker import (
     FORWARD,
     GENERATE,
+    KINDS,
     ForwardRequest,
     GenerateRequest,
     ModelWorker,
@@ -125,6 +127,8 @@ def create_app(
     app.add_api_route("/v1/forward", api.forward, methods=["POST"])
     app.add_api_route("/v1/generate", api.generate, methods=["POST"])
     metrics.ready.set_function(lambda: 0.0 if state.not_ready() else 1.0)
+    for kind in KINDS:  # read when scraped: never stale after a discard
+        metrics.queue_length.labels(kind).set_function(functools.partial(batcher.queued, kind))
     return app
 
 
@@ -239,7 +243,6 @@ class _Api:
         except BatcherClosed as closed:
             self.metrics.rejections.labels("draining").inc()
             raise ServeFailure(503, str(closed)) from None
-        self.metrics.queue_length.labels(kind).set(self.batcher.queued(kind))
         return pending
 
     async def outcome(self, pending: Pending, request: Request) -> Any:

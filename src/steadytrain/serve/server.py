@@ -120,7 +120,9 @@ def _load(
         faults.before_load()
         served = load_served_model(config, run_dir=run_dir, checkpoint_step=checkpoint_step)
         worker = ModelWorker(served, batcher, metrics, faults=faults)
-        worker.warm_up()
+        warning = worker.warm_up()
+        if warning is not None:
+            say(f"steadytrain: warning: {warning}")
         worker.start()
         state.served, state.worker = served, worker
     except BaseException as error:

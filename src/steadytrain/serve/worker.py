@@ -85,11 +85,23 @@ class ModelWorker:
             pending.reply.fail(ServeFailure(503, "the server is shutting down"))
         self._thread.join(timeout)
 
-    def warm_up(self) -> None:
-        """One forward and one decoding step, in the calling thread, before serving."""
+    def warm_up(self) -> str | None:
+        """One forward and one decoding step, in the calling thread, before serving.
+
+        Returns a warning when a user's model refuses the warm-up's two tokens: it may take
+        other inputs, so it is served anyway (requests it refuses fail with what it raised).
+
+        Raises:
+            Exception: the default GPT failing its warm-up (a broken install, not an input).
+        """
         served = self.served
         with torch.inference_mode():
-            forward_rows(served.model, pad_rows([[0, 1]], device=served.device))
+            try:
+                forward_rows(served.model, pad_rows([[0, 1]], device=served.device))
+            except Exception as error:
+                if served.generates:
+                    raise
+                return f"warm-up skipped: the model refused tokens [0, 1] ({_describe(error)})"
             if served.generates:
                 decode_step(
                     served.model,
@@ -97,6 +109,7 @@ class ModelWorker:
                     max_seq_len=served.max_seq_len,
                     device=served.device,
                 )
+        return None
 
     def _run(self) -> None:
         try:
@@ -111,7 +124,6 @@ class ModelWorker:
             for pending in [*left, *(pending for pending, _ in self.running)]:
                 pending.reply.fail(ServeFailure(503, reason))
             self.running = []
-            self._update_queue_gauges()
 
     def _loop(self) -> None:
         while True:
@@ -133,13 +145,8 @@ class ModelWorker:
                 joining, dropped = self.batcher.take(GENERATE, limit=free, max_wait_s=wait_s)
                 self._answer_dropped(dropped)
                 self._join(joining)
-            self._update_queue_gauges()
             if self.running:
                 self._decode()
-
-    def _update_queue_gauges(self) -> None:
-        for kind in KINDS:
-            self.metrics.queue_length.labels(kind).set(self.batcher.queued(kind))
 
     def _answer_dropped(self, dropped: Dropped) -> None:
         for pending in dropped.expired:
@@ -284,11 +291,13 @@ def _forward_result(request: ForwardRequest, output: torch.Tensor) -> dict[str, 
     return {"logprobs": token_logprobs(output, request.tokens)}
 
 
-def _model_failure(error: Exception) -> ServeFailure:
+def _describe(error: BaseException) -> str:
     first_line = (str(error).strip().splitlines() or [""])[0]
-    return ServeFailure(
-        500, f"the model failed on this request: {type(error).__name__}: {first_line}"
-    )
+    return f"{type(error).__name__}: {first_line}"
+
+
+def _model_failure(error: Exception) -> ServeFailure:
+    return ServeFailure(500, f"the model failed on this request ({_describe(error)})")
 
 
 def _timed_out(served: ServedModel) -> ServeFailure:
