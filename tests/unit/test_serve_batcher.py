@@ -5,6 +5,7 @@ model at the model boundary."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -268,3 +269,28 @@ def test_weights_that_are_cut_short_or_do_not_fit_are_refused(tmp_path: Path) ->
         load_run_config(tmp_path, ["train.lr=1"])
     with pytest.raises(ConfigError, match=r"no checkpoint at that step .*steps there: none"):
         load_served_model(load_run_config(tmp_path), run_dir=tmp_path, checkpoint_step=5)
+
+
+def test_a_model_not_known_causal_batches_only_rows_of_equal_length() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(16, 8), nn.Linear(8, 4)).eval()
+    batcher = Batcher(max_queue=8, kinds=(FORWARD, GENERATE))
+    metrics = ServeMetrics(max_batch_size=4)
+    not_causal = dataclasses.replace(served(model), causal=False, generates=False)
+    worker = ModelWorker(not_causal, batcher, metrics)
+    rows = [[1, 2, 3], [4, 5, 6], [7, 8, 9, 10, 11]]
+    requests = [pending(payload=ForwardRequest(row, "logits")) for row in rows]
+    for request in requests:
+        batcher.put(request)
+    worker.start()
+    for request, row in zip(requests, rows, strict=True):
+        assert request.reply.done.wait(10)  # type: ignore[attr-defined]
+        with torch.inference_mode():
+            alone = model(torch.tensor([row]))[0]
+        result = torch.tensor(request.reply.outcome["logits"])  # type: ignore[attr-defined]
+        assert torch.allclose(result, alone, atol=1e-6)
+    labels = {"kind": FORWARD}
+    assert metrics.registry.get_sample_value("steadytrain_serve_batch_size_count", labels) == 2
+    assert metrics.registry.get_sample_value("steadytrain_serve_batch_size_sum", labels) == 3
+    assert metrics.registry.get_sample_value("steadytrain_serve_padding_tokens_total", labels) == 0
+    worker.stop(timeout=5)
