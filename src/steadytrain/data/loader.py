@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -106,7 +108,9 @@ class StepBatches:
     """Yields, per optimizer step, this rank's micro-batches at the sampler's position.
 
     Loader workers may read ahead; nothing here moves the sampler. The trainer advances it
-    only when a step commits, which is what makes the position exact on resume.
+    only when a step commits, which is what makes the position exact on resume. Without
+    workers, a dataset that reads samples together (the token datasets) has the next step
+    read in a background thread while this one trains (``_StepReadAhead``).
     """
 
     def __init__(
@@ -129,11 +133,21 @@ class StepBatches:
         self._pin_memory = pin_memory
         self._iterator: Iterator[MicroBatch] | None = None
         self._iterator_position: tuple[int, int] | None = None
+        self._read_ahead: _StepReadAhead | None = None
+        if num_workers == 0 and not pin_memory and isinstance(dataset, ReadsSamples):
+            # Only our own datasets: a user's may draw from the RNGs the training thread
+            # uses, and reading it in another thread would make runs nondeterministic.
+            self._read_ahead = _StepReadAhead(self._micro_batches, self._step_sample_ids)
 
     def next_step(self) -> list[MicroBatch]:
         """The micro-batches of the step at the sampler's current position."""
         position = (self._sampler.epoch, self._sampler.step_in_epoch)
         self.lookahead.at_step(epoch=position[0], step_in_epoch=position[1])
+        if self._read_ahead is not None:
+            micro_batches = self._read_ahead.take(position)
+            # The lookahead pinned the next step's shards too: reading them now is safe.
+            self._read_ahead.start(self._following(position))
+            return micro_batches
         if self._iterator is None or self._iterator_position != position:
             self._iterator = self._open(epoch=position[0], first_step=position[1])
         micro_batches = [next(self._iterator) for _ in range(self._layout.grad_accum_steps)]
@@ -145,7 +159,20 @@ class StepBatches:
         self.lookahead.prime(epoch=self._sampler.epoch, step_in_epoch=self._sampler.step_in_epoch)
 
     def close(self) -> None:
+        if self._read_ahead is not None:
+            self._read_ahead.close()
         self.lookahead.close()
+
+    def _step_sample_ids(self, position: tuple[int, int]) -> list[list[int]]:
+        return self._sampler.rank_micro_batches(
+            self._layout, rank=self._rank, epoch=position[0], step_in_epoch=position[1]
+        )
+
+    def _following(self, position: tuple[int, int]) -> tuple[int, int]:
+        epoch, step_in_epoch = position
+        if step_in_epoch + 1 < self._sampler.steps_per_epoch:
+            return epoch, step_in_epoch + 1
+        return epoch + 1, 0
 
     def _open(self, *, epoch: int, first_step: int) -> Iterator[MicroBatch]:
         schedule = _RankSchedule(
@@ -165,6 +192,51 @@ class StepBatches:
             pin_memory=self._pin_memory,
         )
         return iter(loader)
+
+
+class _StepReadAhead:
+    """Reads one step's micro-batches ahead, in one background thread.
+
+    The copy of shard tokens into the batch releases the GIL, so it overlaps the training
+    step instead of delaying the next one. Reading never moves the sampler: a step read
+    ahead at a position the trainer does not ask for next (a rollback, a resume) is dropped,
+    and its error, if reading failed, is raised only if that step is asked for.
+    """
+
+    def __init__(
+        self,
+        micro_batches: _MicroBatches,
+        step_sample_ids: Callable[[tuple[int, int]], list[list[int]]],
+    ) -> None:
+        self._micro_batches = micro_batches
+        self._step_sample_ids = step_sample_ids
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step-read-ahead")
+        self._pending: tuple[tuple[int, int], Future[list[MicroBatch]]] | None = None
+
+    def take(self, position: tuple[int, int]) -> list[MicroBatch]:
+        """The micro-batches at ``position``: the ones read ahead, or read now."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending_position, future = pending
+            if pending_position == position:
+                return future.result()  # waits (data_wait) if it is not done; raises its error
+            with contextlib.suppress(Exception):
+                future.result()  # let it finish: one thread reads the dataset at a time
+        return self._read(self._step_sample_ids(position))
+
+    def start(self, position: tuple[int, int]) -> None:
+        # Sample ids are computed in this thread: the sampler is not thread-safe.
+        self._pending = (
+            position,
+            self._executor.submit(self._read, self._step_sample_ids(position)),
+        )
+
+    def close(self) -> None:
+        self._pending = None
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def _read(self, step_sample_ids: list[list[int]]) -> list[MicroBatch]:
+        return [self._micro_batches[sample_ids] for sample_ids in step_sample_ids]
 
 
 def validation_batches(
