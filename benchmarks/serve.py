@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from checkpoint_io import source_provenance
+from checkpoint_io_measurements import ForeignCpu
 from overhead import DEFAULT_CONFIG, alternating_orders, prepare_runs, train_logged, write_summary
 from serve_load import Load, ServerProcess, drive, start_server, wait_ready
 from serve_report import print_report, summarize
@@ -74,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--run-dir", type=Path, default=None, help="serve this run (trained here if unfinished)")
     add("--work-dir", type=Path, default=None, help="default: a temporary directory")
     add("--set", dest="settings", action="append", default=[], help="serve.* for 'batched'")
+    add("--server-env", action="append", default=[], help="KEY=VALUE for both servers")
     add("--json", type=Path, default=None, help="write every measurement here")
     add("--check", action="store_true", help="exit 1 when a target is missed")
     add("--quick", action="store_true", help=f"a smoke run: {QUICK}")
@@ -133,19 +135,25 @@ def requests_for(args: argparse.Namespace, served: ServedModel) -> dict[str, lis
 def in_process_generation(
     served: ServedModel, prompts: list[str], *, batch_size: int, new_tokens: int
 ) -> dict[str, Any]:
-    """Greedy generation of ``max(2·batch, 16)`` prompts, batched by decoding step."""
+    """Greedy generation of ``max(2·batch, 16)`` prompts, batched by decoding step; at batch 1
+    each is timed alone (the model's own latency distribution)."""
     count = max(2 * batch_size, 16)
     chosen = [list(prompts[number % len(prompts)].encode()) for number in range(count)]
-    started = time.perf_counter()
-    generate(
-        served.model,
-        chosen,
-        sampling=Sampling(max_new_tokens=new_tokens, temperature=0),
-        max_batch_size=batch_size,
-        max_seq_len=served.max_seq_len,
-        device=served.device,
-    )
-    seconds = time.perf_counter() - started
+    groups = [[prompt] for prompt in chosen] if batch_size == 1 else [chosen]
+    latencies = []
+    with ForeignCpu() as others:
+        for group in groups:
+            started = time.perf_counter()
+            generate(
+                served.model,
+                group,
+                sampling=Sampling(max_new_tokens=new_tokens, temperature=0),
+                max_batch_size=batch_size,
+                max_seq_len=served.max_seq_len,
+                device=served.device,
+            )
+            latencies.append(time.perf_counter() - started)
+    seconds = sum(latencies)
     return {
         "batch_size": batch_size,
         "requests": count,
@@ -153,6 +161,8 @@ def in_process_generation(
         "requests_per_s": count / seconds,
         "tokens_per_s": count * new_tokens / seconds,
         "seconds_per_request": seconds / count,
+        "foreign_cpu_share": others.share,
+        **({"latencies_s": latencies} if batch_size == 1 else {}),
     }
 
 
@@ -162,20 +172,21 @@ def in_process_forward(
     """What the server's model thread does for forward batches of ``batch_size`` requests
     (pad, forward, per-row log-probabilities), repeated for at least ``seconds``."""
     count, started = 0, time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), ForeignCpu() as others:
         while count == 0 or time.perf_counter() - started < seconds:
             group = [rows[(count + number) % len(rows)] for number in range(batch_size)]
             outputs = forward_rows(served.model, pad_rows(group, device=served.device))
             for output, row in zip(outputs, group, strict=True):
                 token_logprobs(output, row)
             count += batch_size
-    elapsed = time.perf_counter() - started
+        elapsed = time.perf_counter() - started
     return {
         "batch_size": batch_size,
         "requests": count,
         "seconds": elapsed,
         "requests_per_s": count / elapsed,
         "seconds_per_request": elapsed / count,
+        "foreign_cpu_share": others.share,
     }
 
 
@@ -288,8 +299,11 @@ def measure(args: argparse.Namespace, *, work_dir: Path) -> dict[str, Any]:
     requests = requests_for(args, served)
     settings = {"batched": list(args.settings)}
     settings["batch_size_1"] = [*args.settings, "serve.max_batch_size=1"]
+    env = dict(item.split("=", 1) for item in args.server_env)
     servers = {
-        name: start_server(name, run_dir, settings=wanted, log_path=work_dir / f"{name}.log")
+        name: start_server(
+            name, run_dir, settings=wanted, log_path=work_dir / f"{name}.log", env=env
+        )
         for name, wanted in settings.items()
     }
     rounds = []
@@ -318,6 +332,7 @@ def measure(args: argparse.Namespace, *, work_dir: Path) -> dict[str, Any]:
             "model": {"factory": config.model.factory, **config.model.kwargs},
             "max_seq_len": served.max_seq_len,
             "serve": {name: wanted for name, wanted in settings.items()},
+            "server_env": env,
             "max_batch_size": config.serve.max_batch_size,
             "max_wait_ms": config.serve.max_wait_ms,
             "max_queue": config.serve.max_queue,

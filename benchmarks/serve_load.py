@@ -11,6 +11,7 @@ when nothing is in flight.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import statistics
@@ -30,6 +31,7 @@ from overhead import REPO_ROOT, machine_cpu_ticks
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 METRIC_PREFIX = "steadytrain_serve_"
+ONE_CONNECTION = httpx.Limits(max_connections=1, max_keepalive_connections=1)
 # Server metrics (per kind) read around each load; differences give per-load figures.
 KIND_METRICS = (
     "forward_seconds_sum",
@@ -71,14 +73,28 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def start_server(name: str, run_dir: Path, *, settings: list[str], log_path: Path) -> ServerProcess:
-    """Start ``steadytrain serve`` as a user does (the console script), without waiting."""
+def start_server(
+    name: str,
+    run_dir: Path,
+    *,
+    settings: list[str],
+    log_path: Path,
+    env: dict[str, str] | None = None,
+) -> ServerProcess:
+    """Start ``steadytrain serve`` as a user does (the console script), without waiting;
+    ``env`` is added to this process's environment."""
     port = free_port()
     command = [str(Path(sys.executable).parent / "steadytrain"), "serve", str(run_dir)]
     command += ["--port", str(port), *(arg for setting in settings for arg in ("--set", setting))]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+        process = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+            env={**os.environ, **(env or {})},
+        )
     return ServerProcess(name, process, f"http://127.0.0.1:{port}", log_path)
 
 
@@ -184,10 +200,18 @@ class Load:
 async def _closed_loop(
     server: ServerProcess, load: Load, *, concurrency: int, seconds: float
 ) -> dict[str, Any]:
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=300) as client:
+    async with contextlib.AsyncExitStack() as stack:
+        # A client (and connection) of its own each: one httpx pool shared by 32 connections
+        # costs its process ~5 ms of CPU per request here, against ~1 ms for these.
+        clients = [
+            await stack.enter_async_context(
+                httpx.AsyncClient(base_url=server.url, limits=ONE_CONNECTION, timeout=300)
+            )
+            for _ in range(concurrency)
+        ]
 
         async def send(index: int) -> httpx.Response:
+            client = clients[index % concurrency]
             if load.bodies is None:
                 return await client.get(load.path)
             return await client.post(load.path, json=load.bodies[index % len(load.bodies)])

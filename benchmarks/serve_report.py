@@ -46,6 +46,10 @@ def _in_process_rows(rounds: list[dict[str, Any]], endpoint: str) -> list[dict[s
         for key in ("requests_per_s", "tokens_per_s", "seconds_per_request"):
             if key in runs[0]:
                 row[key] = statistics.median(run[key] for run in runs)
+        row["foreign_cpu_share_max"] = max(run.get("foreign_cpu_share") or 0.0 for run in runs)
+        alone = [latency for run in runs for latency in run.get("latencies_s", [])]
+        if alone:  # batch 1, each call timed alone: the model's own tail
+            row["p99_s"] = percentile(alone, 0.99)
         rows.append(row)
     return rows
 
@@ -77,6 +81,16 @@ def _served_rows(
             row[key] = _median([run["server"][key] for run in runs if "server" in run])
         rows.append(row)
     return rows
+
+
+def _round_low_load(measured: dict[str, Any], endpoint: str, wait_s: float) -> dict[str, float]:
+    """One round's p99 at one client against the bound from the same round's model time."""
+    one = next(row for row in measured["in_process"][endpoint] if row["batch_size"] == 1)
+    at_one = next(run for run in measured["batched"][endpoint] if run["concurrency"] == 1)
+    return {
+        "p99_s": at_one["p99_s"],
+        "bound_s": wait_s + one["seconds_per_request"] + LATENCY_SLACK_S,
+    }
 
 
 def summarize(report: dict[str, Any]) -> dict[str, Any]:
@@ -129,6 +143,10 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
             "one_in_process_s": one[endpoint],
             "bound_s": wait_s + one[endpoint] + LATENCY_SLACK_S,
             "batch_1_p99_s": served["batch_size_1"][endpoint][0]["p99_s"],
+            "in_process_p99_s": next(r for r in in_process[endpoint] if r["batch_size"] == 1).get(
+                "p99_s"
+            ),
+            "per_round": [_round_low_load(measured, endpoint, wait_s) for measured in rounds],
         }
         for endpoint in ("generate", "forward")
     }
@@ -177,15 +195,16 @@ def print_report(report: dict[str, Any]) -> None:
     print("\nIn-process (medians over rounds)\n")
     print(
         "| batch | generate tokens/s | generate requests/s | ms per generation "
-        "| forward requests/s |"
+        "| forward requests/s | others' CPU |"
     )
-    print("|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|")
     for g, f in zip(
         summary["in_process"]["generate"], summary["in_process"]["forward"], strict=True
     ):
         print(
             f"| {g['batch_size']} | {g['tokens_per_s']:.0f} | {g['requests_per_s']:.1f} | "
-            f"{g['seconds_per_request'] * 1e3:.1f} | {f['requests_per_s']:.0f} |"
+            f"{g['seconds_per_request'] * 1e3:.1f} | {f['requests_per_s']:.0f} | "
+            f"{max(g['foreign_cpu_share_max'], f['foreign_cpu_share_max']):.0%} |"
         )
     print("\nServed (requests/s: median over rounds; p50/p99 over all rounds' requests)\n")
     print(
@@ -226,7 +245,9 @@ def print_report(report: dict[str, Any]) -> None:
         print(
             f"{endpoint} at c=1: p99 {_ms(low['p99_s'])} ms (p50 {_ms(low['p50_s'])}) against "
             f"max_wait + one in-process call ({_ms(low['one_in_process_s'])} ms) + 5 ms = "
-            f"{_ms(low['bound_s'])} ms; batch-1 server p99 {_ms(low['batch_1_p99_s'])} ms"
+            f"{_ms(low['bound_s'])} ms; batch-1 server p99 {_ms(low['batch_1_p99_s'])} ms; "
+            f"in-process p99 alone {_ms(low['in_process_p99_s'])} ms; per round p99/bound: "
+            + ", ".join(f"{_ms(r['p99_s'])}/{_ms(r['bound_s'])}" for r in low["per_round"])
         )
     answers = report["answers"]
     print(
