@@ -134,9 +134,10 @@ class StepBatches:
         self._iterator: Iterator[MicroBatch] | None = None
         self._iterator_position: tuple[int, int] | None = None
         self._read_ahead: _StepReadAhead | None = None
-        if num_workers == 0 and not pin_memory and isinstance(dataset, ReadsSamples):
+        if num_workers == 0 and isinstance(dataset, ReadsSamples):
             # Only our own datasets: a user's may draw from the RNGs the training thread
             # uses, and reading it in another thread would make runs nondeterministic.
+            # Nothing is pinned here, as a DataLoader's pin_memory pins no MicroBatch either.
             self._read_ahead = _StepReadAhead(self._micro_batches, self._step_sample_ids)
 
     def next_step(self) -> list[MicroBatch]:

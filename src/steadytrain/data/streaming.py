@@ -7,9 +7,10 @@ as ``data_wait``, never hidden.
 
 ``ShardPrefetcher`` is the loader's step lookahead. At each step it computes, from the same
 pure ``(seed, epoch)`` order as the sampler, which shards this rank reads at the current and
-next step (pinned: no process evicts them) and which it reads after them, and a background
-thread downloads those in order of first use, ``data.prefetch_shards`` beyond the pinned
-ones and never more than the cache limit leaves room for.
+next step (pinned: no process evicts them) and which it reads after them, and background
+threads download those in order of first use, ``FETCH_THREADS`` at once,
+``data.prefetch_shards`` beyond the pinned ones and never more than the cache limit leaves
+room for.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import collections
 import os
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
@@ -32,6 +34,7 @@ from steadytrain.data.sampler import (
 from steadytrain.data.shards import ShardFile, ShardMaps, map_shard_file
 
 MAX_STEPS_SCANNED = 256  # how far ahead the prefetcher looks for its next shards
+FETCH_THREADS = 4  # shards the prefetcher downloads at once, in order of first use
 
 
 class CachedShards:
@@ -79,7 +82,7 @@ class CachedShards:
 
 class ShardPrefetcher:
     """The step lookahead of a streamed corpus: pins this rank's current and next shards and
-    downloads the following ones in a background thread."""
+    downloads the following ones in background threads."""
 
     def __init__(
         self,
@@ -108,14 +111,21 @@ class ShardPrefetcher:
         self._wanted_numbers: tuple[set[int], list[int]] = (set(), [])
         self._last_pinned: set[int] = set()
         self._last_ahead: list[int] = []
-        self._failed = False  # a download of the last pass failed: the next step tries again
-        self._generation = 0
+        self._failed = False  # a download of the last list failed: the next step tries again
+        self._tried: set[str] = set()  # shards taken from the current list
+        self._in_flight: set[str] = set()  # shards being downloaded now
         self._closed = False
         self._condition = threading.Condition()
         # The last failures: the reader meets the same error inline, and reports it.
         self.errors: collections.deque[str] = collections.deque(maxlen=16)
-        self._thread = threading.Thread(target=self._run, name="shard-prefetch", daemon=True)
-        self._thread.start()
+        # Several downloads at once: one shard's requests wait out the store's latency
+        # while another's bytes use the link.
+        self._threads = [
+            threading.Thread(target=self._run, name=f"shard-prefetch-{number}", daemon=True)
+            for number in range(FETCH_THREADS)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def at_step(self, *, epoch: int, step_in_epoch: int) -> None:
         """The loader is about to read step ``step_in_epoch`` of ``epoch``."""
@@ -138,8 +148,8 @@ class ShardPrefetcher:
                 self._wanted_numbers = (self._last_pinned, ahead)
                 self._wanted = [self._shards[number] for number in [*pinned, *ahead]]
                 self._failed = False
-                self._generation += 1
-                self._condition.notify()
+                self._tried = set(self._in_flight)
+                self._condition.notify_all()
         self._forget_before(epoch, step_in_epoch)
 
     def prime(self, *, epoch: int, step_in_epoch: int) -> None:
@@ -166,29 +176,38 @@ class ShardPrefetcher:
     def close(self) -> None:
         with self._condition:
             self._closed = True
-            self._condition.notify()
-        self._thread.join(timeout=30)
+            self._condition.notify_all()
+        deadline = time.monotonic() + 30
+        for thread in self._threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
         self._cache.close()
 
     def _run(self) -> None:
-        seen = -1
-        while True:
-            with self._condition:
-                while self._generation == seen and not self._closed:
-                    self._condition.wait()
-                if self._closed:
-                    return
-                seen, wanted = self._generation, list(self._wanted)
-            for shard in wanted:
-                if self._generation != seen or self._closed:
-                    break  # the loader moved on: start from its new position
-                if self._cache.is_ready(shard):
-                    continue
-                try:
-                    self._cache.ensure(shard, itemsize=self._itemsize)
-                except Exception as error:
-                    self.errors.append(f"{shard.name}: {error}")
+        while (shard := self._next_download()) is not None:
+            try:
+                self._cache.ensure(shard, itemsize=self._itemsize)
+            except Exception as error:
+                self.errors.append(f"{shard.name}: {error}")
+                with self._condition:
                     self._failed = True
+            finally:
+                with self._condition:
+                    self._in_flight.discard(shard.name)
+
+    def _next_download(self) -> ShardFile | None:
+        """The first wanted shard not yet tried for this list and not cached (waits for one);
+        None once closed. Trying each once per list keeps a failing store from being hammered:
+        the next step's list tries again."""
+        with self._condition:
+            while not self._closed:
+                for shard in self._wanted:
+                    if shard.name in self._tried or self._cache.is_ready(shard):
+                        continue
+                    self._tried.add(shard.name)
+                    self._in_flight.add(shard.name)
+                    return shard
+                self._condition.wait()
+            return None
 
     def _positions(self, epoch: int, step_in_epoch: int) -> Iterator[tuple[int, int]]:
         while True:
