@@ -367,6 +367,7 @@ def test_a_field_added_since_a_checkpoint_counts_as_its_default_there() -> None:
     [
         ("data.corpus=texts", "data.corpus"),
         ("data.dataset_factory=pkg:make", "data.dataset_factory"),
+        ("data.shuffle_window_shards=4", "data.shuffle_window_shards"),
     ],
 )
 def test_a_mixture_refuses_another_kind_of_data(extra: str, named: str) -> None:

@@ -154,6 +154,11 @@ class DataConfig(_Section):
                 "data.sources and data.corpus: give one of them (a mixture lists its corpora "
                 "in data.sources)"
             )
+        if self.shuffle_window_shards is not None:
+            raise ValueError(
+                "data.sources and data.shuffle_window_shards: give one of them (a mixture has "
+                "no windowed shuffle yet)"
+            )
         return self
 
 
