@@ -16,9 +16,15 @@ save (checkpoint bytes / ``blocked_s`` of the ``checkpoint_saved`` events: snaps
 rank's write, the commit) and the load (bytes / ``checkpoint_read_s`` of run 2's ``recovery``
 event: finding, reading and checking the checkpoint on every rank); each against the disk
 measured in the same round by ``checkpoint_io``'s probe (one file of the checkpoint's size,
-written + fsync, then read cold). Peak memory per rank: each worker's ``VmHWM`` (peak resident
-set) from ``/proc/<pid>/status``, read every ``POLL_S`` until it exits, beside the memory
-planner's per-rank peak of the model's tensors (``memory_plan.py``'s ``plan_for``).
+written + fsync, then read cold into one reused buffer). The load is also compared with its
+floor on this machine: after the resume, the checkpoint's files dropped from the cache again,
+one fresh process per rank reads exactly what that rank's resume read (its own ``rank-N*``
+files and every shared file) cold into new memory, starting as long after its start as the
+resume's workers took to reach the restore. A load allocates what it reads, and on a VM whose
+host takes back freed memory the first touch of new memory can be slower than the disk; the
+reused buffer of the disk probe never pays it. Peak memory per rank: each worker's ``VmHWM``
+(peak resident set) from ``/proc/<pid>/status``, read every ``POLL_S`` until it exits, beside
+the memory planner's per-rank peak of the model's tensors (``memory_plan.py``'s ``plan_for``).
 
     .venv/bin/python benchmarks/fsdp_vs_ddp.py [--steps 20] [--rounds 5] [--json OUT]
 """
@@ -31,6 +37,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -160,6 +167,56 @@ class WorkerPeaks:
 
 
 # ---------------------------------------------------------------------------------------------
+# The load's floor: the same bytes, cold, into new memory, in fresh processes
+# ---------------------------------------------------------------------------------------------
+
+# Standard library only, so that nothing but the read touches new memory. Each file goes into
+# its own private anonymous mapping (huge pages advised), as steadytrain's reader allocates.
+READ_PROBE = r"""
+import json, mmap, os, sys, time
+delay, paths = float(sys.argv[1]), sys.argv[2:]
+time.sleep(delay)
+started, regions = time.perf_counter(), []
+for path in paths:
+    size = os.path.getsize(path)
+    region = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        region.madvise(mmap.MADV_HUGEPAGE)
+    view, filled = memoryview(region), 0
+    with open(path, "rb", buffering=0) as handle:
+        while filled < size:
+            filled += handle.readinto(view[filled : filled + 16 * 2**20])
+    regions.append(region)
+print(json.dumps({"seconds": time.perf_counter() - started}))
+"""
+
+
+def files_of_rank(paths: list[Path], rank: int) -> list[Path]:
+    """What a rank's resume reads: its own ``rank-N*`` files and every file of no rank."""
+    own = f"rank-{rank:05d}"
+    return [p for p in paths if p.name.startswith(own) or not p.name.startswith("rank-")]
+
+
+def load_floor(paths: list[Path], *, nproc: int, delay_s: float) -> dict[str, Any]:
+    """Seconds for ``nproc`` fresh processes to read their ranks' files cold, concurrently."""
+    os.sync()
+    drop_from_cache(paths)
+    cached = resident_bytes(paths)
+    probes = [
+        subprocess.Popen(
+            [sys.executable, "-c", READ_PROBE, str(delay_s), *map(str, files_of_rank(paths, r))],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(nproc)
+    ]
+    seconds = [json.loads(probe.communicate()[0])["seconds"] for probe in probes]
+    if any(probe.returncode for probe in probes):
+        sys.exit("fsdp_vs_ddp: a read probe failed")
+    return {"seconds": max(seconds), "per_rank_s": seconds, "cached_bytes_before": cached}
+
+
+# ---------------------------------------------------------------------------------------------
 # One strategy: a fresh run with a save, then the resume
 # ---------------------------------------------------------------------------------------------
 
@@ -232,6 +289,10 @@ def run_strategy(args: argparse.Namespace, *, strategy: str, run_dir: Path) -> d
     if len(recovery) != 1 or recovery[0]["resumed_step"] != save_step:
         sys.exit(f"fsdp_vs_ddp: expected one resume from step {save_step} in {run_dir}")
     read_s = recovery[0]["checkpoint_read_s"]
+    # After the resume, as long after a process's start as its workers reached the restore.
+    floor = load_floor(
+        paths, nproc=args.nproc, delay_s=recovery[0]["imports_s"] + recovery[0]["setup_s"]
+    )
     ranks = range(args.nproc)
     return {
         # Rank 0's step time without the save that falls in the last interval.
@@ -251,6 +312,10 @@ def run_strategy(args: argparse.Namespace, *, strategy: str, run_dir: Path) -> d
             "checkpoint_read_s": read_s,
             "gbps": save["bytes"] / read_s / GB,
             "cached_bytes_before": cached,
+            "floor_s": floor["seconds"],
+            "floor_per_rank_s": floor["per_rank_s"],
+            "floor_cached_bytes_before": floor["cached_bytes_before"],
+            "over_floor": floor["seconds"] / read_s,
         },
         "peak_rss_bytes": {"train": train_peaks.by_rank(), "resume": resume_peaks.by_rank()},
         "train_launch": launch,
@@ -296,6 +361,7 @@ def measure(args: argparse.Namespace, *, scratch: Path) -> dict[str, Any]:
                 "save_after_resume": measured[strategy]["save_after_resume"]["gbps"]
                 / disk["write_gbps"],
                 "load": measured[strategy]["load"]["gbps"] / disk["read_gbps"],
+                "load_over_floor": measured[strategy]["load"]["over_floor"],
             }
             for strategy in STRATEGIES
         }
@@ -321,7 +387,8 @@ def print_run(number: int, strategy: str, run: dict[str, Any]) -> None:
     print(
         f"  round {number} {strategy:<4} {run['step_time_s'] * 1000:7.1f} ms/step, grad_sync "
         f"{run['grad_sync_s'] * 1000:6.1f} ms; save {run['save']['gbps']:.2f} GB/s, load "
-        f"{run['load']['gbps']:.2f} GB/s; peak RSS per rank {peaks} MiB",
+        f"{run['load']['gbps']:.2f} GB/s ({run['load']['over_floor']:.2f} of its floor, "
+        f"{run['load']['floor_s']:.2f} s); peak RSS per rank {peaks} MiB",
         flush=True,
     )
 
@@ -364,8 +431,9 @@ def summarize(args: argparse.Namespace, rounds: list[dict[str, Any]]) -> dict[st
             "load_s": median(lambda r, s=s: r[s]["load"]["checkpoint_read_s"]),
             "ratios": {
                 key: median(lambda r, s=s, key=key: r["ratios"][s][key])
-                for key in ("save", "save_after_resume", "load")
+                for key in ("save", "save_after_resume", "load", "load_over_floor")
             },
+            "load_floor_s": median(lambda r, s=s: r[s]["load"]["floor_s"]),
             "final_loss": median(lambda r, s=s: r[s]["final_loss"]),
             "contended_rounds": sum(
                 r[s]["train_launch"].get("foreign_cpu_share", 0.0) > NOISY_FOREIGN_SHARE
@@ -452,7 +520,9 @@ def print_report(summary: dict[str, Any]) -> None:
         f"({'within' if ok['fsdp_save'] else 'MISSES'} >= {TARGET_SAVE_RATIO}), "
         f"after a resume {ratios['save_after_resume']:.2f} x; sharded load "
         f"{ratios['load']:.2f} x disk read ({'within' if ok['fsdp_load'] else 'MISSES'} "
-        f">= {TARGET_LOAD_RATIO})"
+        f">= {TARGET_LOAD_RATIO}), {ratios['load_over_floor']:.2f} x its floor (the same "
+        f"bytes cold into new memory: {strategies['fsdp']['load_floor_s']:.2f} s; DDP's "
+        f"{strategies['ddp']['ratios']['load_over_floor']:.2f} x)"
     )
 
 
