@@ -309,7 +309,7 @@ async def _events(pending: Pending, batcher: Batcher) -> AsyncIterator[str]:
             remaining = max(0.0, pending.deadline - batcher.clock())
             try:
                 token = await asyncio.wait_for(reply.tokens.get(), timeout=remaining)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11
                 yield _event("error", {"error": "not answered within serve.request_timeout_s"})
                 return
             if token is not None:
