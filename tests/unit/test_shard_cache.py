@@ -11,6 +11,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import pytest
@@ -177,6 +178,56 @@ def test_a_shard_pinned_by_another_process_is_not_evicted(store_dir: Path, tmp_p
         other.communicate("", timeout=30)
     cache.evict()  # their pin ended with their process
     assert cache.size_bytes() == 0
+
+
+def test_concurrent_downloads_reserve_room_first_and_stay_within_the_limit(
+    store_dir: Path, tmp_path: Path
+) -> None:
+    shards = shards_of(store_dir, tmp_path)
+    size = shards[0].num_tokens
+    directory = tmp_path / "shards"
+    on_disk: list[int] = []  # every file's bytes, each time a download has written its shard
+    together = threading.Barrier(3, timeout=30)
+
+    class ObservedStore(ShardStore):
+        def download(self, name: str, handle: IO[bytes]) -> tuple[int, str]:
+            together.wait()  # three downloads in flight at once
+            result = super().download(name, handle)
+            handle.flush()
+            on_disk.append(sum(p.stat().st_size for p in directory.iterdir() if p.is_file()))
+            together.wait()  # none is renamed before all three have written
+            return result
+
+    store = ObservedStore(f"file://{store_dir}", max_attempts=2, first_backoff_s=0.0)
+    cache = ShardCache(directory, store=store, limit_bytes=4 * size + 10)
+    for shard in shards[:3]:  # three cached already: room for one more
+        cache._store = ShardStore(f"file://{store_dir}", max_attempts=2, first_backoff_s=0.0)
+        cache.ensure(shard)
+    cache._store = store
+    threads = [threading.Thread(target=cache.ensure, args=(shard,)) for shard in shards[3:6]]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(on_disk) == 3
+    assert max(on_disk) <= cache.limit_bytes  # no longer 3 cached + 3 downloaded
+    assert cache.stats.evictions == 2  # two of the three older shards made room
+    assert all(cache.is_ready(shard) for shard in shards[3:6])
+    assert not list(directory.glob(".*partial*"))
+
+
+def test_a_dead_downloads_temporary_file_is_deleted_and_not_counted(
+    store_dir: Path, tmp_path: Path
+) -> None:
+    shards = shards_of(store_dir, tmp_path)
+    size = shards[0].num_tokens
+    cache = new_cache(store_dir, tmp_path, limit_bytes=2 * size + 10)
+    dead = tmp_path / "shards" / f".{shards[5].sha256}.{size}.partial-deadbeef"
+    dead.write_bytes(b"x" * 100)  # a download killed midway: nobody holds its lock
+    for shard in shards[:2]:
+        cache.ensure(shard)
+    assert not dead.exists()
+    assert cache.stats.evictions == 0  # its reservation did not push a shard out
 
 
 def test_caches_sharing_a_directory_download_each_shard_once(

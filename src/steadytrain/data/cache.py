@@ -13,8 +13,12 @@ is checked against its sha256 and made durable, then renamed into place (atomic)
 sees a whole verified shard or none. A cached shard is checked (size and sha256) the first
 time a process uses it; a corrupt or partial one is deleted and fetched again.
 
-Eviction is least recently used (file modification times, touched on use) and runs after each
-download until the cache is within its limit. A pinned shard is never evicted; when only
+Eviction is least recently used (file modification times, touched on use). A download first
+reserves its shard's size (its temporary file, ``.<sha256>.<bytes>.partial-<id>``, exists
+before any byte arrives and counts at its full size), then evicts until cached shards and
+every download in flight fit the limit, so concurrent downloads, of any process, never take
+the cache over it; a temporary file whose ``.lock`` nobody holds is a dead download's and is
+deleted. A pinned shard is never evicted; when only
 pinned shards are left the cache stays over its limit rather than wait (a limit smaller than
 one step's shards must not deadlock), and ``over_limit`` counts those times.
 
@@ -41,6 +45,7 @@ from steadytrain.data.remote import ShardStore
 from steadytrain.data.shards import ShardFile
 
 HASH_CHUNK_BYTES = 8 * 2**20
+_PARTIAL = ".partial-"  # in the name of a download's temporary file
 
 _held_descriptors: set[int] = set()  # lock descriptors this process holds
 _registry_lock = threading.Lock()
@@ -112,6 +117,7 @@ class ShardCache:
         self._pins: dict[str, int] = {}
         self._stats_lock = threading.Lock()
         self._thread_locks: dict[str, threading.Lock] = {}
+        self._evict_lock = threading.Lock()
         _open_caches.add(self)
 
     def path_of(self, shard: ShardFile) -> Path:
@@ -157,11 +163,15 @@ class ShardCache:
             self._pins[checksum] = descriptor
             touch(self.directory / f"{checksum}.bin")
 
-    def evict(self) -> None:
+    def evict(self, *, count_over_limit: bool = True) -> None:
         """Delete least recently used shards until the cache is within its limit, skipping
         every shard some process has pinned."""
+        with self._evict_lock:  # this process's downloads evict one at a time, none twice
+            self._evict(count_over_limit=count_over_limit)
+
+    def _evict(self, *, count_over_limit: bool) -> None:
         entries = sorted(self._entries(), key=lambda entry: entry[2])  # oldest first
-        total = sum(size for _, size, _ in entries)
+        total = sum(size for _, size, _ in entries) + self._reserved_bytes()
         for path, size, _ in entries:
             if total <= self.limit_bytes:
                 return
@@ -179,7 +189,7 @@ class ShardCache:
                     self._verified.discard(checksum)
             finally:
                 _unlock(descriptor)
-        if total > self.limit_bytes:
+        if total > self.limit_bytes and count_over_limit:
             self._count(over_limit=1)
 
     def size_bytes(self) -> int:
@@ -203,6 +213,23 @@ class ShardCache:
                         status = entry.stat()
                         yield Path(entry.path), status.st_size, status.st_mtime
 
+    def _reserved_bytes(self) -> int:
+        """The full sizes of the downloads in flight (their ``.lock`` is held); temporary
+        files of dead downloads are deleted."""
+        reserved = 0
+        for partial in self.directory.glob(f".*{_PARTIAL}*"):
+            checksum, _, size = partial.name[1:].partition(_PARTIAL)[0].partition(".")
+            descriptor = _lock(self.directory / f"{checksum}.lock", fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if descriptor is None:  # its download is going on
+                reserved += int(size) if size.isdigit() else 0
+                continue
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    partial.unlink()
+            finally:
+                _unlock(descriptor)
+        return reserved
+
     def _cached_copy_is_good(self, shard: ShardFile, path: Path, *, itemsize: int) -> bool:
         try:
             size = path.stat().st_size
@@ -217,8 +244,10 @@ class ShardCache:
 
     def _download(self, shard: ShardFile, path: Path, *, itemsize: int) -> None:
         expected = shard.num_tokens * itemsize
-        temporary = self.directory / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
+        temporary = self.directory / f".{path.stem}.{expected}{_PARTIAL}{uuid.uuid4().hex[:8]}"
         try:
+            temporary.touch()  # the reservation: seen by every evict() from now on
+            self.evict(count_over_limit=False)  # room for it before its bytes arrive
             for attempt in range(2):  # a checksum mismatch may be a torn transfer: once more
                 with open(temporary, "wb") as handle:
                     size, checksum = self._store.download(shard.name, handle)
@@ -259,15 +288,23 @@ class ShardCache:
         """In a forked child: the parent's pins and thread locks are not this process's."""
         self._pins = {}
         self._stats_lock = threading.Lock()
+        self._evict_lock = threading.Lock()
         self._thread_locks = {}
 
     def __getstate__(self) -> dict[str, object]:
         # A spawned DataLoader worker gets its own locks and no pins.
-        return {**self.__dict__, "_pins": {}, "_stats_lock": None, "_thread_locks": {}}
+        return {
+            **self.__dict__,
+            "_pins": {},
+            "_stats_lock": None,
+            "_evict_lock": None,
+            "_thread_locks": {},
+        }
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
         self._stats_lock = threading.Lock()
+        self._evict_lock = threading.Lock()
         _open_caches.add(self)
 
 
