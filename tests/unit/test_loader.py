@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 from steadytrain.config import BatchLayout
-from steadytrain.data import GlobalPositionSampler, SampleOrder, StepBatches, TokenWindowDataset
+from steadytrain.data import (
+    GlobalPositionSampler,
+    SampleOrder,
+    StepBatches,
+    TokenWindowDataset,
+    reads_ahead,
+)
 from steadytrain.data.shards import prepare_shards
 
 
@@ -21,12 +28,22 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> TokenWindowDataset:
     return TokenWindowDataset(index, split="train", seq_len=16)
 
 
-def collect(dataset, *, rank: int, num_workers: int, steps: int, start: dict | None = None):
+def collect(
+    dataset,
+    *,
+    rank: int,
+    num_workers: int,
+    steps: int,
+    start: dict | None = None,
+    read_ahead: bool = True,
+):
     layout = BatchLayout(world_size=2, micro_batch_size=2, grad_accum_steps=2)
     sampler = GlobalPositionSampler(num_samples=len(dataset), global_batch_size=8, seed=3)
     if start is not None:
         sampler.load_state_dict(start)
-    batches = StepBatches(dataset, sampler, layout, rank=rank, num_workers=num_workers)
+    batches = StepBatches(
+        dataset, sampler, layout, rank=rank, num_workers=num_workers, read_ahead=read_ahead
+    )
     seen = []
     for _ in range(steps):
         expected = sampler.rank_micro_batches(
@@ -39,26 +56,44 @@ def collect(dataset, *, rank: int, num_workers: int, steps: int, start: dict | N
                 assert torch.equal(row, dataset[sample_id])
         seen.append([micro.sample_ids.tolist() for micro in micro_batches])
         sampler.advance()
-    return seen, sampler.state_dict()
+    readers = [t for t in threading.enumerate() if t.name.startswith("step-read-ahead")]
+    batches.close()
+    return seen, sampler.state_dict(), readers
 
 
 def test_micro_batches_follow_the_sampler_across_epochs(dataset: TokenWindowDataset) -> None:
     steps_per_epoch = len(dataset) // 8
-    seen, state = collect(dataset, rank=1, num_workers=0, steps=steps_per_epoch + 3)
+    seen, state, _ = collect(dataset, rank=1, num_workers=0, steps=steps_per_epoch + 3)
     assert state["epoch"] == 1 and state["samples_consumed"] == 3 * 8
     assert len(seen) == steps_per_epoch + 3
 
 
 def test_worker_processes_deliver_the_same_batches(dataset: TokenWindowDataset) -> None:
-    in_process, _ = collect(dataset, rank=0, num_workers=0, steps=5)
-    with_workers, _ = collect(dataset, rank=0, num_workers=2, steps=5)
-    assert with_workers == in_process
+    in_process, _, readers = collect(dataset, rank=0, num_workers=0, steps=5)
+    with_workers, _, _ = collect(dataset, rank=0, num_workers=2, steps=5)
+    not_ahead, _, no_readers = collect(dataset, rank=0, num_workers=0, steps=5, read_ahead=False)
+    assert with_workers == in_process == not_ahead
+    assert len(readers) == 1 and no_readers == []  # data.read_ahead: never (auto on CPU)
+
+
+def test_reading_ahead_is_for_cuda_unless_set() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [reads_ahead(setting, device=cpu) for setting in ("auto", "always", "never")] == [
+        False,
+        True,
+        False,
+    ]
+    assert [reads_ahead(setting, device=cuda) for setting in ("auto", "always", "never")] == [
+        True,
+        True,
+        False,
+    ]
 
 
 def test_resuming_from_a_position_continues_exactly(dataset: TokenWindowDataset) -> None:
-    straight, _ = collect(dataset, rank=0, num_workers=0, steps=6)
-    first, state = collect(dataset, rank=0, num_workers=0, steps=2)
-    rest, _ = collect(dataset, rank=0, num_workers=0, steps=4, start=state)
+    straight, _, _ = collect(dataset, rank=0, num_workers=0, steps=6)
+    first, state, _ = collect(dataset, rank=0, num_workers=0, steps=2)
+    rest, _, _ = collect(dataset, rank=0, num_workers=0, steps=4, start=state)
     assert first + rest == straight
 
 

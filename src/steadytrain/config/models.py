@@ -139,6 +139,13 @@ class DataConfig(_Section):
     num_workers: int = operational_field(
         0, description="DataLoader worker processes per rank (0: load in the trainer).", ge=0
     )
+    read_ahead: Literal["auto", "always", "never"] = operational_field(
+        "auto",
+        description="With no workers, read the next step's micro-batches in a background "
+        "thread while a step trains (the token datasets). auto: on CUDA, where the host is "
+        "free while the device computes; not on CPU, where training uses every core and the "
+        "thread would compete with it.",
+    )
     ledger: bool = operational_field(
         False, description="Record every committed step's consumed samples under RUN_DIR/ledger."
     )

@@ -24,6 +24,7 @@ from steadytrain.data.loader import (
     NullLookahead,
     StepBatches,
     StepLookahead,
+    reads_ahead,
     validation_batches,
 )
 from steadytrain.data.remote import is_remote, prepare_corpus, prepare_remote
@@ -72,6 +73,7 @@ __all__ = [
     "prepared_corpus_dir",
     "rank_micro_batch_offsets",
     "read_index",
+    "reads_ahead",
     "resolve_source_files",
     "sample_order",
     "step_lookahead",

@@ -110,7 +110,7 @@ class StepBatches:
     Loader workers may read ahead; nothing here moves the sampler. The trainer advances it
     only when a step commits, which is what makes the position exact on resume. Without
     workers, a dataset that reads samples together (the token datasets) has the next step
-    read in a background thread while this one trains (``_StepReadAhead``).
+    read in a background thread while this one trains (``_StepReadAhead``), if ``read_ahead``.
     """
 
     def __init__(
@@ -123,6 +123,7 @@ class StepBatches:
         num_workers: int = 0,
         pin_memory: bool = False,
         lookahead: StepLookahead | None = None,
+        read_ahead: bool = True,
     ) -> None:
         self._micro_batches = _MicroBatches(dataset)
         self.lookahead = lookahead or NullLookahead()
@@ -134,7 +135,7 @@ class StepBatches:
         self._iterator: Iterator[MicroBatch] | None = None
         self._iterator_position: tuple[int, int] | None = None
         self._read_ahead: _StepReadAhead | None = None
-        if num_workers == 0 and isinstance(dataset, ReadsSamples):
+        if read_ahead and num_workers == 0 and isinstance(dataset, ReadsSamples):
             # Only our own datasets: a user's may draw from the RNGs the training thread
             # uses, and reading it in another thread would make runs nondeterministic.
             # Nothing is pinned here, as a DataLoader's pin_memory pins no MicroBatch either.
@@ -193,6 +194,12 @@ class StepBatches:
             pin_memory=self._pin_memory,
         )
         return iter(loader)
+
+
+def reads_ahead(setting: str, *, device: torch.device) -> bool:
+    """Whether ``StepBatches`` reads the next step in a background thread, by
+    ``data.read_ahead`` (auto: on CUDA only; on CPU the training itself uses every core)."""
+    return setting == "always" or (setting == "auto" and device.type == "cuda")
 
 
 class _StepReadAhead:

@@ -6,8 +6,9 @@ Two kinds of signal, agreed in two ways:
   whose loss is not finite starts its backward from a NaN gradient (``backward_seed``), so its
   gradients are NaN; the all-reduce spreads them to every rank, and the global gradient norm,
   computed from the same reduced gradients on every rank (the premise DDP already rests on:
-  every rank holds identical gradients after the sync), is non-finite everywhere. Every step reads that
-  norm once on the host (``decide``'s one host sync) and no extra collective is needed.
+  every rank holds identical gradients after the sync), is non-finite everywhere. Every step
+  reads that norm once on the host (``decide``'s one host sync) and no extra collective is
+  needed.
 - **Preemption signals** arrive on any rank at any time. Ranks agree on them in a small MAX
   all-reduce of a ``4 × world_size`` int32 table (preempted, non-finite loss, non-finite
   gradient, next check), held at *signal checks*: at the first step, then about every

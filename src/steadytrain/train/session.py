@@ -45,6 +45,7 @@ from steadytrain.data import (
     build_datasets,
     ensure_corpus,
     new_attempt_id,
+    reads_ahead,
     sample_order,
     step_lookahead,
     validation_batches,
@@ -214,6 +215,7 @@ def build_parts(
         rank=runtime.rank,
         num_workers=config.data.num_workers,
         pin_memory=runtime.device.type == "cuda",
+        read_ahead=reads_ahead(config.data.read_ahead, device=runtime.device),
         lookahead=step_lookahead(
             datasets,
             sampler,
