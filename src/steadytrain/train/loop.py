@@ -268,13 +268,13 @@ def train_micro_batches(parts: TrainingParts, micro_batches: list[MicroBatch]) -
     timer, runtime, step = parts.timer, parts.runtime, parts.state.step
     scale = 1.0 / len(micro_batches)
     step_loss = torch.zeros((), device=runtime.device)
-    bf16 = parts.config.train.precision == "bf16"
+    mixed = autocast(runtime.device, enabled=parts.config.train.precision == "bf16")
     last = len(micro_batches) - 1
     for micro_step, micro in enumerate(micro_batches):
         with timer.phase("h2d"):
             batch = to_device(micro.batch, runtime.device)
         with parts.model.gradient_sync(enabled=micro_step == last):
-            with timer.phase("forward"), autocast(runtime.device, enabled=bf16):
+            with timer.phase("forward"), mixed:
                 loss = parts.loss_fn(parts.model.module, batch)
                 seed = parts.guard.backward_seed(loss, step=step, scale=scale)  # NaN: NaN grads
             with timer.phase("backward"):
