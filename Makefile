@@ -43,10 +43,18 @@ browser:
 test: lint typecheck browser
 	$(BIN)/python -m pytest
 
+# Every benchmark written up in docs/benchmarks.md and docs/planning.md, with its defaults
+# (about an hour on 2 idle cores); tests/unit/test_gates.py checks that none is left out.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/overhead_paired.py
 	$(BIN)/python benchmarks/checkpoint_io.py
+	$(BIN)/python benchmarks/fsdp_vs_ddp.py
+	$(BIN)/python benchmarks/recovery.py
+	$(BIN)/python benchmarks/comm_tuning.py
+	$(BIN)/python benchmarks/compile_speed.py
+	$(BIN)/python benchmarks/memory_plan.py
+	$(BIN)/python benchmarks/data_stream.py
 	$(BIN)/python benchmarks/serve.py
 
 clean:

@@ -78,3 +78,24 @@ def test_mypy_checks_the_whole_package() -> None:
     settings = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]
     assert settings["files"] == ["src/steadytrain"]
     assert "exclude" not in settings
+
+
+def test_make_bench_runs_every_benchmark() -> None:
+    # A benchmark that `make bench` never starts goes stale unnoticed. Every script that runs on
+    # its own is in the recipe, or is started by one that is (ddp_baseline.py by overhead*.py).
+    recipe = re.search(r"^bench:.*\n((?:\t.*\n)+)", (ROOT / "Makefile").read_text(), re.M)
+    assert recipe is not None, "Makefile has no bench target"
+    started = set(re.findall(r"benchmarks/(\w+)\.py", recipe.group(1)))
+    sources = {name: (ROOT / "benchmarks" / f"{name}.py").read_text() for name in started}
+    scripts = {
+        Path(path).stem
+        for path in tree_files("benchmarks", pattern="*.py")
+        if 'if __name__ == "__main__":' in (ROOT / path).read_text()
+    }
+    assert {"overhead", "serve", "data_stream"} <= scripts, "the tree scan found no benchmarks"
+    left_out = {
+        name
+        for name in scripts - started
+        if not any(f"{name}.py" in source for source in sources.values())
+    }
+    assert left_out == set(), "benchmarks `make bench` never runs"

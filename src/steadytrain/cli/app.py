@@ -47,6 +47,13 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a key: --set train.lr=3e-4 (value parsed as YAML)."),
 ]
+ServeSetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        help="Override a serve key: --set serve.max_batch_size=16 (value parsed as YAML).",
+    ),
+]
 NprocOpt = Annotated[
     int | None,
     typer.Option("--nproc", min=1, help="Start N local worker processes with torchrun's agent."),
@@ -342,7 +349,7 @@ def serve(
         str, typer.Option("--host", help="Address to bind; anything but loopback is a choice.")
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to bind.")] = 8000,
-    overrides: SetOpt = None,
+    overrides: ServeSetOpt = None,
 ) -> None:
     """Serve a trained run over HTTP (POST /v1/generate, /v1/forward; GET /healthz, /readyz,
     /metrics) with dynamic batching, until SIGTERM, which drains requests in flight.
