@@ -36,6 +36,7 @@ from checkpoint_io_measurements import ForeignCpu
 from overhead import DEFAULT_CONFIG, alternating_orders, prepare_runs, train_logged, write_summary
 from serve_load import Load, ServerProcess, drive, start_server, wait_ready
 from serve_report import print_report, summarize
+from steadytrain.model import GPT
 from steadytrain.serve import (
     Sampling,
     ServedModel,
@@ -140,17 +141,17 @@ def in_process_generation(
     count = max(2 * batch_size, 16)
     chosen = [list(prompts[number % len(prompts)].encode()) for number in range(count)]
     groups = [[prompt] for prompt in chosen] if batch_size == 1 else [chosen]
+    model = served.model
+    assert isinstance(model, GPT)
     latencies = []
     with ForeignCpu() as others:
         for group in groups:
             started = time.perf_counter()
             generate(
-                served.model,
+                model,
                 group,
                 sampling=Sampling(max_new_tokens=new_tokens, temperature=0),
                 max_batch_size=batch_size,
-                max_seq_len=served.max_seq_len,
-                device=served.device,
             )
             latencies.append(time.perf_counter() - started)
     seconds = sum(latencies)
@@ -192,13 +193,12 @@ def in_process_forward(
 
 def expected_answers(args: argparse.Namespace, served: ServedModel, prompts: list[str]) -> Any:
     """Each prompt's greedy tokens in-process, for checking what the server answers."""
+    assert isinstance(served.model, GPT)
     return generate(
         served.model,
         [list(prompt.encode()) for prompt in prompts],
         sampling=Sampling(max_new_tokens=args.new_tokens, temperature=0),
         max_batch_size=8,
-        max_seq_len=served.max_seq_len,
-        device=served.device,
     )
 
 

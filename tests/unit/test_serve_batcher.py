@@ -128,17 +128,25 @@ def test_the_queue_is_bounded_and_a_discarded_request_frees_its_place() -> None:
         batcher.put(pending())
 
 
-class FailsOn(nn.Module):
-    """A GPT that raises for any batch holding token 7 (a request that breaks the model)."""
-
-    def __init__(self, model: GPT) -> None:
-        super().__init__()
-        self.model = model
+class FailsOn(GPT):
+    """A GPT that raises for any call holding token 7 (a request that breaks the model)."""
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        if (tokens == 7).any():
-            raise RuntimeError("token 7 breaks this model")
-        return self.model(tokens)
+        _refuse_seven(tokens)
+        return super().forward(tokens)
+
+    def prefill(self, tokens: torch.Tensor, **cached: Any) -> torch.Tensor:
+        _refuse_seven(tokens)
+        return super().prefill(tokens, **cached)
+
+    def decode(self, tokens: torch.Tensor, **cached: Any) -> torch.Tensor:
+        _refuse_seven(tokens)
+        return super().decode(tokens, **cached)
+
+
+def _refuse_seven(tokens: torch.Tensor) -> None:
+    if (tokens == 7).any():
+        raise RuntimeError("token 7 breaks this model")
 
 
 def served(model: nn.Module, **serve: Any) -> ServedModel:
@@ -156,14 +164,14 @@ def served(model: nn.Module, **serve: Any) -> ServedModel:
     )
 
 
-def small_gpt() -> GPT:
+def small_gpt(kind: type[GPT] = GPT) -> GPT:
     torch.manual_seed(0)
-    return GPT(max_seq_len=32, num_layers=1, width=32, num_heads=2).eval()
+    return kind(max_seq_len=32, num_layers=1, width=32, num_heads=2).eval()
 
 
 def test_a_failing_request_fails_alone_and_the_loop_keeps_serving() -> None:
     batcher = Batcher(max_queue=16, kinds=(FORWARD, GENERATE))
-    worker = ModelWorker(served(FailsOn(small_gpt())), batcher, ServeMetrics(max_batch_size=4))
+    worker = ModelWorker(served(small_gpt(FailsOn)), batcher, ServeMetrics(max_batch_size=4))
     worker.start()
     good = [pending(payload=ForwardRequest([1, 2, 3][: n + 1], "logprobs")) for n in range(3)]
     bad = pending(payload=ForwardRequest([1, 7], "logprobs"))
@@ -179,7 +187,9 @@ def test_a_failing_request_fails_alone_and_the_loop_keeps_serving() -> None:
         assert outcomes[id(failed)].status == 500
         assert "token 7 breaks this model" in str(outcomes[id(failed)])
     assert [len(outcomes[id(r)]["logprobs"]) for r in good] == [0, 1, 2]
-    assert all(outcomes[id(r)]["num_tokens"] == 4 for r in making)
+    # Their batch's prefill failed with the poisoned one; each was prefilled again alone.
+    alone = generate(small_gpt(), [[1, 2]], sampling=Sampling(4, 0.0))[0]
+    assert all(outcomes[id(r)]["tokens"] == alone for r in making)
     assert worker.alive
     worker.stop(timeout=5)
     assert not worker.alive
@@ -191,8 +201,8 @@ def test_batched_generation_gives_each_prompt_what_it_gets_alone() -> None:
     greedy = Sampling(max_new_tokens=30, temperature=0.0)  # past max_seq_len: the context slides
     sampled = Sampling(max_new_tokens=5, temperature=1.0, top_k=20, seed=3)
     for sampling in (greedy, sampled):
-        alone = [generate(model, [p], sampling=sampling, max_seq_len=32)[0] for p in prompts]
-        together = generate(model, prompts, sampling=sampling, max_batch_size=2, max_seq_len=32)
+        alone = [generate(model, [p], sampling=sampling)[0] for p in prompts]
+        together = generate(model, prompts, sampling=sampling, max_batch_size=2)
         assert together == alone
 
 

@@ -1,8 +1,15 @@
-"""The default model: a small byte-level GPT (pre-norm transformer decoder)."""
+"""The default model: a small byte-level GPT (pre-norm transformer decoder).
+
+``GPT.prefill`` and ``GPT.decode`` are a second way through the same weights, for serving:
+they keep each sequence's attention keys and values in a ``KVCache`` so that a decoding step
+computes one new position per sequence. Training calls only ``forward``.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -26,6 +33,48 @@ class CausalSelfAttention(nn.Module):
         )
         return self.proj(y.transpose(1, 2).reshape(batch, seq, width))
 
+    def prefill(
+        self, x: torch.Tensor, *, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor
+    ) -> torch.Tensor:
+        """``forward`` of whole sequences from position 0, keeping their keys and values in
+        cache rows ``rows`` (what ``forward`` computes, in evaluation)."""
+        batch, seq, width = x.shape
+        q, k, v = self.qkv(x).split(width, dim=2)
+        q, k, v = (t.view(batch, seq, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+        keys[rows, :, :seq] = k
+        values[rows, :, :seq] = v
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(batch, seq, width))
+
+    def decode(
+        self,
+        x: torch.Tensor,
+        *,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        rows: torch.Tensor | slice,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """One new position per row (``x`` is (rows, 1, width)) at ``positions``, attending
+        to the row's cached positions before it and itself; ``mask`` (rows, 1, 1, span)
+        hides the positions past a shorter row's end (None: all rows end together)."""
+        batch, _, width = x.shape
+        span = int(positions.max()) + 1
+        q, k, v = self.qkv(x).split(width, dim=2)
+        q, k, v = (t.view(batch, 1, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+        row_keys, row_values = keys[rows], values[rows]  # a view when rows is a slice
+        index = torch.arange(batch, device=x.device)
+        row_keys[index, :, positions] = k[:, :, 0]
+        row_values[index, :, positions] = v[:, :, 0]
+        if not isinstance(rows, slice):  # a gathered copy: write the new position back
+            keys[rows, :, positions] = k[:, :, 0]
+            values[rows, :, positions] = v[:, :, 0]
+        y = F.scaled_dot_product_attention(
+            q, row_keys[:, :, :span], row_values[:, :, :span], attn_mask=mask
+        )
+        return self.proj(y.transpose(1, 2).reshape(batch, 1, width))
+
 
 class Block(nn.Module):
     def __init__(self, *, width: int, num_heads: int, dropout: float) -> None:
@@ -39,6 +88,14 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+    def prefill(self, x: torch.Tensor, **cached: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention.prefill(self.attention_norm(x), **cached)
+        return x + self.mlp(self.mlp_norm(x))
+
+    def decode(self, x: torch.Tensor, **cached: Any) -> torch.Tensor:
+        x = x + self.attention.decode(self.attention_norm(x), **cached)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -86,6 +143,71 @@ class GPT(nn.Module):
             x = block(x)
         return self.head(self.final_norm(x))
 
+    @torch.inference_mode()
+    def prefill(
+        self, tokens: torch.Tensor, *, lengths: Sequence[int], cache: KVCache, rows: Sequence[int]
+    ) -> torch.Tensor:
+        """Run right-padded sequences from position 0, keeping them in ``cache`` rows ``rows``
+        (``lengths`` positions each); returns each one's logits after its last real token,
+        (len(rows), vocab_size).
+
+        Under causal attention the pads after a row's end change none of its positions; they
+        are written to the cache past the row's length, where the next step overwrites them.
+        """
+        batch, seq = tokens.shape
+        if seq > self.max_seq_len:
+            raise ValueError(
+                f"sequence of {seq} exceeds the model's max_seq_len {self.max_seq_len}"
+            )
+        cache.reserve(seq)
+        index = torch.tensor(list(rows), device=tokens.device)
+        positions = torch.arange(seq, device=tokens.device)
+        x = self.token_embedding(tokens) + self.position_embedding(positions)
+        for block, keys, values in zip(self._blocks, cache.keys, cache.values, strict=True):
+            x = block.prefill(x, keys=keys, values=values, rows=index)
+        last = torch.tensor([length - 1 for length in lengths], device=tokens.device)
+        for row, length in zip(rows, lengths, strict=True):
+            cache.lengths[row] = length
+        x = x[torch.arange(batch, device=tokens.device), last]
+        return self.head(self.final_norm(x))
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, *, cache: KVCache, rows: Sequence[int]) -> torch.Tensor:
+        """One token per cache row in ``rows`` (``tokens`` is (len(rows),)), at the position
+        after what the row holds; returns the logits after it, (len(rows), vocab_size).
+
+        Rows of different lengths are batched with per-row positions and an attention mask.
+        """
+        lengths = [cache.lengths[row] for row in rows]
+        if max(lengths) >= self.max_seq_len:
+            raise ValueError(
+                f"a cached row holds {max(lengths)} positions: no room for another within "
+                f"the model's max_seq_len {self.max_seq_len}"
+            )
+        cache.reserve(max(lengths) + 1)
+        device = tokens.device
+        positions = torch.tensor(lengths, device=device)
+        span = max(lengths) + 1
+        mask = None
+        if min(lengths) != max(lengths):
+            mask = (torch.arange(span, device=device) <= positions[:, None])[:, None, None, :]
+        # Packed rows 0..n-1 are read as a view; others (a retry of one row) are gathered.
+        index: torch.Tensor | slice = slice(0, len(rows))
+        if list(rows) != list(range(len(rows))):
+            index = torch.tensor(list(rows), device=device)
+        x = (self.token_embedding(tokens) + self.position_embedding(positions))[:, None, :]
+        for block, keys, values in zip(self._blocks, cache.keys, cache.values, strict=True):
+            x = block.decode(
+                x, keys=keys, values=values, rows=index, positions=positions, mask=mask
+            )
+        for row in rows:
+            cache.lengths[row] += 1
+        return self.head(self.final_norm(x[:, 0]))
+
+    @property
+    def _blocks(self) -> list[Block]:
+        return cast(list[Block], list(self.blocks))
+
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -94,6 +216,54 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+
+class KVCache:
+    """Attention keys and values of up to ``num_rows`` sequences between decoding steps.
+
+    Row ``r`` holds its first ``lengths[r]`` positions (0: empty); what lies past them is
+    stale but finite (zeros at first), since a masked position's value still meets a zero
+    weight and NaN times zero is NaN. Room grows by doubling as rows lengthen, up to the
+    model's ``max_seq_len``.
+    """
+
+    @torch.inference_mode()
+    def __init__(self, model: GPT, *, num_rows: int) -> None:
+        attention = model.blocks[0].attention
+        assert isinstance(attention, CausalSelfAttention)
+        width = model.token_embedding.embedding_dim
+        shape = (num_rows, attention.num_heads, 0, width // attention.num_heads)
+        like = model.head.weight
+        self.max_seq_len = model.max_seq_len
+        self.keys = [like.new_zeros(shape) for _ in model.blocks]
+        self.values = [like.new_zeros(shape) for _ in model.blocks]
+        self.lengths = [0] * num_rows
+
+    @property
+    def capacity(self) -> int:
+        """Positions each row has room for now."""
+        return self.keys[0].shape[2]
+
+    @torch.inference_mode()
+    def reserve(self, positions: int) -> None:
+        """Room for ``positions`` per row, keeping what the rows hold."""
+        if positions <= self.capacity:
+            return
+        held = self.capacity
+        grown = min(self.max_seq_len, max(positions, 2 * held, 64))
+        for tensors in (self.keys, self.values):
+            for layer, old in enumerate(tensors):
+                new = old.new_zeros((*old.shape[:2], grown, old.shape[3]))
+                new[:, :, :held] = old
+                tensors[layer] = new
+
+    @torch.inference_mode()
+    def move(self, source: int, target: int) -> None:
+        """Row ``source``'s positions become row ``target``'s; ``source`` is left empty."""
+        length = self.lengths[source]
+        for tensor in (*self.keys, *self.values):
+            tensor[target, :, :length] = tensor[source, :, :length]
+        self.lengths[target], self.lengths[source] = length, 0
 
 
 def build_gpt(**kwargs: int | float) -> GPT:

@@ -13,6 +13,7 @@ from steadytrain.serve.batcher import (
     Reply,
     ServeFailure,
 )
+from steadytrain.serve.decoding import DecodingBatch, Step, StepCost, generate
 from steadytrain.serve.faults import FAULTS_ENV, Faults
 from steadytrain.serve.generation import (
     Generation,
@@ -20,9 +21,7 @@ from steadytrain.serve.generation import (
     Sampling,
     byte_text,
     byte_tokens,
-    decode_step,
     forward_rows,
-    generate,
     pad_rows,
     token_logprobs,
 )
@@ -48,6 +47,7 @@ __all__ = [
     "GENERATE",
     "Batcher",
     "BatcherClosed",
+    "DecodingBatch",
     "Faults",
     "ForwardRequest",
     "GenerateRequest",
@@ -62,9 +62,10 @@ __all__ = [
     "ServeMetrics",
     "ServeRefused",
     "ServedModel",
+    "Step",
+    "StepCost",
     "byte_text",
     "byte_tokens",
-    "decode_step",
     "forward_rows",
     "generate",
     "load_run_config",

@@ -1,9 +1,8 @@
-"""Batched model calls: right-padded forward passes and generation batched by decoding step.
+"""Batched model calls' parts: right-padded rows, forward passes, sampling, byte tokens.
 
-No KV cache: each decoding step runs the whole context of every sequence in the batch, so a
-sequence may join or leave the batch between any two steps at no cost. Rows of different
-lengths are right-padded: under causal attention no real token sees a pad, so a row's
-results are those it gets alone (within float tolerance), and the pads' waste is counted.
+Rows of different lengths are right-padded: under causal attention no real token sees a
+pad, so a row's results are those it gets alone (within float tolerance), and the pads'
+waste is counted. Generation batched by decoding step is in decoding.py.
 """
 
 from __future__ import annotations
@@ -97,30 +96,6 @@ def token_logprobs(logits: torch.Tensor, tokens: Sequence[int]) -> list[float]:
     return logprobs.gather(1, following[:, None])[:, 0].tolist()
 
 
-def decode_step(
-    model: nn.Module,
-    generations: Sequence[Generation],
-    *,
-    max_seq_len: int | None,
-    device: torch.device,
-) -> tuple[list[int], int]:
-    """One new token for every generation (appended to it); returns them and the padding.
-
-    Contexts longer than ``max_seq_len`` keep their last ``max_seq_len`` tokens.
-    """
-    batch = pad_rows([g.context(max_seq_len) for g in generations], device=device)
-    logits = model(batch.tokens)
-    last = torch.tensor(batch.lengths, device=logits.device) - 1
-    # One host copy per step: the sampling below runs on each request's own CPU generator.
-    next_logits = logits[torch.arange(len(generations), device=logits.device), last].float().cpu()
-    chosen = []
-    for generation, row in zip(generations, next_logits, strict=True):
-        token = sample(row, generation.sampling, generator=generation.generator)
-        generation.generated.append(token)
-        chosen.append(token)
-    return chosen, batch.num_padding
-
-
 def sample(logits: torch.Tensor, sampling: Sampling, *, generator: torch.Generator) -> int:
     """The next token from one row of logits: argmax at temperature 0, else top-k sampling."""
     if sampling.temperature == 0:
@@ -131,35 +106,6 @@ def sample(logits: torch.Tensor, sampling: Sampling, *, generator: torch.Generat
         scaled = scaled.masked_fill(scaled < threshold, float("-inf"))
     probabilities = torch.softmax(scaled, dim=-1)
     return int(torch.multinomial(probabilities, 1, generator=generator))
-
-
-def generate(
-    model: nn.Module,
-    prompts: Sequence[Sequence[int]],
-    *,
-    sampling: Sampling | Sequence[Sampling] = Sampling(),
-    max_batch_size: int = 8,
-    max_seq_len: int | None = None,
-    device: torch.device | None = None,
-) -> list[list[int]]:
-    """Generate for every prompt in-process, batched by decoding step as the server does:
-    up to ``max_batch_size`` sequences at a time, a finished one replaced by the next prompt
-    between steps. Returns the new tokens of each prompt, in order.
-
-    What a benchmark compares the server with: the same batching, without HTTP or queues.
-    """
-    device = device or next(model.parameters()).device
-    samplings = [sampling] * len(prompts) if isinstance(sampling, Sampling) else list(sampling)
-    waiting = [Generation(list(p), s) for p, s in zip(prompts, samplings, strict=True)]
-    results = list(waiting)
-    running: list[Generation] = []
-    with torch.inference_mode():
-        while waiting or running:
-            while waiting and len(running) < max_batch_size:
-                running.append(waiting.pop(0))
-            decode_step(model, running, max_seq_len=max_seq_len, device=device)
-            running = [g for g in running if not g.done]
-    return [g.generated for g in results]
 
 
 def byte_tokens(text: str) -> list[int]:

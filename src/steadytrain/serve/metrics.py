@@ -1,7 +1,9 @@
 """The server's Prometheus metrics, in a registry of its own (served at /metrics).
 
 Average batch size is ``batch_size_sum / batch_size_count`` (requests ÷ model calls); the
-padding waste is ``padding_tokens_total / batch_tokens_total``.
+padding waste is ``padding_tokens_total / batch_tokens_total`` (positions run through the
+model), and for cached decoding steps ``masked_positions_total / attended_positions_total``
+(cache positions their attention read).
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ class ServeMetrics:
         )
         self.batch_tokens = Counter(
             f"{PREFIX}_batch_tokens",
-            "Token positions the model computed, padding included.",
+            "Token positions run through the model (a forward batch, a prefill, one per sequence "
+            "of a cached decoding step), padding included.",
             ["kind"],
             registry=registry,
         )
@@ -79,6 +82,16 @@ class ServeMetrics:
             f"{PREFIX}_padding_tokens",
             "Token positions that were padding (waste).",
             ["kind"],
+            registry=registry,
+        )
+        self.attended_positions = Counter(
+            f"{PREFIX}_attended_positions",
+            "Cache positions the attention of cached decoding steps read, masked ones included.",
+            registry=registry,
+        )
+        self.masked_positions = Counter(
+            f"{PREFIX}_masked_positions",
+            "Cache positions read but masked: past a shorter row's end (waste).",
             registry=registry,
         )
         self.generated_tokens = Counter(
@@ -112,6 +125,10 @@ class ServeMetrics:
         self.forward_time.labels(kind).observe(seconds)
         self.batch_tokens.labels(kind).inc(tokens)
         self.padding_tokens.labels(kind).inc(padding)
+
+    def observe_attention(self, *, attended: int, masked: int) -> None:
+        self.attended_positions.inc(attended)
+        self.masked_positions.inc(masked)
 
     def observe_generated(self, count: int) -> None:
         self.generated_tokens.inc(count)

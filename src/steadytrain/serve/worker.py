@@ -1,7 +1,8 @@
 """The model's thread: it alone calls the model, batching what the handlers queue.
 
-Forward requests are batched whole; generations are batched by decoding step, joining a
-running batch between steps and leaving it when done, gone or out of time. A model call that
+Forward requests are batched whole; generations are batched by decoding step over one KV
+cache (decoding.py), joining the running batch between steps and leaving it when done,
+gone or out of time. A model call that
 raises fails only the requests it held: each is retried alone, so one bad request fails by
 itself. Anything else that stops the thread closes the batcher, fails what is left, and
 makes /readyz report it.
@@ -19,13 +20,14 @@ from typing import Any, Literal, TypeVar
 
 import torch
 
+from steadytrain.model import GPT
 from steadytrain.serve.batcher import Batcher, Dropped, Pending, ServeFailure
+from steadytrain.serve.decoding import DecodingBatch
 from steadytrain.serve.faults import Faults
 from steadytrain.serve.generation import (
     Generation,
     Sampling,
     byte_text,
-    decode_step,
     forward_rows,
     pad_rows,
     token_logprobs,
@@ -69,6 +71,10 @@ class ModelWorker:
         self.max_batch_size = settings.max_batch_size
         self.max_wait_s = settings.max_wait_ms / 1000
         self.running: list[tuple[Pending, Generation]] = []
+        self.decoding: DecodingBatch | None = None
+        if served.generates:
+            assert isinstance(served.model, GPT), "/v1/generate serves the default GPT only"
+            self.decoding = DecodingBatch(served.model, max_rows=self.max_batch_size)
         self.error: str | None = None  # why the loop stopped, if it did by failing
         self._thread = threading.Thread(target=self._run, name="steadytrain-model", daemon=True)
 
@@ -86,7 +92,8 @@ class ModelWorker:
         self._thread.join(timeout)
 
     def warm_up(self) -> str | None:
-        """One forward and one decoding step, in the calling thread, before serving.
+        """One forward, and a prefill and a cached decoding step, in the calling thread,
+        before serving.
 
         Returns a warning when a user's model refuses the warm-up's two tokens: it may take
         other inputs, so it is served anyway (requests it refuses fail with what it raised).
@@ -102,13 +109,12 @@ class ModelWorker:
                 if served.generates:
                     raise
                 return f"warm-up skipped: the model refused tokens [0, 1] ({_describe(error)})"
-            if served.generates:
-                decode_step(
-                    served.model,
-                    [Generation([0], Sampling(max_new_tokens=1))],
-                    max_seq_len=served.max_seq_len,
-                    device=served.device,
-                )
+            if self.decoding is not None:
+                generation = Generation([0], Sampling(max_new_tokens=2, temperature=0))
+                self.decoding.join(generation)
+                self.decoding.step()  # the prompt's prefill
+                self.decoding.step()  # a step from the cache
+                self.decoding.leave(generation)
         return None
 
     def _run(self) -> None:
@@ -204,19 +210,24 @@ class ModelWorker:
 
     def _join(self, pendings: list[Pending]) -> None:
         self._started(pendings)
+        assert self.decoding is not None
         for pending in pendings:
             request: GenerateRequest = pending.payload
-            self.running.append((pending, Generation(request.tokens, request.sampling)))
+            generation = Generation(request.tokens, request.sampling)
+            self.decoding.join(generation)
+            self.running.append((pending, generation))
 
     def _decode(self) -> None:
         """One decoding step for every running generation still wanted."""
+        assert self.decoding is not None
+        decoding = self.decoding
         now = self.batcher.clock()
         still: list[tuple[Pending, Generation]] = []
         for pending, generation in self.running:
-            if pending.gone:
-                continue  # its client disconnected: free the slot, answer nobody
-            if pending.expired(now):
-                pending.reply.fail(_timed_out(self.served))
+            if pending.gone or pending.expired(now):
+                decoding.leave(generation)  # its cache row is free for a newcomer
+                if not pending.gone:  # a client that disconnected is answered by nobody
+                    pending.reply.fail(_timed_out(self.served))
                 continue
             still.append((pending, generation))
         self.running = still
@@ -230,10 +241,12 @@ class ModelWorker:
         self.running = []
         for (pending, generation), outcome in zip(still, outcomes, strict=True):
             if isinstance(outcome, ServeFailure):
+                decoding.leave(generation)
                 pending.reply.fail(outcome)
                 continue
             pending.reply.token(outcome)
             if generation.done:
+                decoding.leave(generation)
                 pending.reply.finish(
                     {
                         "text": byte_text(generation.generated),
@@ -245,24 +258,21 @@ class ModelWorker:
                 self.running.append((pending, generation))
 
     def _decode_call(self, generations: list[Generation]) -> list[int]:
+        assert self.decoding is not None
         self.faults.before_model_call([generation.prompt for generation in generations])
         started = time.perf_counter()
-        tokens, padding = decode_step(
-            self.served.model,
-            generations,
-            max_seq_len=self.served.max_seq_len,
-            device=self.served.device,
-        )
-        longest = max(len(g.context(self.served.max_seq_len)) for g in generations)
+        step = self.decoding.step(generations)
+        cost = step.cost
         self.metrics.observe_batch(
             GENERATE,
             size=len(generations),
             seconds=time.perf_counter() - started,
-            tokens=longest * len(generations),
-            padding=padding,
+            tokens=cost.positions,
+            padding=cost.padding,
         )
-        self.metrics.observe_generated(len(tokens))
-        return tokens
+        self.metrics.observe_attention(attended=cost.attended, masked=cost.masked)
+        self.metrics.observe_generated(len(step.tokens))
+        return step.tokens
 
     def _isolated(
         self, kind: str, group: list[Pending], call: Callable[[list[Pending]], list[T]]
