@@ -116,22 +116,29 @@ def train(
         )
     config = _load(config_path, overrides, run_dir)  # before importing torch: fast errors
     allowed = check_allowed_changes(config, allow_changes or [])
+    if nproc is not None:
+        _start_worker_forkserver()  # stopped below on every way out
     from steadytrain.checkpoint import ResumeRequest
-    from steadytrain.distributed import launch_local_workers, name_worker_process, under_torchrun
+    from steadytrain.distributed import (
+        launch_local_workers,
+        name_worker_process,
+        stop_worker_forkserver,
+        under_torchrun,
+    )
     from steadytrain.train import preflight, run_training
 
     if nproc is not None and not under_torchrun():
-        for line in preflight(config, world_size=nproc, prepare_corpus=True):
-            typer.echo(f"steadytrain: {line}")
-        worker_args = ["train", str(config_path), *_passthrough(overrides, run_dir)]
-        if resume_from is not None:
-            worker_args += ["--resume-from", resume_from]
-        if no_resume:
-            worker_args.append("--no-resume")
-        for field in allowed:
-            worker_args += ["--allow-change", field]
-        raise typer.Exit(
-            launch_local_workers(
+        try:
+            for line in preflight(config, world_size=nproc, prepare_corpus=True):
+                typer.echo(f"steadytrain: {line}")
+            worker_args = ["train", str(config_path), *_passthrough(overrides, run_dir)]
+            if resume_from is not None:
+                worker_args += ["--resume-from", resume_from]
+            if no_resume:
+                worker_args.append("--no-resume")
+            for field in allowed:
+                worker_args += ["--allow-change", field]
+            code = launch_local_workers(
                 nproc=nproc,
                 entrypoint=run_local_worker,
                 worker_args=worker_args,
@@ -139,7 +146,10 @@ def train(
                 max_restarts=max_restarts,
                 shutdown_timeout_s=config.fault.preempt_grace_s + 15,
             )
-        )
+        finally:
+            stop_worker_forkserver()
+        raise typer.Exit(code)
+    stop_worker_forkserver()  # inside torchrun, which starts the workers itself
     if nproc is not None:
         typer.echo(
             "steadytrain: --nproc is ignored inside torchrun (it sets the world size)", err=True
@@ -178,11 +188,21 @@ def _end_worker(code: int) -> NoReturn:
 WORKER_PRELOAD = ("steadytrain.cli.app", "steadytrain.train", "torch._inductor.config")
 
 
-def run_local_worker(args: list[str]) -> None:
+def _start_worker_forkserver() -> None:
+    """Start the process ``--nproc`` forks its workers from, before this one imports torch:
+    its imports of ``WORKER_PRELOAD`` (seconds on a small machine) then run beside this
+    process's own imports and preflight instead of after them."""
+    import multiprocessing.forkserver
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(list(WORKER_PRELOAD))
+    multiprocessing.forkserver.ensure_running()
+
+
+def run_local_worker(launcher: int, args: list[str]) -> None:
     """A ``--nproc`` worker: ``steadytrain ARGS`` in a process forked by the launcher's agent."""
     from steadytrain.distributed import become_local_worker, end_local_worker
 
-    become_local_worker()
+    become_local_worker(launcher)
     end_local_worker(_exit_code_of(lambda: app(args=args, prog_name="steadytrain")))
 
 

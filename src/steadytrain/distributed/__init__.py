@@ -22,6 +22,7 @@ from steadytrain.distributed.launch import (
     name_worker_process,
     process_running,
     started_warm,
+    stop_worker_forkserver,
 )
 from steadytrain.distributed.parallel import GradSyncClock, ParallelModel
 from steadytrain.distributed.runtime import (
@@ -83,6 +84,7 @@ __all__ = [
     "start_runtime",
     "started_warm",
     "stop_runtime",
+    "stop_worker_forkserver",
     "under_torchrun",
     "use_deterministic_kernels",
     "world_size_from_env",

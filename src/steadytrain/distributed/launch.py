@@ -36,7 +36,6 @@ _AGENT_LOGGERS = (
     "torch.distributed.launcher",
     "torch.multiprocessing",
 )
-LAUNCHER_PID_VARIABLE = "STEADYTRAIN_LAUNCHER_PID"
 WORKER_NAME_PREFIX = "steadytrain-r"  # + rank: the worker's name in ps, top, /proc/PID/comm
 SHARE_STORE_VARIABLE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
@@ -44,18 +43,20 @@ SHARE_STORE_VARIABLE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 def launch_local_workers(
     *,
     nproc: int,
-    entrypoint: Callable[[list[str]], None],
+    entrypoint: Callable[[int, list[str]], None],
     worker_args: Sequence[str],
     preload: Sequence[str] = (),
     max_restarts: int = 0,
     shutdown_timeout_s: float = 30.0,
 ) -> int:
-    """Run ``entrypoint(WORKER_ARGS)`` in ``nproc`` ranks; return the exit code.
+    """Run ``entrypoint(LAUNCHER_PID, WORKER_ARGS)`` in ``nproc`` ranks; return the exit code.
 
     ``entrypoint`` is a module-level function (the forkserver imports it by name); it
-    calls ``become_local_worker`` first and ends with ``end_local_worker``. The modules in
-    ``preload`` are imported once by the forkserver, so every worker, first group or
-    restarted, is forked with them already imported.
+    calls ``become_local_worker(LAUNCHER_PID)`` first and ends with ``end_local_worker``.
+    The modules in ``preload`` are imported once by the forkserver, so every worker, first
+    group or restarted, is forked with them already imported. A caller may start that
+    forkserver earlier (``multiprocessing.forkserver.ensure_running`` with the same
+    preload), so that its imports run beside its own work; it is stopped here.
 
     A worker that fails makes the agent restart the whole group, up to ``max_restarts``
     times; the workers resume from the newest good checkpoint. SIGTERM (or SIGUSR1) to
@@ -69,11 +70,11 @@ def launch_local_workers(
 
     for name in _AGENT_LOGGERS:
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    # Already running when the caller started it early (it reads no setting set below).
     multiprocessing.get_context("forkserver").set_forkserver_preload(list(preload))
-    os.environ[LAUNCHER_PID_VARIABLE] = str(os.getpid())  # inherited by the workers
     # Workers that share the agent's rendezvous store read the previous group's addresses
     # after a restart and fail to connect (pytorch issue #135712): rank 0 hosts a fresh
-    # store for each group instead.
+    # store for each group instead. Read by the agent, in this process.
     os.environ.setdefault(SHARE_STORE_VARIABLE, "1")
     launch_config = LaunchConfig(
         min_nodes=1,
@@ -91,7 +92,7 @@ def launch_local_workers(
     # which SLURM sends before a time limit, would otherwise kill the launcher outright.
     signal.signal(signal.SIGUSR1, _shut_down_as_on_sigterm)
     try:
-        elastic_launch(launch_config, entrypoint=entrypoint)(list(worker_args))
+        elastic_launch(launch_config, entrypoint=entrypoint)(os.getpid(), list(worker_args))
     except SignalException:
         print(
             "steadytrain: stopped by a signal; the workers saved a checkpoint if they could "
@@ -114,34 +115,30 @@ def launch_local_workers(
             )
         return code
     finally:
-        _stop_forkserver()
+        stop_worker_forkserver()
     return 0
 
 
-def _stop_forkserver(timeout_s: float = 5.0) -> None:
-    """Stop and reap this process's forkserver once the workers are gone, so that nothing
-    the launcher started outlives it (and the workers' CPU time counts as its children's).
+def stop_worker_forkserver() -> None:
+    """Stop and reap this process's forkserver, so that nothing the launcher started
+    outlives it (and the workers' CPU time counts as its children's).
 
-    The standard library has no public call for this; ``ForkServer._stop`` would wait
-    without a bound, so this closes the "alive" pipe the server watches (what ``_stop``
-    does) and waits at most ``timeout_s``; a server still held open by a straggling worker
-    exits with it.
+    The standard library has no public call for this; ``ForkServer._stop`` closes the
+    "alive" pipe the server watches and waits for it to finish its imports, notice, and
+    finalize an interpreter with torch loaded (over a second here). The server holds no
+    state of ours and has reaped every worker the agent saw exit, so it is killed instead;
+    a straggling worker, reparented, still dies with the launcher (``become_local_worker``).
     """
     server: Any = multiprocessing.forkserver._forkserver
     pid = getattr(server, "_forkserver_pid", None)
-    alive = getattr(server, "_forkserver_alive_fd", None)
-    if pid is None or alive is None:
+    if pid is None:
         return
-    os.close(alive)
-    server._forkserver_alive_fd = None
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(ChildProcessError):
-            if os.waitpid(pid, os.WNOHANG)[0] == 0:
-                time.sleep(0.01)
-                continue
-        break
-    server._forkserver_pid = None
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    try:
+        server._stop()  # closes the pipe, reaps the server, removes its socket file
+    except ChildProcessError:  # reaped already (a SIGCHLD handler of the caller's)
+        server._forkserver_pid = None
 
 
 def _shut_down_as_on_sigterm(number: int, frame: FrameType | None) -> None:
@@ -154,8 +151,8 @@ _local_worker = False
 _started_warm = False
 
 
-def become_local_worker(*, poll_seconds: float = 0.1) -> None:
-    """First thing in a worker that ``launch_local_workers`` forked.
+def become_local_worker(launcher: int, *, poll_seconds: float = 0.1) -> None:
+    """First thing in a worker that ``launch_local_workers`` forked, given the launcher's pid.
 
     Puts the working directory first on ``sys.path`` as ``python -m`` would (user factories
     given as ``module:function`` import from it), and makes the worker die when the launcher
@@ -172,7 +169,6 @@ def become_local_worker(*, poll_seconds: float = 0.1) -> None:
     _started_warm = restarted and "torch" in sys.modules
     if sys.path[:1] != [os.getcwd()]:
         sys.path.insert(0, os.getcwd())
-    launcher = int(os.environ[LAUNCHER_PID_VARIABLE])
 
     def watch() -> None:
         _wait_for_exit_of(launcher, poll_seconds=poll_seconds)
