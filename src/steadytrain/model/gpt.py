@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -47,33 +48,45 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(batch, seq, width))
 
     def decode(
-        self,
-        x: torch.Tensor,
-        *,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        rows: torch.Tensor | slice,
-        positions: torch.Tensor,
-        mask: torch.Tensor | None,
+        self, x: torch.Tensor, *, keys: torch.Tensor, values: torch.Tensor, step: DecodeStep
     ) -> torch.Tensor:
-        """One new position per row (``x`` is (rows, 1, width)) at ``positions``, attending
-        to the row's cached positions before it and itself; ``mask`` (rows, 1, 1, span)
-        hides the positions past a shorter row's end (None: all rows end together)."""
+        """One new position per row (``x`` is (rows, 1, width)) at the row's own position,
+        attending to the row's cached positions before it and itself."""
         batch, _, width = x.shape
-        span = int(positions.max()) + 1
-        q, k, v = self.qkv(x).split(width, dim=2)
+        q, k, v = _linear(self.qkv, x).split(width, dim=2)
         q, k, v = (t.view(batch, 1, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
-        row_keys, row_values = keys[rows], values[rows]  # a view when rows is a slice
-        index = torch.arange(batch, device=x.device)
-        row_keys[index, :, positions] = k[:, :, 0]
-        row_values[index, :, positions] = v[:, :, 0]
-        if not isinstance(rows, slice):  # a gathered copy: write the new position back
-            keys[rows, :, positions] = k[:, :, 0]
-            values[rows, :, positions] = v[:, :, 0]
+        row_keys, row_values = keys[step.rows], values[step.rows]  # views for a slice
+        row_keys[step.index, :, step.positions] = k[:, :, 0]
+        row_values[step.index, :, step.positions] = v[:, :, 0]
+        if not isinstance(step.rows, slice):  # a gathered copy: write the new position back
+            keys[step.rows, :, step.positions] = k[:, :, 0]
+            values[step.rows, :, step.positions] = v[:, :, 0]
         y = F.scaled_dot_product_attention(
-            q, row_keys[:, :, :span], row_values[:, :, :span], attn_mask=mask
+            q, row_keys[:, :, : step.span], row_values[:, :, : step.span], attn_mask=step.mask
         )
-        return self.proj(y.transpose(1, 2).reshape(batch, 1, width))
+        return _linear(self.proj, y.transpose(1, 2).reshape(batch, 1, width))
+
+
+@dataclass(frozen=True)
+class DecodeStep:
+    """Where one cached decoding step reads and writes, shared by every layer."""
+
+    rows: torch.Tensor | slice  # cache rows; a slice for packed rows 0..n-1 (read as views)
+    index: torch.Tensor  # 0..n-1
+    positions: torch.Tensor  # each row's new position
+    span: int  # positions the attention reads: the longest row's, new one included
+    mask: torch.Tensor | None  # (n, 1, 1, span): a row's own positions; None when all end together
+
+
+def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # The module's own function without nn.Module's call machinery, which is a large share of
+    # a one-position step's time.
+    assert isinstance(module, nn.Linear)
+    return F.linear(x, module.weight, module.bias)
+
+
+def _layer_norm(module: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
 
 
 class Block(nn.Module):
@@ -95,8 +108,11 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
     def decode(self, x: torch.Tensor, **cached: Any) -> torch.Tensor:
-        x = x + self.attention.decode(self.attention_norm(x), **cached)
-        return x + self.mlp(self.mlp_norm(x))
+        x = x + self.attention.decode(_layer_norm(self.attention_norm, x), **cached)
+        up, gelu, down = self.mlp
+        assert isinstance(gelu, nn.GELU)
+        hidden = F.gelu(_linear(up, _layer_norm(self.mlp_norm, x)), approximate=gelu.approximate)
+        return x + _linear(down, hidden)
 
 
 class GPT(nn.Module):
@@ -191,18 +207,21 @@ class GPT(nn.Module):
         mask = None
         if min(lengths) != max(lengths):
             mask = (torch.arange(span, device=device) <= positions[:, None])[:, None, None, :]
-        # Packed rows 0..n-1 are read as a view; others (a retry of one row) are gathered.
-        index: torch.Tensor | slice = slice(0, len(rows))
-        if list(rows) != list(range(len(rows))):
-            index = torch.tensor(list(rows), device=device)
-        x = (self.token_embedding(tokens) + self.position_embedding(positions))[:, None, :]
+        packed = list(rows) == list(range(len(rows)))  # else a retry of some rows: gathered
+        step = DecodeStep(
+            rows=slice(0, len(rows)) if packed else torch.tensor(list(rows), device=device),
+            index=torch.arange(len(rows), device=device),
+            positions=positions,
+            span=span,
+            mask=mask,
+        )
+        x = F.embedding(tokens, self.token_embedding.weight)
+        x = (x + F.embedding(positions, self.position_embedding.weight))[:, None, :]
         for block, keys, values in zip(self._blocks, cache.keys, cache.values, strict=True):
-            x = block.decode(
-                x, keys=keys, values=values, rows=index, positions=positions, mask=mask
-            )
+            x = block.decode(x, keys=keys, values=values, step=step)
         for row in rows:
             cache.lengths[row] += 1
-        return self.head(self.final_norm(x[:, 0]))
+        return _linear(self.head, _layer_norm(self.final_norm, x[:, 0]))
 
     @property
     def _blocks(self) -> list[Block]:

@@ -166,6 +166,7 @@ class _Api:
         )
 
     async def prometheus_metrics(self) -> Response:
+        self.metrics.flush_steps()  # every decoding step taken so far
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def forward(self, body: ForwardBody, request: Request) -> Any:

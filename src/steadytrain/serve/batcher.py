@@ -137,6 +137,8 @@ class Batcher:
         at once with none when none is queued.
         """
         dropped = Dropped()
+        if not self._queues[kind]:  # read without the lock (atomic): the common case, cheap
+            return [], dropped
         with self._changed:
             queue = self._queues[kind]
             self._drop_dead(queue, dropped)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -18,6 +19,7 @@ PREFIX = "steadytrain_serve"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 UTILISATION_BUCKETS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 TOKENS_PER_S_WINDOW_S = 10.0
+STEP_FLUSH_S = 0.1  # decoding steps reach the metrics at most this late
 
 
 class ServeMetrics:
@@ -113,6 +115,9 @@ class ServeMetrics:
             "1 when loaded, warmed up and the batch loop runs.",
             registry=registry,
         )
+        self._per_kind: dict[str, tuple[Any, ...]] = {}
+        self._steps: list[tuple[float, str, int, float, Any, int]] = []
+        self._steps_lock = threading.Lock()
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self._lock = threading.Lock()
         self.tokens_per_second.set_function(self._recent_tokens_per_second)
@@ -120,20 +125,62 @@ class ServeMetrics:
     def observe_batch(
         self, kind: str, *, size: int, seconds: float, tokens: int, padding: int
     ) -> None:
-        self.batch_size.labels(kind).observe(size)
-        self.batch_utilisation.labels(kind).observe(size / self.max_batch_size)
-        self.forward_time.labels(kind).observe(seconds)
-        self.batch_tokens.labels(kind).inc(tokens)
-        self.padding_tokens.labels(kind).inc(padding)
+        # Called at every decoding step: each kind's children are looked up once.
+        if kind not in self._per_kind:
+            self._per_kind[kind] = tuple(
+                metric.labels(kind)
+                for metric in (
+                    self.batch_size,
+                    self.batch_utilisation,
+                    self.forward_time,
+                    self.batch_tokens,
+                    self.padding_tokens,
+                )
+            )
+        batch_size, utilisation, forward_time, batch_tokens, padding_tokens = self._per_kind[kind]
+        batch_size.observe(size)
+        utilisation.observe(size / self.max_batch_size)
+        forward_time.observe(seconds)
+        batch_tokens.inc(tokens)
+        if padding:
+            padding_tokens.inc(padding)
 
-    def observe_attention(self, *, attended: int, masked: int) -> None:
-        self.attended_positions.inc(attended)
-        self.masked_positions.inc(masked)
+    def record_step(
+        self, kind: str, *, size: int, seconds: float, cost: Any, generated: int
+    ) -> None:
+        """A decoding step (``cost``: a StepCost), observed at the next ``flush_steps``.
 
-    def observe_generated(self, count: int) -> None:
+        Called by the model's thread between two steps, where what it costs delays every
+        running sequence: it only appends. The thread flushes when its batch empties (after
+        the answers have gone) and at least every ``STEP_FLUSH_S`` while busy; a scrape
+        flushes first, so it sees every step taken before it.
+        """
+        with self._steps_lock:
+            self._steps.append((time.monotonic(), kind, size, seconds, cost, generated))
+
+    def flush_steps(self) -> None:
+        """Observe the recorded steps (from any thread)."""
+        with self._steps_lock:
+            steps, self._steps = self._steps, []
+        for at, kind, size, seconds, cost, generated in steps:
+            self.observe_batch(
+                kind, size=size, seconds=seconds, tokens=cost.positions, padding=cost.padding
+            )
+            if cost.attended:
+                self.attended_positions.inc(cost.attended)
+            if cost.masked:
+                self.masked_positions.inc(cost.masked)
+            self.observe_generated(generated, at=at)
+
+    @property
+    def steps_recorded_at(self) -> float | None:
+        """When the oldest step not yet flushed was recorded (None: none)."""
+        return self._steps[0][0] if self._steps else None
+
+    def observe_generated(self, count: int, *, at: float | None = None) -> None:
         self.generated_tokens.inc(count)
         with self._lock:
-            self._recent.append((time.monotonic(), count))
+            self._recent.append((time.monotonic() if at is None else at, count))
 
     def _recent_tokens_per_second(self) -> float:
         """Computed when scraped, so an idle server reads 0 rather than its last rate."""

@@ -33,7 +33,7 @@ from steadytrain.serve.generation import (
     token_logprobs,
 )
 from steadytrain.serve.loading import ServedModel
-from steadytrain.serve.metrics import ServeMetrics
+from steadytrain.serve.metrics import STEP_FLUSH_S, ServeMetrics
 
 FORWARD, GENERATE = "forward", "generate"
 KINDS = (FORWARD, GENERATE)
@@ -125,6 +125,7 @@ class ModelWorker:
             self.error = f"the batch loop stopped: {type(error).__name__}: {error}"
             traceback.print_exc()
         finally:
+            self.metrics.flush_steps()
             reason = self.error or "the server is shutting down"
             left = self.batcher.close(reason)
             for pending in [*left, *(pending for pending, _ in self.running)]:
@@ -153,6 +154,11 @@ class ModelWorker:
                 self._join(joining)
             if self.running:
                 self._decode()
+            recorded = self.metrics.steps_recorded_at
+            if recorded is not None and (
+                not self.running or time.monotonic() - recorded > STEP_FLUSH_S
+            ):
+                self.metrics.flush_steps()
 
     def _answer_dropped(self, dropped: Dropped) -> None:
         for pending in dropped.expired:
@@ -262,16 +268,13 @@ class ModelWorker:
         self.faults.before_model_call([generation.prompt for generation in generations])
         started = time.perf_counter()
         step = self.decoding.step(generations)
-        cost = step.cost
-        self.metrics.observe_batch(
+        self.metrics.record_step(
             GENERATE,
             size=len(generations),
             seconds=time.perf_counter() - started,
-            tokens=cost.positions,
-            padding=cost.padding,
+            cost=step.cost,
+            generated=len(step.tokens),
         )
-        self.metrics.observe_attention(attended=cost.attended, masked=cost.masked)
-        self.metrics.observe_generated(len(step.tokens))
         return step.tokens
 
     def _isolated(
