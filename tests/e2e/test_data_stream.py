@@ -1,7 +1,9 @@
 """Training from a corpus in an S3-protocol object store (the real moto server of
 ``tests/s3.py``), through the shard cache, with a windowed shuffle: exactly once, bit-identical
 to the same shards read from local disk, across kill -9, world-size changes, a tight cache,
-corrupt cached shards, server errors and runs sharing one cache.
+corrupt cached shards, server errors and runs sharing one cache; the cache counters of
+DataLoader workers reported with the trainer's. Runs serve several checks each: the suite's
+time is tight.
 """
 
 from __future__ import annotations
@@ -193,26 +195,66 @@ def test_kill9_resume_with_a_cache_smaller_than_the_data_is_bit_identical(
     assert max(record["data_cache_evictions"] for record in step_records(run_dir)) > 0
 
 
-def test_resume_from_s3_with_another_world_size_stays_exact(
-    streamed_run, corpora, overrides, s3_endpoint, tmp_path: Path
+def test_resume_from_s3_with_another_world_size_workers_and_server_errors_stays_exact(
+    streamed_run, corpora, overrides, fault_proxy: FaultProxy, tmp_path: Path
 ) -> None:
-    reference, cache = streamed_run
+    """One rank with two loader workers resumes a two-rank run, from an empty cache, through
+    a store that answers errors first, then recovers."""
+    reference, _ = streamed_run
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
     shutil.rmtree(run_dir / "final")
     resume_from = run_dir / "checkpoints" / f"step_{MAX_STEPS - 8:08d}"
-    job = streamed(overrides, corpora[1], cache)
-    resumed = train(run_dir, job, s3_endpoint, "--resume-from", resume_from, nproc=1)
+    job = streamed(overrides, corpora[1], tmp_path / "cache", "data.num_workers=2")
+    # botocore sends each request once; s3fs retries SlowDown 5 times, then steadytrain's own
+    # retries (with backoff) take over.
+    fault_proxy.fail(SLOW_DOWN, times=8, method="GET")
+    resumed = train(
+        run_dir,
+        job,
+        fault_proxy.url,
+        "--resume-from",
+        resume_from,
+        nproc=1,
+        env={"AWS_MAX_ATTEMPTS": "1"},
+    )
     assert resumed.returncode == 0, resumed.output
+    assert fault_proxy.injected == 8
     assert events(run_dir, "resume")[-1]["saved_world_size"] == 2
     # Each step consumed the same samples (split across ranks another way).
-    assert {step: sorted(ids) for step, ids in consumption(run_dir).items()} == {
+    consumed = consumption(run_dir)
+    assert {step: sorted(ids) for step, ids in consumed.items()} == {
         step: sorted(ids) for step, ids in consumption(reference).items()
     }
     assert_audit_ok(run_dir)
     expected = load_file(reference / "final" / "model.safetensors")
     for name, tensor in load_file(run_dir / "final" / "model.safetensors").items():
         torch.testing.assert_close(tensor, expected[name], rtol=1e-3, atol=1e-4)
+    # The cache counters add up the trainer's process and its two workers. The cache was
+    # empty: every download is one the store logged (by whichever process made it).
+    last = step_records(run_dir)[-1]
+    shard_bytes = {p.name: p.stat().st_size for p in corpora[0].glob("*.bin")}
+    downloads = [
+        name
+        for request in fault_proxy.requests
+        if request.method == "GET"
+        and not request.injected
+        and (name := request.path.split("?")[0].rsplit("/", 1)[1]) in shard_bytes
+    ]
+    assert last["data_cache_misses"] == len(downloads) > 0
+    assert last["data_cache_bytes_fetched"] == sum(shard_bytes[name] for name in downloads)
+    # Each worker counts a hit or a download at its first use of each shard; the workers
+    # take the 4 micro-batches of 2 per step in turns.
+    micro_batches = [
+        consumed[step][start : start + 2]
+        for step in range(MAX_STEPS - 8, MAX_STEPS)
+        for start in range(0, 8, 2)
+    ]
+    first_uses = sum(
+        len(shards_read(corpora[0], [i for ids in micro_batches[worker::2] for i in ids]))
+        for worker in range(2)
+    )
+    assert last["data_cache_hits"] + last["data_cache_misses"] >= first_uses
 
 
 def test_two_runs_share_a_cache_with_a_corrupt_shard_in_it(
@@ -239,21 +281,6 @@ def test_two_runs_share_a_cache_with_a_corrupt_shard_in_it(
     for path in (cache / "shards").glob("*.bin"):
         assert file_sha256(path) == path.stem, f"{path.name} is not what its name says"
     assert not list((cache / "shards").glob(".*partial*"))
-
-
-def test_server_errors_then_recovery(
-    streamed_run, corpora, overrides, fault_proxy: FaultProxy, tmp_path: Path
-) -> None:
-    reference, _ = streamed_run
-    # botocore sends each request once; s3fs retries SlowDown 5 times, then steadytrain's own
-    # retries (with backoff) take over.
-    fault_proxy.fail(SLOW_DOWN, times=8, method="GET")
-    job = streamed(overrides, corpora[1], tmp_path / "cache", "train.max_steps=4")
-    result = train(tmp_path / "run", job, fault_proxy.url, env={"AWS_MAX_ATTEMPTS": "1"})
-    assert result.returncode == 0, result.output
-    assert fault_proxy.injected == 8
-    expected = consumption(reference)
-    assert consumption(tmp_path / "run") == {step: expected[step] for step in range(4)}
 
 
 def assert_one_line_data_error(result, *, mentions: list[str]) -> None:
@@ -302,6 +329,7 @@ def test_a_mixture_of_a_local_and_a_streamed_source_is_audited_per_source(
     ]
     first = train(tmp_path, job, s3_endpoint)
     assert first.returncode == 0, first.output
+    assert step_records(tmp_path)[-1]["data_cache_misses"] > 0  # the streamed source's cache
     resume_from = tmp_path / "checkpoints" / f"step_{MAX_STEPS - 8:08d}"
     resumed = train(tmp_path, job, s3_endpoint, "--resume-from", resume_from, nproc=1)
     assert resumed.returncode == 0, resumed.output

@@ -288,11 +288,13 @@ def test_a_forked_child_does_not_keep_the_parents_locks(store_dir: Path, tmp_pat
         os.waitpid(child, 0)
 
 
-def test_the_prefetcher_fetches_ahead_in_reading_order_and_pins_the_current_shards(
-    store_dir: Path, tmp_path: Path
-) -> None:
-    index = open_remote_index(f"file://{store_dir}", cache_dir=tmp_path)
-    cache = new_cache(store_dir, tmp_path)
+def windowed_prefetcher(
+    store_dir: Path, cache_dir: Path, *, end_step: int | None = None
+) -> tuple[ShardPrefetcher, TokenWindowDataset, GlobalPositionSampler, list[str]]:
+    """A prefetcher of 1 rank (steps of 8 samples, window of 2 shards, 2 shards ahead) over
+    the store, its dataset and sampler, and the shards' checksums in reading order."""
+    index = open_remote_index(f"file://{store_dir}", cache_dir=cache_dir)
+    cache = new_cache(store_dir, cache_dir)
     dataset = TokenWindowDataset(
         index,
         split="train",
@@ -312,23 +314,35 @@ def test_the_prefetcher_fetches_ahead_in_reading_order_and_pins_the_current_shar
         rank=0,
         prefetch_shards=2,
         itemsize=1,
+        end_step=end_step,
     )
+    permutation = epoch_permutation(seed=3, epoch=0, num_samples=len(dataset), order=order)
+    owners = np.searchsorted(dataset.first_sample, permutation, side="right") - 1
+    reading_order = [dataset.shards[n].sha256 for n in dict.fromkeys(owners.tolist())]
+    return prefetcher, dataset, sampler, reading_order
+
+
+def cached_shards(cache_dir: Path) -> set[str]:
+    return {path.stem for path in (cache_dir / "shards").glob("*.bin")}
+
+
+def test_the_prefetcher_fetches_ahead_in_reading_order_and_pins_the_current_shards(
+    store_dir: Path, tmp_path: Path
+) -> None:
+    prefetcher, dataset, sampler, reading_order = windowed_prefetcher(store_dir, tmp_path)
+    cache = dataset._reader.cache  # type: ignore[attr-defined]
     try:
-        permutation = epoch_permutation(seed=3, epoch=0, num_samples=len(dataset), order=order)
-        owners = np.searchsorted(dataset.first_sample, permutation, side="right") - 1
-        reading_order = [dataset.shards[n].sha256 for n in dict.fromkeys(owners.tolist())]
         prefetcher.at_step(epoch=0, step_in_epoch=0)
         deadline = time.monotonic() + 30
         while cache.stats.misses < 4 and time.monotonic() < deadline:
             time.sleep(0.01)
-        cached = {path.stem for path in (tmp_path / "shards").glob("*.bin")}
         # Steps 0 and 1 read the first window's two shards; the next two come ahead.
-        assert cached == set(reading_order[:4])
+        assert cached_shards(tmp_path) == set(reading_order[:4])
         other = new_cache(store_dir, tmp_path, limit_bytes=1)
         other.evict()
-        assert {path.stem for path in (tmp_path / "shards").glob("*.bin")} == set(
-            reading_order[:2]
-        ), "a pinned shard of the current or next step was evicted"
+        assert cached_shards(tmp_path) == set(reading_order[:2]), (
+            "a pinned shard of the current or next step was evicted"
+        )
         # Reading the step through the dataset gives the sampler's samples, from the cache.
         layout = BatchLayout(world_size=1, micro_batch_size=8, grad_accum_steps=1)
         (ids,) = sampler.rank_micro_batches(layout, rank=0, epoch=0, step_in_epoch=0)
@@ -339,6 +353,26 @@ def test_the_prefetcher_fetches_ahead_in_reading_order_and_pins_the_current_shar
             assert bytes(dataset[sample_id].numpy().astype(np.uint8)) == expected
     finally:
         prefetcher.close()
+
+
+def test_the_prefetcher_fetches_nothing_for_steps_past_the_runs_end(
+    store_dir: Path, tmp_path: Path
+) -> None:
+    """A run that ends after step 1 fetches the shards of steps 0 and 1 only, not those that
+    steps after it (and prefetch_shards) would have brought; at its end, nothing."""
+    prefetcher, _, _, reading_order = windowed_prefetcher(store_dir, tmp_path, end_step=2)
+    try:
+        prefetcher.prime(epoch=0, step_in_epoch=0)  # the first window's shards
+        prefetcher.prime(epoch=0, step_in_epoch=1)
+    finally:
+        prefetcher.close()  # lets every download that was started finish
+    assert cached_shards(tmp_path) == set(reading_order[:2])
+    at_end, _, _, _ = windowed_prefetcher(store_dir, tmp_path / "later", end_step=2)
+    try:
+        at_end.prime(epoch=0, step_in_epoch=2)  # a resume of the finished run
+    finally:
+        at_end.close()
+    assert cached_shards(tmp_path / "later") == set()
 
 
 def mapped_deleted_files(directory: Path) -> list[str]:

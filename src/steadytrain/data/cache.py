@@ -25,6 +25,12 @@ one step's shards must not deadlock), and ``over_limit`` counts those times.
 Locks are ``flock`` locks. A DataLoader worker forked while this process holds one inherits
 the descriptor; the child closes its copies at once (``os.register_at_fork``), so the lock
 stays the parent's alone.
+
+The counters (``CacheStats``) live in shared memory made when the cache is opened, before any
+DataLoader worker starts: one row for the opening process, one per worker (worker ``k``
+writes row ``1 + k``, forked or spawned), so ``stats`` and the metrics sum what every process
+of the loader did. Each row has one writer: a loader stops its workers before the next
+ones start.
 """
 
 from __future__ import annotations
@@ -35,10 +41,15 @@ import hashlib
 import os
 import threading
 import uuid
+import warnings
 import weakref
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import get_worker_info
 
 from steadytrain.config import DataUnavailable
 from steadytrain.data.remote import ShardStore
@@ -88,7 +99,8 @@ def _unlock(descriptor: int) -> None:
 
 @dataclass
 class CacheStats:
-    """What the cache did in this process since it was opened."""
+    """What the cache did since it was opened, in the process that opened it and its
+    DataLoader workers."""
 
     hits: int = 0  # a shard asked for was already cached
     misses: int = 0  # it had to be downloaded
@@ -96,6 +108,9 @@ class CacheStats:
     evictions: int = 0
     corrupt: int = 0  # cached shards that failed their checksum and were fetched again
     over_limit: int = 0  # times eviction stopped above the limit: every shard left pinned
+
+
+COUNTERS = tuple(field.name for field in fields(CacheStats))
 
 
 class ShardCache:
@@ -107,11 +122,21 @@ class ShardCache:
         *,
         store: ShardStore,
         limit_bytes: int,
+        loader_workers: int = 0,
     ) -> None:
+        """Open the cache in ``directory``, fetching from ``store``, at most ``limit_bytes``.
+
+        Args:
+            loader_workers: DataLoader workers that will read through this cache per loader
+                (their counters are shared from now on, before they start).
+        """
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self.limit_bytes = limit_bytes
-        self.stats = CacheStats()
+        self._counters = torch.zeros((1 + loader_workers, len(COUNTERS)), dtype=torch.int64)
+        if loader_workers:
+            self._counters.share_memory_()  # seen by forked and spawned workers alike
+        self._row: np.ndarray | None = self._counters.numpy()[0]  # this process's counters
         self._store = store
         self._verified: set[str] = set()  # checked in this process
         self._pins: dict[str, int] = {}
@@ -195,12 +220,17 @@ class ShardCache:
     def size_bytes(self) -> int:
         return sum(size for _, size, _ in self._entries())
 
+    @property
+    def stats(self) -> CacheStats:
+        """The counters of the process that opened the cache and of its loader workers."""
+        totals = self._counters.numpy().sum(axis=0).tolist()
+        return CacheStats(**dict(zip(COUNTERS, totals, strict=True)))
+
     def snapshot(self) -> dict[str, int]:
         """The counters and the cache's size, as metric fields (``data_cache_*``)."""
-        with self._stats_lock:
-            fields = {f"data_cache_{name}": value for name, value in asdict(self.stats).items()}
-        fields["data_cache_bytes"] = self.size_bytes()
-        return fields
+        metrics = {f"data_cache_{name}": value for name, value in vars(self.stats).items()}
+        metrics["data_cache_bytes"] = self.size_bytes()
+        return metrics
 
     def close(self) -> None:
         self.pin([])
@@ -281,24 +311,48 @@ class ShardCache:
 
     def _count(self, **deltas: int) -> None:
         with self._stats_lock:
+            row = self._own_row()
             for name, delta in deltas.items():
-                setattr(self.stats, name, getattr(self.stats, name) + delta)
+                row[COUNTERS.index(name)] += delta
+
+    def _own_row(self) -> np.ndarray:
+        """This process's row of counters: a loader worker's own row, found at its first
+        count; any other process that inherited the cache keeps counts of its own."""
+        if self._row is None:
+            worker = get_worker_info()
+            if worker is not None and 1 + worker.id < len(self._counters):
+                self._row = self._counters.numpy()[1 + worker.id]
+            else:
+                if worker is not None:
+                    warnings.warn(
+                        f"shard cache: DataLoader worker {worker.id} was not counted for when "
+                        f"the cache was opened ({len(self._counters) - 1} workers); its cache "
+                        "counters are not reported",
+                        stacklevel=2,
+                    )
+                self._counters = torch.zeros((1, len(COUNTERS)), dtype=torch.int64)
+                self._row = self._counters.numpy()[0]
+        return self._row
 
     def _forget_locks(self) -> None:
-        """In a forked child: the parent's pins and thread locks are not this process's."""
+        """In a forked child: the parent's pins, thread locks and counter row are not this
+        process's."""
         self._pins = {}
         self._stats_lock = threading.Lock()
         self._evict_lock = threading.Lock()
         self._thread_locks = {}
+        self._row = None
 
     def __getstate__(self) -> dict[str, object]:
-        # A spawned DataLoader worker gets its own locks and no pins.
+        # A spawned DataLoader worker gets its own locks and no pins; the shared counters
+        # travel as shared memory (torch's pickler for worker processes).
         return {
             **self.__dict__,
             "_pins": {},
             "_stats_lock": None,
             "_evict_lock": None,
             "_thread_locks": {},
+            "_row": None,
         }
 
     def __setstate__(self, state: dict[str, object]) -> None:

@@ -148,6 +148,7 @@ class Datasets:
     tokens_per_sample: int
     cache: ShardCache | None = None  # where a streamed corpus's shards are fetched to
     itemsize: int = 1  # bytes per token of the shards
+    source_caches: tuple[ShardCache, ...] = ()  # those of a mixture's streamed sources
 
 
 def prepared_corpus_dir(data: DataConfig) -> Path:
@@ -244,8 +245,11 @@ def step_lookahead(
     *,
     rank: int,
     prefetch_shards: int,
+    end_step: int | None = None,
 ) -> StepLookahead:
-    """The loader's lookahead: shard prefetching for a streamed corpus, else nothing."""
+    """The loader's lookahead: shard prefetching for a streamed corpus, else nothing;
+    nothing is fetched for steps from ``end_step`` on (``train.max_steps``, counted as
+    ``GlobalPositionSampler.global_step`` counts)."""
     train = datasets.train
     if datasets.cache is None or not isinstance(train, TokenWindowDataset):
         return NullLookahead()
@@ -258,6 +262,7 @@ def step_lookahead(
         rank=rank,
         prefetch_shards=prefetch_shards,
         itemsize=datasets.itemsize,
+        end_step=end_step,
     )
 
 
@@ -287,6 +292,7 @@ def build_datasets(config: Config) -> Datasets:
             index.directory,
             store=ShardStore(index.url, max_attempts=data.fetch_attempts),
             limit_bytes=int(data.cache_limit_gb * 2**30),
+            loader_workers=data.num_workers,
         )
     train = TokenWindowDataset(
         index, split="train", seq_len=data.seq_len, reader=_reader(cache, index, "train")
@@ -312,11 +318,13 @@ def _mixture_datasets(data: DataConfig) -> Datasets:
     """One dataset per source, numbered source after source; streamed sources are read
     through the shard cache without prefetching."""
     assert data.sources is not None
-    trains, vals = [], []
+    trains, vals, caches = [], [], []
     for number in range(len(data.sources)):
         source = build_datasets(Config(data=source_config(data, number)))
         assert isinstance(source.train, TokenWindowDataset)
         trains.append(source.train)
+        if source.cache is not None:
+            caches.append(source.cache)
         if source.val is not None:
             assert isinstance(source.val, TokenWindowDataset)
             vals.append(source.val)
@@ -335,12 +343,15 @@ def _mixture_datasets(data: DataConfig) -> Datasets:
             for source, part in zip(data.sources, trains, strict=True)
         ),
         tokens_per_sample=data.seq_len,
+        source_caches=tuple(caches),
     )
 
 
 def with_data_metrics(sink: MetricWriter, datasets: Datasets) -> MetricWriter:
-    """``sink``, adding the shard cache's counters to step records when data is streamed."""
-    return sink if datasets.cache is None else DataMetricsSink(sink, datasets.cache)
+    """``sink``, adding the shard caches' counters to step records when data is streamed
+    (the corpus, or a mixture's streamed sources)."""
+    caches = (datasets.cache,) if datasets.cache is not None else datasets.source_caches
+    return DataMetricsSink(sink, caches) if caches else sink
 
 
 def _reader(cache: ShardCache | None, index: ShardIndex, split: str) -> ShardReader | None:

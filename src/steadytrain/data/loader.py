@@ -22,6 +22,26 @@ class MicroBatch:
     sample_ids: torch.Tensor
     batch: Any
 
+    def pin_memory(self) -> MicroBatch:
+        """This micro-batch with the batch's tensors in pinned host memory, so their copy to
+        the device does not block (a DataLoader's ``pin_memory`` calls this); the sample ids
+        stay where they are: they are read on the host. Needs an accelerator."""
+        return MicroBatch(sample_ids=self.sample_ids, batch=pinned(self.batch))
+
+
+def pinned(batch: Any) -> Any:
+    """``batch`` with its tensors (also inside dicts, lists and tuples, and objects with a
+    ``pin_memory()`` of their own) in pinned host memory."""
+    if isinstance(batch, torch.Tensor) or hasattr(batch, "pin_memory"):
+        return batch.pin_memory()
+    if isinstance(batch, dict):
+        return {key: pinned(value) for key, value in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
+        return type(batch)(*(pinned(value) for value in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(pinned(value) for value in batch)
+    return batch
+
 
 class StepLookahead(Protocol):
     """Told, before each step's micro-batches are read, which step that is (prefetching)."""
@@ -76,7 +96,8 @@ def _as_read(micro_batch: Any) -> Any:
 
 
 class _RankSchedule(Sampler[list[int]]):
-    """This rank's micro-batches from ``first_step`` to the end of ``epoch``."""
+    """This rank's micro-batches from ``first_step`` to the end of ``epoch``, or to the
+    run's end (global step ``end_step``) if that comes first."""
 
     def __init__(
         self,
@@ -86,19 +107,23 @@ class _RankSchedule(Sampler[list[int]]):
         rank: int,
         epoch: int,
         first_step: int,
+        end_step: int | None,
     ) -> None:
         self._sampler = sampler
         self._layout = layout
         self._rank = rank
         self._epoch = epoch
         self._first_step = first_step
+        self._last_step = sampler.steps_per_epoch
+        if end_step is not None:
+            epoch_start = sampler.global_step(epoch=epoch, step_in_epoch=0)
+            self._last_step = max(first_step, min(self._last_step, end_step - epoch_start))
 
     def __len__(self) -> int:
-        remaining_steps = self._sampler.steps_per_epoch - self._first_step
-        return remaining_steps * self._layout.grad_accum_steps
+        return (self._last_step - self._first_step) * self._layout.grad_accum_steps
 
     def __iter__(self) -> Iterator[list[int]]:
-        for step_in_epoch in range(self._first_step, self._sampler.steps_per_epoch):
+        for step_in_epoch in range(self._first_step, self._last_step):
             yield from self._sampler.rank_micro_batches(
                 self._layout, rank=self._rank, epoch=self._epoch, step_in_epoch=step_in_epoch
             )
@@ -111,6 +136,8 @@ class StepBatches:
     only when a step commits, which is what makes the position exact on resume. Without
     workers, a dataset that reads samples together (the token datasets) has the next step
     read in a background thread while this one trains (``_StepReadAhead``), if ``read_ahead``.
+    Nothing is read ahead for steps from ``end_step`` on (``train.max_steps``: the run ends
+    before them). With ``pin_memory`` (CUDA) every micro-batch comes in pinned memory.
     """
 
     def __init__(
@@ -124,6 +151,7 @@ class StepBatches:
         pin_memory: bool = False,
         lookahead: StepLookahead | None = None,
         read_ahead: bool = True,
+        end_step: int | None = None,
     ) -> None:
         self._micro_batches = _MicroBatches(dataset)
         self.lookahead = lookahead or NullLookahead()
@@ -132,14 +160,16 @@ class StepBatches:
         self._rank = rank
         self._num_workers = num_workers
         self._pin_memory = pin_memory
+        self._end_step = end_step
         self._iterator: Iterator[MicroBatch] | None = None
         self._iterator_position: tuple[int, int] | None = None
         self._read_ahead: _StepReadAhead | None = None
         if read_ahead and num_workers == 0 and isinstance(dataset, ReadsSamples):
             # Only our own datasets: a user's may draw from the RNGs the training thread
             # uses, and reading it in another thread would make runs nondeterministic.
-            # Nothing is pinned here, as a DataLoader's pin_memory pins no MicroBatch either.
-            self._read_ahead = _StepReadAhead(self._micro_batches, self._step_sample_ids)
+            self._read_ahead = _StepReadAhead(
+                self._micro_batches, self._step_sample_ids, pin_memory=pin_memory
+            )
 
     def next_step(self) -> list[MicroBatch]:
         """The micro-batches of the step at the sampler's current position."""
@@ -147,10 +177,14 @@ class StepBatches:
         self.lookahead.at_step(epoch=position[0], step_in_epoch=position[1])
         if self._read_ahead is not None:
             micro_batches = self._read_ahead.take(position)
-            # The lookahead pinned the next step's shards too: reading them now is safe.
-            self._read_ahead.start(self._following(position))
+            following = self._following(position)
+            if self._before_end(following):
+                # The lookahead pinned the next step's shards too: reading them now is safe.
+                self._read_ahead.start(following)
             return micro_batches
         if self._iterator is None or self._iterator_position != position:
+            # The old workers stop before new ones start (and take their counter rows).
+            self._iterator = None
             self._iterator = self._open(epoch=position[0], first_step=position[1])
         micro_batches = [next(self._iterator) for _ in range(self._layout.grad_accum_steps)]
         self._iterator_position = (position[0], position[1] + 1)
@@ -161,9 +195,14 @@ class StepBatches:
         self.lookahead.prime(epoch=self._sampler.epoch, step_in_epoch=self._sampler.step_in_epoch)
 
     def close(self) -> None:
+        self._iterator = None  # stops its workers
         if self._read_ahead is not None:
             self._read_ahead.close()
         self.lookahead.close()
+
+    def _before_end(self, position: tuple[int, int]) -> bool:
+        step = self._sampler.global_step(epoch=position[0], step_in_epoch=position[1])
+        return self._end_step is None or step < self._end_step
 
     def _step_sample_ids(self, position: tuple[int, int]) -> list[list[int]]:
         return self._sampler.rank_micro_batches(
@@ -178,11 +217,20 @@ class StepBatches:
 
     def _open(self, *, epoch: int, first_step: int) -> Iterator[MicroBatch]:
         schedule = _RankSchedule(
-            self._sampler, self._layout, rank=self._rank, epoch=epoch, first_step=first_step
+            self._sampler,
+            self._layout,
+            rank=self._rank,
+            epoch=epoch,
+            first_step=first_step,
+            # A step asked for at or past the end is read all the same.
+            end_step=self._end_step if self._before_end((epoch, first_step)) else None,
         )
-        if self._num_workers == 0 and not self._pin_memory:
+        if self._num_workers == 0:
             # Read in this thread: a DataLoader would add only its per-item overhead.
-            return (self._micro_batches[sample_ids] for sample_ids in schedule)
+            micro_batches = (self._micro_batches[sample_ids] for sample_ids in schedule)
+            if self._pin_memory:
+                return (micro.pin_memory() for micro in micro_batches)
+            return micro_batches
         # Each item is a whole micro-batch (the schedule yields its sample ids), so a worker
         # reads it in one call rather than sample by sample.
         loader = DataLoader(
@@ -215,9 +263,12 @@ class _StepReadAhead:
         self,
         micro_batches: _MicroBatches,
         step_sample_ids: Callable[[tuple[int, int]], list[list[int]]],
+        *,
+        pin_memory: bool,
     ) -> None:
         self._micro_batches = micro_batches
         self._step_sample_ids = step_sample_ids
+        self._pin_memory = pin_memory
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step-read-ahead")
         self._pending: tuple[tuple[int, int], Future[list[MicroBatch]]] | None = None
 
@@ -244,7 +295,10 @@ class _StepReadAhead:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     def _read(self, step_sample_ids: list[list[int]]) -> list[MicroBatch]:
-        return [self._micro_batches[sample_ids] for sample_ids in step_sample_ids]
+        micro_batches = [self._micro_batches[sample_ids] for sample_ids in step_sample_ids]
+        if self._pin_memory:  # here too, off the training thread
+            return [micro.pin_memory() for micro in micro_batches]
+        return micro_batches
 
 
 def validation_batches(

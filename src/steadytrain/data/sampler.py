@@ -197,6 +197,11 @@ class GlobalPositionSampler:
     def step_in_epoch(self) -> int:
         return self.samples_consumed // self.global_batch_size
 
+    def global_step(self, *, epoch: int, step_in_epoch: int) -> int:
+        """The steps taken before that position since the start of training: the trainer's
+        step number there (both move on every committed or skipped step, from 0)."""
+        return epoch * self.steps_per_epoch + step_in_epoch
+
     def permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._cached_epoch:
             self._cached_permutation = epoch_permutation(

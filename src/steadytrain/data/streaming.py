@@ -10,16 +10,18 @@ pure ``(seed, epoch)`` order as the sampler, which shards this rank reads at the
 next step (pinned: no process evicts them) and which it reads after them, and background
 threads download those in order of first use, ``FETCH_THREADS`` at once,
 ``data.prefetch_shards`` beyond the pinned ones and never more than the cache limit leaves
-room for.
+room for. Nothing is fetched for steps past the run's end (``train.max_steps``): those bytes
+would never be read.
 """
 
 from __future__ import annotations
 
 import collections
+import itertools
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -95,6 +97,7 @@ class ShardPrefetcher:
         rank: int,
         prefetch_shards: int,
         itemsize: int,
+        end_step: int | None = None,
     ) -> None:
         self._cache = cache
         self._shards = shards
@@ -105,6 +108,7 @@ class ShardPrefetcher:
         ]
         self._prefetch_shards = prefetch_shards
         self._itemsize = itemsize
+        self._end_step = end_step  # the run's last step is the one before it
         self._permutations: dict[int, np.ndarray] = {}
         self._step_shards: dict[tuple[int, int], tuple[int, ...]] = {}
         self._wanted: list[ShardFile] = []
@@ -132,7 +136,7 @@ class ShardPrefetcher:
         upcoming = self._positions(epoch, step_in_epoch)
         pinned = _distinct(
             shard
-            for position in (next(upcoming), next(upcoming))
+            for position in itertools.islice(upcoming, 2)
             for shard in self._shards_of(*position)
         )
         self._cache.pin(self._shards[number] for number in pinned)
@@ -153,8 +157,10 @@ class ShardPrefetcher:
         self._forget_before(epoch, step_in_epoch)
 
     def prime(self, *, epoch: int, step_in_epoch: int) -> None:
-        """Fetch this rank's shards of that step now, in this thread."""
+        """Fetch this rank's shards of that step now, in this thread (none at the run's end)."""
         self.at_step(epoch=epoch, step_in_epoch=step_in_epoch)
+        if not self._before_end(epoch, step_in_epoch):
+            return
         for number in self._shards_of(epoch, step_in_epoch):
             self._cache.ensure(self._shards[number], itemsize=self._itemsize)
 
@@ -210,11 +216,16 @@ class ShardPrefetcher:
             return None
 
     def _positions(self, epoch: int, step_in_epoch: int) -> Iterator[tuple[int, int]]:
-        while True:
+        """The positions of the steps from this one to the run's end."""
+        while self._before_end(epoch, step_in_epoch):
             yield epoch, step_in_epoch
             step_in_epoch += 1
             if step_in_epoch >= self._sampler.steps_per_epoch:
                 epoch, step_in_epoch = epoch + 1, 0
+
+    def _before_end(self, epoch: int, step_in_epoch: int) -> bool:
+        step = self._sampler.global_step(epoch=epoch, step_in_epoch=step_in_epoch)
+        return self._end_step is None or step < self._end_step
 
     def _shards_of(self, epoch: int, step_in_epoch: int) -> tuple[int, ...]:
         key = (epoch, step_in_epoch)
@@ -259,20 +270,30 @@ class MetricWriter(Protocol):
 
 
 class DataMetricsSink:
-    """Adds the shard cache's counters (``data_cache_*``) to every step record it writes.
+    """Adds the shard caches' counters (``data_cache_*``) to every step record it writes.
 
-    They count what this process's cache did: the rank writing metrics (rank 0), its
-    prefetching and its reads (DataLoader workers keep counters of their own).
+    They count what the caches of the rank writing metrics (rank 0) did: its prefetching and
+    its reads, in the trainer's process and in its DataLoader workers, summed over the
+    streamed sources of a mixture; ``data_cache_bytes`` is the size of their directories.
     """
 
-    def __init__(self, sink: MetricWriter, cache: ShardCache) -> None:
+    def __init__(self, sink: MetricWriter, caches: Sequence[ShardCache]) -> None:
         self._sink = sink
-        self._cache = cache
+        self._caches = caches
 
     def write(self, record: dict[str, Any]) -> None:
         if "loss" in record:  # a step record, not a validation one
-            record = {**record, **self._cache.snapshot()}
+            record = {**record, **self.snapshot()}
         self._sink.write(record)
+
+    def snapshot(self) -> dict[str, int]:
+        totals: dict[str, int] = collections.Counter()
+        for cache in self._caches:
+            totals.update(cache.snapshot())
+        # Caches of one directory (the sources of a mixture) hold the same shards: once.
+        directories = {cache.directory: cache for cache in self._caches}
+        totals["data_cache_bytes"] = sum(cache.size_bytes() for cache in directories.values())
+        return dict(totals)
 
     def close(self) -> None:
         self._sink.close()

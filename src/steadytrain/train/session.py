@@ -216,12 +216,14 @@ def build_parts(
         num_workers=config.data.num_workers,
         pin_memory=runtime.device.type == "cuda",
         read_ahead=reads_ahead(config.data.read_ahead, device=runtime.device),
+        end_step=config.train.max_steps,  # nothing is read or fetched ahead past it
         lookahead=step_lookahead(
             datasets,
             sampler,
             layout,
             rank=runtime.rank,
             prefetch_shards=config.data.prefetch_shards,
+            end_step=config.train.max_steps,
         ),
     )
     # Agreed: a streamed corpus's validation shards are fetched here.
