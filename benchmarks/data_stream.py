@@ -16,8 +16,9 @@ cache. Per run: stall fraction (time in ``next_step()`` ÷ step time, first step
 the time to first batch), samples/s and MB/s of sample tokens, bytes fetched ÷ bytes of the
 shards the run read, peak cache size against ``data.cache_limit_gb`` (sized by the rule of
 docs/data.md: ``(2·window + prefetch_shards) × the largest shard``), and the time to first
-batch cold (empty cache), after a resume at the run's mid-epoch position with the cache it
-left (warm), and the same resume with an empty cache.
+batch cold (empty cache), after a resume at the position of the run's last step (mid-epoch)
+with the cache it left (warm: it holds that step's shards, as a preempted run's cache holds
+its current step's) and the same resume with an empty cache.
 
     .venv/bin/python benchmarks/data_stream.py [--reps 3] [--json OUT]
 """
@@ -227,9 +228,16 @@ def loader_config(args: argparse.Namespace, *, corpus: str, cache_limit_bytes: i
 
 
 class Loader:
-    """One rank's loader, built as ``train/session.py`` builds it, at ``position``."""
+    """One rank's loader, built as ``train/session.py`` builds it, at ``position``, for a run
+    that ends before step ``end_step`` (``train.max_steps``; None: one that goes on)."""
 
-    def __init__(self, config: Any, *, position: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        config: Any,
+        *,
+        position: dict[str, Any] | None = None,
+        end_step: int | None = None,
+    ) -> None:
         from steadytrain.config import batch_layout
         from steadytrain.data import (
             GlobalPositionSampler,
@@ -250,10 +258,20 @@ class Loader:
         if position is not None:
             self.sampler.load_state_dict(position)
         lookahead = step_lookahead(
-            self.datasets, self.sampler, layout, rank=0, prefetch_shards=config.data.prefetch_shards
+            self.datasets,
+            self.sampler,
+            layout,
+            rank=0,
+            prefetch_shards=config.data.prefetch_shards,
+            end_step=end_step,
         )
         self.batches = StepBatches(
-            self.datasets.train, self.sampler, layout, rank=0, lookahead=lookahead
+            self.datasets.train,
+            self.sampler,
+            layout,
+            rank=0,
+            lookahead=lookahead,
+            end_step=end_step,
         )
         self.batches.prepare_first_step()
 
@@ -275,9 +293,9 @@ def first_batch_seconds(config: Any, *, position: dict[str, Any] | None) -> floa
 
 def run_loader(config: Any, *, steps: int, step_s: float) -> dict[str, Any]:
     """``steps`` fake steps from the start of epoch 0; returns what was measured, the position
-    reached and the shards read."""
+    reached, that of the last step, and the shards read."""
     started = time.perf_counter()
-    loader = Loader(config)
+    loader = Loader(config, end_step=steps)  # as train.max_steps=steps ends a run
     cache, train = loader.datasets.cache, loader.datasets.train
     waits, step_times, peak_cache, read, ids = [], [], 0, set(), hashlib.sha256()
     for step in range(steps):
@@ -288,6 +306,7 @@ def run_loader(config: Any, *, steps: int, step_s: float) -> dict[str, Any]:
             first_batch_s = time.perf_counter() - started
             loop_started = time.perf_counter()
         time.sleep(step_s)  # the model's forward, backward and optimizer step
+        last_step_position = loader.sampler.state_dict()
         loader.sampler.advance()  # as a committed step does
         step_times.append(time.perf_counter() - step_started)
         waits.append(waited)
@@ -321,6 +340,7 @@ def run_loader(config: Any, *, steps: int, step_s: float) -> dict[str, Any]:
         "cache_stats": stats,
         "prefetch_errors": errors,
         "position": position,
+        "last_step_position": last_step_position,
     }
 
 
@@ -328,7 +348,7 @@ def streamed_run(
     args: argparse.Namespace, config: Any, store: Store, *, step_s: float
 ) -> dict[str, Any]:
     """A streamed run from an empty cache, what the store was asked for, then the resumes at
-    its position: with the cache it left (warm) and with an empty one."""
+    its last step: with the cache it left (warm) and with an empty one."""
     cache_dir = args.work_dir / "cache"
     shutil.rmtree(cache_dir, ignore_errors=True)
     store.take_requests()
@@ -354,13 +374,13 @@ def streamed_run(
         ),
         cache_limit_bytes=args.cache_limit_bytes,
     )
-    # Prefetching at the end fetched shards for steps after the run: a constant per run, not
-    # a cost per shard. What is left is what the run fetched for itself, once or again.
+    # Shards fetched for steps after the run (none, as the prefetcher stops at the run's
+    # end), and apart from them what the run fetched for itself, once or again.
     fetched_for_run = result["bytes_fetched"] - result["bytes_fetched_not_read"]
     result["fetch_ratio_in_run"] = fetched_for_run / result["bytes_consumed"]
-    result["resume_warm_s"] = first_batch_seconds(config, position=result["position"])
+    result["resume_warm_s"] = first_batch_seconds(config, position=result["last_step_position"])
     shutil.rmtree(cache_dir, ignore_errors=True)
-    result["resume_cold_s"] = first_batch_seconds(config, position=result["position"])
+    result["resume_cold_s"] = first_batch_seconds(config, position=result["last_step_position"])
     return result
 
 
@@ -371,7 +391,7 @@ def _from_start(byte_range: str | None) -> bool:
 def local_run(args: argparse.Namespace, config: Any, *, step_s: float) -> dict[str, Any]:
     result = run_loader(config, steps=args.steps, step_s=step_s)
     result["fetch_ratio"] = result["fetch_ratio_in_run"] = result["shards_fetched_again"] = None
-    result["resume_warm_s"] = first_batch_seconds(config, position=result["position"])
+    result["resume_warm_s"] = first_batch_seconds(config, position=result["last_step_position"])
     return result
 
 

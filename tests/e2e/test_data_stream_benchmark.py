@@ -65,6 +65,7 @@ def test_the_streaming_benchmark_reads_what_local_disk_reads_and_counts_its_byte
         in_run = (fetched - run["bytes_fetched_not_read"]) / run["bytes_consumed"]
         assert run["fetch_ratio_in_run"] == pytest.approx(in_run)
         assert run["shards_fetched_again"] == 0 and run["prefetch_errors"] == []
+        assert run["bytes_fetched_not_read"] == 0  # nothing fetched for steps after the run
         assert run["cache_limit_bytes"] == limit and 0 < run["peak_cache_bytes"] <= limit
         assert run["first_batch_s"] > 0 and run["resume_warm_s"] > 0 and run["resume_cold_s"] > 0
     streamed = [run for run in runs if run["side"] == "stream"]
