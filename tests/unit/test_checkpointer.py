@@ -15,6 +15,7 @@ import torch
 
 from steadytrain.checkpoint import (
     MANIFEST_NAME,
+    RESTORE_PHASES,
     CheckpointContents,
     CheckpointRefused,
     LocalStorage,
@@ -297,3 +298,48 @@ def test_a_synchronous_checkpointer_waits_for_nothing(make_parts: Any, tmp_path:
     (sync_event,) = sync_parts.events.of_kind("checkpoint_saved")
     assert sync_event["async_save"] is False and sync_event["waited_s"] < SAVE_DELAY / 2
     assert sync_event["blocked_s"] >= sync_event["write_s"] >= SAVE_DELAY
+
+
+class SlowReads(GatedStorage):
+    """Real local storage whose every read of a tensor file's data takes ``delay`` seconds."""
+
+    def __init__(self, root: Path, *, delay: float) -> None:
+        super().__init__(root)
+        self.release.set()
+        self.delay = delay
+        self.tensor_reads = 0
+
+    def read_into(self, *args: Any, **kwargs: Any) -> None:
+        self.tensor_reads += 1
+        time.sleep(self.delay)
+        self._local.read_into(*args, **kwargs)
+
+
+def test_a_restore_times_its_phases_and_builds_states_while_the_data_arrives(
+    make_parts: Any, tmp_path: Path
+) -> None:
+    parts = make_parts("checkpoint.every_steps=1")
+    storage = SlowReads(tmp_path / "c", delay=SAVE_DELAY)
+    parts.state.commit_step(num_samples=8, num_tokens=8)
+    saved = checkpointer_over(storage, parts).after_step(step=1, final=False)
+    assert saved is not None and saved.committed
+    started = time.perf_counter()
+    restored = restore_checkpoint(
+        storage,
+        contents_of(parts),
+        identity=parts.identity,
+        request=ResumeRequest(),
+        rank=0,
+        events=parts.events,
+    )
+    seconds = time.perf_counter() - started
+    assert restored is not None and restored.step == 1
+    phases = restored.phase_seconds
+    assert set(phases) == set(RESTORE_PHASES), phases
+    assert storage.tensor_reads >= 2  # the model's and the optimizer's files at least
+    # Every data read is inside read_files. The states were built while the data was still
+    # arriving: what was left of it is read_wait, part of read.
+    assert phases["read_files"] >= storage.tensor_reads * SAVE_DELAY
+    assert SAVE_DELAY / 2 <= phases["read_wait"] <= phases["read"]
+    in_order = sum(phases[p] for p in RESTORE_PHASES if p not in ("read_files", "read_wait"))
+    assert in_order == pytest.approx(seconds, abs=0.05)

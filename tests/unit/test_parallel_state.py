@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from steadytrain.checkpoint.sharded import Chunk, ShardedTensor, index_problems
+from steadytrain.checkpoint.sharded import Chunk, ShardedTensor, index_problems, resolve_shards
 from steadytrain.checkpoint.sharded import _storage_metadata as storage_metadata
 from steadytrain.checkpoint.tensorfile import Entry
 from steadytrain.config import load_config
@@ -134,3 +136,45 @@ def test_the_chunk_index_check_names_each_fault_of_a_sharded_checkpoint() -> Non
     assert index_problems(shared, {"rank-00000.json": {}}, headers.get)[0].startswith(
         "chunk index unreadable"
     )
+
+
+def test_a_rank_whose_own_chunks_are_its_parts_reads_only_its_own_index_and_files() -> None:
+    full = torch.arange(12.0).reshape(4, 3)
+    documents = {  # rank 0 saved all of w, rank 1 none of it (a valid, uneven tiling)
+        0: {
+            "tensor_files": {"model": "rank-00000-model.safetensors"},
+            "chunks": {"model": {"w": {"offset": [0, 0], "shape": [4, 3]}}},
+        },
+        1: {"tensor_files": {}, "chunks": {}},
+    }
+    asked: list[str] = []
+
+    def rank_document(rank: int) -> bytes:
+        asked.append(f"rank-0000{rank}.json")
+        return json.dumps(documents[rank]).encode()
+
+    def read_tensor_file(filename: str) -> dict[str, torch.Tensor]:
+        asked.append(filename)
+        return {"w": full.clone()}
+
+    def resolve(own_rank: int | None) -> torch.Tensor:
+        asked.clear()
+        states = {"model": {"w": ShardedTensor(shape=(4, 3), dtype=torch.float32)}}
+        resolved = resolve_shards(
+            states,
+            templates=dict,  # no layout: w is wanted in full, which rank 0's chunk is
+            rank_document=rank_document,
+            num_ranks=2,
+            read_tensor_file=read_tensor_file,
+            own_rank=own_rank,
+        )
+        return resolved["model"]["w"]
+
+    assert torch.equal(resolve(0), full)
+    assert asked == ["rank-00000.json", "rank-00000-model.safetensors"]
+    # Without a rank of its own, or with one that holds none of it: every index, then the
+    # file that holds the chunk; each read once.
+    assert torch.equal(resolve(None), full)
+    assert asked == ["rank-00000.json", "rank-00001.json", "rank-00000-model.safetensors"]
+    assert torch.equal(resolve(1), full)
+    assert asked == ["rank-00001.json", "rank-00000.json", "rank-00000-model.safetensors"]

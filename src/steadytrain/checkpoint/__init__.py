@@ -21,6 +21,7 @@ from steadytrain.checkpoint.discovery import (
 )
 from steadytrain.checkpoint.inspection import CheckpointStatus, inspect_checkpoints
 from steadytrain.checkpoint.load import (
+    RESTORE_PHASES,
     CheckpointRefused,
     Restored,
     ResumeRequest,
@@ -65,6 +66,7 @@ from steadytrain.checkpoint.weights import (
 
 __all__ = [
     "MANIFEST_NAME",
+    "RESTORE_PHASES",
     "BytesPayload",
     "CheckpointContents",
     "CheckpointRefused",

@@ -9,8 +9,9 @@ not: resume stops with that error rather than silently going back further.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from steadytrain.checkpoint.contents import (
@@ -73,6 +74,30 @@ class Restored:
     saved_world_size: int
     per_rank_restored: bool  # False: the world size changed, per-rank parts were not loaded
     identity_changes: dict[str, tuple[Any, Any]]  # allowed changes at this start: old, new
+    # This rank's seconds by phase (``RESTORE_PHASES``), of the attempt that succeeded.
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+
+
+# The phases of a restore, in order: finding the checkpoint (rank 0 decides, the others wait),
+# reading this rank's files and building its states (``read``; ``read_files``: the seconds
+# storage reads and checksums took, mostly in a background thread while the states were
+# built; ``read_wait``: the part of ``read`` spent waiting for that data), the agreement that
+# every rank read intact (the wait for the slowest), loading the states into the parts, and
+# the agreement that they fit.
+RESTORE_PHASES = ("find", "read", "read_files", "read_wait", "agree_read", "apply", "agree_apply")
+
+
+class _Clock:
+    """Seconds per phase, each phase timed from the end of the previous one."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.mark = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self.mark
+        self.mark = now
 
 
 def restore_checkpoint(
@@ -101,29 +126,47 @@ def restore_checkpoint(
     """
     if not request.enabled:
         return None
+    clock = _Clock()
     source, only = storage, None
     if request.from_path is not None:
         parent, _, only = request.from_path.rstrip("/").rpartition("/")
         source = open_storage_for(parent or ".", identity.config)
-    _decided_by_main(
-        rank, lambda: remove_leftovers(storage, events=events), what="cleaning up checkpoints"
-    )
     older_than: int | None = None
     while True:
+        first = older_than is None  # one agreement: rank 0 cleans up first, then chooses
         choice = _decided_by_main(
             rank,
-            functools.partial(_choose, source, only=only, older_than=older_than, events=events),
-            what=f"finding a checkpoint in {source.describe('')}",
+            functools.partial(
+                _choose,
+                source,
+                only=only,
+                older_than=older_than,
+                events=events,
+                clean_up=storage if first else None,
+            ),
+            what=f"{'cleaning up and ' if first else ''}finding a checkpoint in "
+            f"{source.describe('')}",
         )
         if choice is None:
             return None
         name, manifest_json, history = choice
         manifest = Manifest.from_json(manifest_json)
+        clock.lap("find")
         restored = _restore_from(
-            source, name, manifest, contents, identity, request, history, rank=rank, events=events
+            source,
+            name,
+            manifest,
+            contents,
+            identity,
+            request,
+            history,
+            rank=rank,
+            events=events,
+            clock=clock,
         )
         if restored is not None:
             return restored
+        clock = _Clock()  # the phases of the attempt that succeeds
         older_than = step_of(name)
 
 
@@ -138,6 +181,7 @@ def _restore_from(
     *,
     rank: int,
     events: EventSink,
+    clock: _Clock,
 ) -> Restored | None:
     """Restore checkpoint ``name`` (a collective); None when it is corrupt and an older one
     should be tried.
@@ -162,14 +206,16 @@ def _restore_from(
             events.emit("config_changed", checkpoint=location, changes=operational)
     same_world_size = manifest.world_size == identity.world_size
     loaded, problem, corrupt = _read_checkpoint(
-        source, name, manifest, contents, rank=rank, with_per_rank=same_world_size
+        source, name, manifest, contents, rank=rank, with_per_rank=same_world_size, clock=clock
     )
+    clock.lap("read")
     # Collective: apply only what every rank read intact.
     failures = [
         (failed_rank, report[0], report[1])
         for failed_rank, report in enumerate(gather_from_all((problem, corrupt)))
         if report[0] is not None
     ]
+    clock.lap("agree_read")
     if failures:
         # An error that is not the checkpoint's fault, on any rank, stops the resume.
         failed_rank, problem, corrupt = min(failures, key=lambda failure: failure[2])
@@ -194,10 +240,12 @@ def _restore_from(
             )
         return None
     misfit = _apply(loaded, contents, location=location, changes=changes)
+    clock.lap("apply")
     # Collective: a part that does not fit on any rank (its own RNG state, say) stops all.
     for failed_rank, problem in enumerate(gather_from_all(misfit)):
         if problem is not None:
             raise CheckpointRefused(problem, reported_elsewhere=rank != failed_rank)
+    clock.lap("agree_apply")
     new_overrides = [
         {"step": manifest.step, "field": field, "old": old, "new": new}
         for field, (old, new) in changes.items()
@@ -222,6 +270,7 @@ def _restore_from(
         saved_world_size=manifest.world_size,
         per_rank_restored="per_rank" in loaded,
         identity_changes=changes,
+        phase_seconds=clock.seconds,
     )
 
 
@@ -250,10 +299,17 @@ def _decided_by_main(rank: int, decide: Callable[[], T], *, what: str) -> T:
 
 
 def _choose(
-    source: CheckpointStorage, *, only: str | None, older_than: int | None, events: EventSink
+    source: CheckpointStorage,
+    *,
+    only: str | None,
+    older_than: int | None,
+    events: EventSink,
+    clean_up: CheckpointStorage | None = None,
 ) -> tuple[str, str, list[dict[str, Any]]] | None:
     """The next checkpoint to try: its name, manifest (JSON) and the run's recorded
-    identity changes."""
+    identity changes; first the leftovers of crashed saves are removed from ``clean_up``."""
+    if clean_up is not None:
+        remove_leftovers(clean_up, events=events)
     if only is not None:
         manifest, problems = verify_checkpoint(source, only, read_files=False)
         if manifest is None or problems:
@@ -321,6 +377,7 @@ def _read_checkpoint(
     *,
     rank: int,
     with_per_rank: bool,
+    clock: _Clock,
 ) -> tuple[dict[str, dict[str, Any]], str | None, bool]:
     """This rank's share of a checkpoint, read once and checked: the replicated parts, and its
     own parts when the world size is unchanged.
@@ -342,6 +399,8 @@ def _read_checkpoint(
                 manifest,
                 stem=stem,
                 templates=functools.partial(_templates, expected),
+                rank=rank if with_per_rank else None,  # saved at this world size
+                timings=clock.seconds,
             )
             missing = sorted(set(expected) - set(states))
             if missing:

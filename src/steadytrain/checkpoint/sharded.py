@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -228,8 +228,11 @@ def resolve_shards(
     states: dict[str, Any],
     *,
     templates: Callable[[], dict[str, Any]],
-    rank_documents: Callable[[], list[bytes]],
+    rank_document: Callable[[int], bytes],
+    num_ranks: int,
     read_tensor_file: Callable[[str], dict[str, torch.Tensor]],
+    data_ready: Callable[[], None] = lambda: None,
+    own_rank: int | None = None,
 ) -> dict[str, Any]:
     """``states`` with every ``ShardedTensor`` replaced by a tensor laid out as in
     ``templates()`` (each part's own state: a DTensor there is filled as a DTensor of the
@@ -237,11 +240,16 @@ def resolve_shards(
     tensor for a whole subtree (an optimizer's state of one parameter, before it has any):
     every tensor below it of its global shape is laid out like it.
 
-    ``rank_documents()``: every saving rank's ``rank-NNNNN.json``. Only the rank files holding
-    a chunk this rank needs are read. A stored chunk that is exactly this rank's part of a
-    tensor (a resume at the same world size) becomes that part as read, without a copy;
-    only the rest is planned and copied by DCP. The parts are not touched: the results are
-    new tensors, so nothing changes before every rank has read its share intact.
+    ``rank_document(rank)``: saving rank ``rank``'s ``rank-NNNNN.json`` (of ``num_ranks``).
+    ``read_tensor_file(filename)``: a tensor file's tensors, whose data may still be arriving
+    until ``data_ready()`` returns. ``own_rank``: this rank, when the checkpoint was saved at
+    this world size: its own files are asked for first, so that their data arrives while the
+    layouts are worked out, and when its chunks are exactly this rank's parts of every tensor
+    (the same layout) nothing else is read and each chunk becomes that part as read, without
+    a copy. Otherwise every document is read, then the rank files holding a chunk this rank
+    needs, and what is not a chunk as stored is planned and copied by DCP. The parts are not
+    touched: the results are new tensors, so nothing changes before every rank has read its
+    share intact.
 
     Raises:
         ValueError: the chunk index does not describe the stored tensors (corrupt).
@@ -253,21 +261,24 @@ def resolve_shards(
     placeholders = {part: found for part, found in placeholders.items() if found}
     if not placeholders:
         return states
-    ranks = [RankShards.from_document(json.loads(document)) for document in rank_documents()]
+    own = None
+    files: dict[str, dict[str, torch.Tensor]] = {}  # tensor files asked for, by name
+    if own_rank is not None and 0 <= own_rank < num_ranks:
+        own = RankShards.from_document(json.loads(rank_document(own_rank)))
+        for part in placeholders:
+            if own.chunks.get(part) and part in own.tensor_files:
+                files[own.tensor_files[part]] = read_tensor_file(own.tensor_files[part])
     wanted: dict[str, tuple[ShardedTensor, DTensor | None]] = {}
-    metadata: dict[str, Any] = {}
     layouts = templates()
     for part, found in placeholders.items():
         like = dict(tensor_leaves(layouts.get(part)))
         for key, stored in found.items():
-            name = f"{part}/{key}"
-            wanted[name] = (stored, _layout(like, key, stored))
-            chunks = [
-                shards.chunks[part][key] for shards in ranks if key in shards.chunks.get(part, {})
-            ]
-            metadata[name] = _storage_metadata(name, stored, chunks)
-    regions = {name: _region(stored, layout) for name, (stored, layout) in wanted.items()}
-    data = _read_needed(regions, ranks, read_tensor_file)
+            wanted[f"{part}/{key}"] = (stored, _layout(like, key, stored))
+    regions = _regions(wanted)
+    ranks = _rank_shards(regions, rank_document, num_ranks=num_ranks, own=(own_rank, own))
+    data = _read_needed(regions, ranks, read_tensor_file, files=files)
+    if any(layout is not None and layout.device.type != "cpu" for _, layout in wanted.values()):
+        data_ready()  # copied to the device below
     resolved: dict[str, torch.Tensor] = {}
     resharded: dict[str, torch.Tensor] = {}
     for name, (stored, layout) in wanted.items():
@@ -280,6 +291,11 @@ def resolve_shards(
         else:
             resharded[name] = _target(stored, layout)
     if resharded:
+        data_ready()  # DCP copies from the chunks
+        metadata = {
+            name: _storage_metadata(name, wanted[name][0], _chunks_of(name, ranks))
+            for name in resharded
+        }
         _load_resharded(resharded, metadata, data)
     resolved.update(resharded)
     return {
@@ -288,6 +304,62 @@ def resolve_shards(
         )
         for part, state in states.items()
     }
+
+
+Region = tuple[tuple[int, ...], tuple[int, ...]]  # (offset, shape) in the global tensor
+
+
+def _regions(wanted: dict[str, tuple[ShardedTensor, DTensor | None]]) -> dict[str, Region]:
+    """The region of each wanted tensor this rank loads; computed once per layout (a
+    parameter's stands for all of its optimizer state, and many parameters share one)."""
+    by_layout: dict[tuple[Any, ...], Region] = {}
+    regions = {}
+    for name, (stored, layout) in wanted.items():
+        if layout is None:
+            regions[name] = (0,) * len(stored.shape), stored.shape
+            continue
+        key = (tuple(layout.shape), id(layout.device_mesh), tuple(layout.placements))
+        if key not in by_layout:
+            by_layout[key] = needed_region(layout)
+        regions[name] = by_layout[key]
+    return regions
+
+
+def _rank_shards(
+    regions: dict[str, Region],
+    rank_document: Callable[[int], bytes],
+    *,
+    num_ranks: int,
+    own: tuple[int | None, RankShards | None],
+) -> list[RankShards]:
+    """The chunk indexes to read from: ``own`` (a rank and its index, read already) alone
+    when its chunks are exactly the regions this rank loads, else every saving rank's."""
+    own_rank, own_shards = own
+    if own_shards is not None and all(
+        _holds(own_shards, name, region) for name, region in regions.items()
+    ):
+        return [own_shards]
+    return [
+        own_shards
+        if rank == own_rank and own_shards is not None
+        else RankShards.from_document(json.loads(rank_document(rank)))
+        for rank in range(num_ranks)
+    ]
+
+
+def _holds(shards: RankShards, name: str, region: Region) -> bool:
+    """Whether ``shards`` hold ``region`` of tensor ``name`` as one chunk (or it is empty)."""
+    offset, shape = region
+    if math.prod(shape) == 0:
+        return True
+    part, _, key = name.partition("/")
+    chunk = shards.chunks.get(part, {}).get(key)
+    return chunk is not None and chunk.offset == offset and chunk.shape == shape
+
+
+def _chunks_of(name: str, ranks: Iterable[RankShards]) -> list[Chunk]:
+    part, _, key = name.partition("/")
+    return [shards.chunks[part][key] for shards in ranks if key in shards.chunks.get(part, {})]
 
 
 def _load_resharded(
@@ -326,15 +398,6 @@ def _layout(like: dict[str, Any], key: str, stored: ShardedTensor) -> DTensor | 
     if isinstance(found, DTensor) and tuple(found.shape) == stored.shape:
         return found
     return None
-
-
-def _region(
-    stored: ShardedTensor, layout: DTensor | None
-) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The (offset, shape) of the global tensor this rank loads."""
-    if layout is None:
-        return (0,) * len(stored.shape), stored.shape
-    return needed_region(layout)
 
 
 def _target(stored: ShardedTensor, layout: DTensor | None) -> torch.Tensor:
@@ -376,11 +439,14 @@ def _storage_metadata(
 
 
 def _read_needed(
-    regions: dict[str, tuple[tuple[int, ...], tuple[int, ...]]],
+    regions: dict[str, Region],
     ranks: list[RankShards],
     read_tensor_file: Callable[[str], dict[str, torch.Tensor]],
+    *,
+    files: dict[str, dict[str, torch.Tensor]],
 ) -> dict[tuple[str, tuple[int, ...]], torch.Tensor]:
-    """The stored chunks that overlap the ``regions`` this rank loads, by (name, offset)."""
+    """The stored chunks that overlap the ``regions`` this rank loads, by (name, offset);
+    ``files``: the tensor files asked for already (others are added as they are read)."""
     data: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
     for shards in ranks:
         for part, chunks in shards.chunks.items():
@@ -391,7 +457,10 @@ def _read_needed(
             ]
             if not wanted:
                 continue
-            tensors = read_tensor_file(shards.tensor_files[part])
+            filename = shards.tensor_files[part]
+            if filename not in files:
+                files[filename] = read_tensor_file(filename)
+            tensors = files[filename]
             for key in wanted:
                 tensor = tensors.get(key)
                 if tensor is None or tuple(tensor.shape) != chunks[key].shape:

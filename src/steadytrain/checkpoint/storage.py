@@ -124,9 +124,18 @@ class CheckpointStorage(Protocol):
 
 
 def default_read_threads() -> int:
-    """Reads in flight for one large file: one per core this process may use, 2 to 8."""
+    """Reads in flight for one large file: the cores this process may use, shared with the
+    other ranks on this machine (torchrun's ``LOCAL_WORLD_SIZE``), 1 to 8.
+
+    Several reads in flight keep a fast disk busy and fault in a new buffer on several cores;
+    with one core per rank the ranks' own reads already do, and more threads only compete.
+    """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2
-    return max(2, min(8, cores))
+    try:
+        local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local_ranks = 1
+    return max(1, min(8, cores // local_ranks))
 
 
 class LocalStorage:
@@ -134,8 +143,7 @@ class LocalStorage:
 
     Args:
         root: the directory that holds the ``step_*`` directories.
-        read_threads: reads in flight for one large file (default: one per usable core,
-            2 to 8).
+        read_threads: reads in flight for one large file (default: ``default_read_threads``).
         parallel_read_bytes: reads at least this large go to the threads; smaller ones stay
             in the calling thread.
     """
@@ -230,7 +238,8 @@ class LocalStorage:
                 raise SizeMismatch(f"{path}: {relation} than its manifest says")
             pieces = list(_pieces(buffers, offset))
             read = functools.partial(_read_piece, handle.fileno(), path)
-            if expected - offset < self.parallel_read_bytes or not HAVE_PREADV:
+            small = expected - offset < self.parallel_read_bytes
+            if small or self.read_threads == 1 or not HAVE_PREADV:
                 for piece in pieces:
                     deliver(read(piece))
                 return

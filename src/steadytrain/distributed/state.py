@@ -28,6 +28,32 @@ def laid_out_like(value: Any, like: Any) -> Any:
     )
 
 
+def same_shards(state: dict[str, Any], own: dict[str, Any]) -> list[tuple[DTensor, DTensor]] | None:
+    """``(own, loaded)`` for every key when both states have the same keys and every value
+    is a DTensor of its own value's layout (global shape, dtype, mesh, placements), so that
+    their local shards match element for element; otherwise None."""
+    if own.keys() != state.keys():
+        return None
+    pairs = []
+    for name, value in state.items():
+        target = own[name]
+        if not (isinstance(value, DTensor) and isinstance(target, DTensor)):
+            return None
+        same_mesh = (
+            value.device_mesh is target.device_mesh or value.device_mesh == target.device_mesh
+        )
+        if not (
+            same_mesh
+            and value.shape == target.shape
+            and value.dtype == target.dtype
+            and value.placements == target.placements
+            and value.to_local().shape == target.to_local().shape
+        ):
+            return None
+        pairs.append((target, value))
+    return pairs
+
+
 class ModelState:
     """A model's weights by parameter name (``state_dict`` / ``load_state_dict``)."""
 
@@ -39,6 +65,15 @@ class ModelState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         own = get_model_state_dict(self.module)
+        shards = same_shards(state, own)
+        if shards is not None:
+            # Every value is this rank's shard in the parameter's own layout (a sharded
+            # resume at the same world size): copied shard to shard, without DTensor's
+            # dispatch, which set_model_state_dict's copies pay per parameter.
+            with torch.no_grad():
+                for target, value in shards:
+                    target.to_local().copy_(value.to_local())
+            return
         laid_out = {
             name: laid_out_like(value, own[name]) if name in own else value
             for name, value in state.items()
