@@ -26,7 +26,12 @@ reused buffer of the disk probe never pays it. Peak memory per rank: each worker
 (peak resident set) from ``/proc/<pid>/status``, read every ``POLL_S`` until it exits, beside
 the memory planner's per-rank peak of the model's tensors (``memory_plan.py``'s ``plan_for``).
 
-    .venv/bin/python benchmarks/fsdp_vs_ddp.py [--steps 20] [--rounds 5] [--json OUT]
+Then the sharded save and restore under the conditions the checkpoint I/O target is defined
+in, as ``checkpoint_io.py`` measures DDP's (``checkpoint_io_sharded.py``, ``--settled-rounds``
+rounds): long-lived workers that touch memory first, cold cache, each operation timed on its
+own against the disk of its round, with each rank's restore by phase.
+
+    .venv/bin/python benchmarks/fsdp_vs_ddp.py [--steps 20] [--rounds 5] [--settled-rounds 5]
 """
 
 from __future__ import annotations
@@ -34,18 +39,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from checkpoint_io import source_provenance
 from checkpoint_io_measurements import (
@@ -60,160 +60,22 @@ from checkpoint_io_measurements import (
     resident_bytes,
     wait_for_quiet,
 )
-from memory_plan import build_run, plan_for
-from overhead import LOG_EVERY, NOISY_FOREIGN_SHARE, check_timed_steps, train_logged, write_summary
+from checkpoint_io_sharded_report import settled_io
+from fsdp_vs_ddp_probes import WorkerPeaks, load_floor
+from fsdp_vs_ddp_report import (
+    MICRO_BATCH,
+    SEQ_LEN,
+    STRATEGIES,
+    TARGET_LOAD_RATIO,
+    TARGET_SAVE_RATIO,
+    print_report,
+    print_run,
+    summarize,
+)
+from overhead import LOG_EVERY, check_timed_steps, train_logged, write_summary
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "examples" / "tiny.yaml"
-STRATEGIES = ("ddp", "fsdp")
-TARGET_SAVE_RATIO = 0.70  # sharded save GB/s / disk write GB/s, at least (as for DDP's)
-TARGET_LOAD_RATIO = 0.70  # sharded load GB/s / disk read GB/s, at least
-SEQ_LEN, MICRO_BATCH = 64, 2  # per rank, no accumulation: a step is mostly the model's size
-POLL_S = 0.05  # how often each worker's VmHWM is read
-
-
-# ---------------------------------------------------------------------------------------------
-# Peak memory of the workers
-# ---------------------------------------------------------------------------------------------
-
-
-def _proc_stat(pid: int) -> tuple[int, int] | None:
-    """(parent pid, start time in clock ticks) of ``pid``, or None once it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return None
-    return int(fields[1]), int(fields[19])
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
-def _peak_rss_bytes(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-class WorkerPeaks:
-    """Peak resident memory of every training worker this process starts while it runs.
-
-    Workers are the descendants of this process that multiprocessing started (forked from the
-    launcher's forkserver, or spawned); ranks are numbered by start time, since the agent
-    starts local rank 0 first. ``VmHWM`` only grows, so the last reading before a worker
-    exits is its peak up to ``POLL_S`` before the exit.
-    """
-
-    def __init__(self) -> None:
-        self._peaks: dict[int, int] = {}
-        self._started: dict[int, int] = {}
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-
-    def __enter__(self) -> WorkerPeaks:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self._thread.join()
-
-    def by_rank(self) -> list[int]:
-        """Each worker's peak in bytes, in the order the workers started."""
-        order = sorted(self._peaks, key=lambda pid: (self._started[pid], pid))
-        return [self._peaks[pid] for pid in order]
-
-    def _poll(self) -> None:
-        ticks = 0
-        while not self._done.is_set():
-            if ticks % 10 == 0:  # new workers appear rarely; their memory changes all the time
-                self._find_workers()
-            for pid in list(self._started):
-                peak = _peak_rss_bytes(pid)
-                if peak is not None:
-                    self._peaks[pid] = max(peak, self._peaks.get(pid, 0))
-            ticks += 1
-            self._done.wait(POLL_S)
-
-    def _find_workers(self) -> None:
-        parents: dict[int, tuple[int, int]] = {}
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))) is not None:
-                parents[int(entry.name)] = stat
-        for pid, (parent, started) in parents.items():
-            if pid in self._started or not self._descends_from_us(pid, parents):
-                continue
-            command, parent_command = _cmdline(pid), _cmdline(parent)
-            forked = "multiprocessing.forkserver" in command and "forkserver" in parent_command
-            if forked or "multiprocessing.spawn" in command:
-                self._started[pid] = started
-
-    @staticmethod
-    def _descends_from_us(pid: int, parents: dict[int, tuple[int, int]]) -> bool:
-        ours = os.getpid()
-        while pid in parents and pid > 1:
-            pid = parents[pid][0]
-            if pid == ours:
-                return True
-        return False
-
-
-# ---------------------------------------------------------------------------------------------
-# The load's floor: the same bytes, cold, into new memory, in fresh processes
-# ---------------------------------------------------------------------------------------------
-
-# Standard library only, so that nothing but the read touches new memory. Each file goes into
-# its own private anonymous mapping (huge pages advised), as steadytrain's reader allocates.
-READ_PROBE = r"""
-import json, mmap, os, sys, time
-delay, paths = float(sys.argv[1]), sys.argv[2:]
-time.sleep(delay)
-started, regions = time.perf_counter(), []
-for path in paths:
-    size = os.path.getsize(path)
-    region = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        region.madvise(mmap.MADV_HUGEPAGE)
-    view, filled = memoryview(region), 0
-    with open(path, "rb", buffering=0) as handle:
-        while filled < size:
-            filled += handle.readinto(view[filled : filled + 16 * 2**20])
-    regions.append(region)
-print(json.dumps({"seconds": time.perf_counter() - started}))
-"""
-
-
-def files_of_rank(paths: list[Path], rank: int) -> list[Path]:
-    """What a rank's resume reads: its own ``rank-N*`` files and every file of no rank."""
-    own = f"rank-{rank:05d}"
-    return [p for p in paths if p.name.startswith(own) or not p.name.startswith("rank-")]
-
-
-def load_floor(paths: list[Path], *, nproc: int, delay_s: float) -> dict[str, Any]:
-    """Seconds for ``nproc`` fresh processes to read their ranks' files cold, concurrently."""
-    os.sync()
-    drop_from_cache(paths)
-    cached = resident_bytes(paths)
-    probes = [
-        subprocess.Popen(
-            [sys.executable, "-c", READ_PROBE, str(delay_s), *map(str, files_of_rank(paths, r))],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(nproc)
-    ]
-    seconds = [json.loads(probe.communicate()[0])["seconds"] for probe in probes]
-    if any(probe.returncode for probe in probes):
-        sys.exit("fsdp_vs_ddp: a read probe failed")
-    return {"seconds": max(seconds), "per_rank_s": seconds, "cached_bytes_before": cached}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,7 +236,7 @@ def measure(args: argparse.Namespace, *, scratch: Path) -> dict[str, Any]:
             flush=True,
         )
         rounds.append(measured)
-    return summarize(args, rounds)
+    return summarize(args, rounds, overrides=job_overrides(args, strategy="STRATEGY"))
 
 
 def probe_disk(scratch: Path, *, num_bytes: int) -> dict[str, Any]:
@@ -382,148 +244,15 @@ def probe_disk(scratch: Path, *, num_bytes: int) -> dict[str, Any]:
     return measure_disk(scratch, num_bytes=num_bytes, prepare=Settle(4 * num_bytes, enabled=True))
 
 
-def print_run(number: int, strategy: str, run: dict[str, Any]) -> None:
-    peaks = "/".join(f"{peak / 2**20:.0f}" for peak in run["peak_rss_bytes"]["train"])
-    print(
-        f"  round {number} {strategy:<4} {run['step_time_s'] * 1000:7.1f} ms/step, grad_sync "
-        f"{run['grad_sync_s'] * 1000:6.1f} ms; save {run['save']['gbps']:.2f} GB/s, load "
-        f"{run['load']['gbps']:.2f} GB/s ({run['load']['over_floor']:.2f} of its floor, "
-        f"{run['load']['floor_s']:.2f} s); peak RSS per rank {peaks} MiB",
-        flush=True,
+def measure_settled(args: argparse.Namespace, *, scratch: Path) -> dict[str, Any]:
+    """The sharded save and restore as ``checkpoint_io.py`` measures DDP's: long-lived workers
+    with memory touched first (``checkpoint_io_sharded.py``), after a quiet moment."""
+    quiet = wait_for_quiet(args.max_wait)
+    print(f"fsdp_vs_ddp: {args.settled_rounds} settled round(s) of the sharded save and load")
+    settled = settled_io(
+        nproc=args.nproc, rounds=args.settled_rounds, size_mb=args.size_mb, scratch=scratch
     )
-
-
-def planned_peaks(args: argparse.Namespace) -> dict[str, int]:
-    """The memory planner's per-rank peak of the job's tensors, DDP and FSDP (fp32)."""
-    kwargs = {"num_layers": args.num_layers, "width": WIDTH, "num_heads": NUM_HEADS}
-    run = build_run(kwargs, seq_len=SEQ_LEN, micro_batch_size=MICRO_BATCH, precision="fp32")
-    plan = plan_for(run, world_size=args.nproc)
-    return {"ddp": plan.ddp.peak, "fsdp": plan.fsdp.peak, "num_params": plan.num_params}
-
-
-def summarize(args: argparse.Namespace, rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """Settings, machine, every round, and per strategy the medians over rounds."""
-
-    def median(pick: Any) -> float:
-        return statistics.median(pick(r) for r in rounds)
-
-    strategies: dict[str, Any] = {}
-    for s in STRATEGIES:
-        strategies[s] = {
-            "step_time_s": median(lambda r, s=s: r[s]["step_time_s"]),
-            "rank_own_s": [
-                median(lambda r, s=s, k=k: r[s]["rank_own_s"][k]) for k in range(args.nproc)
-            ],
-            "grad_sync_s": median(lambda r, s=s: r[s]["grad_sync_s"]),
-            "grad_sync_share": median(lambda r, s=s: r[s]["grad_sync_share"]),
-            "peak_rss_bytes": {
-                phase: [
-                    median(lambda r, s=s, p=phase, k=k: r[s]["peak_rss_bytes"][p][k])
-                    for k in range(args.nproc)
-                ]
-                for phase in ("train", "resume")
-            },
-            "save_gbps": median(lambda r, s=s: r[s]["save"]["gbps"]),
-            "save_after_resume_gbps": median(lambda r, s=s: r[s]["save_after_resume"]["gbps"]),
-            "load_gbps": median(lambda r, s=s: r[s]["load"]["gbps"]),
-            "save_write_s": median(lambda r, s=s: r[s]["save"]["write_s"]),
-            "save_blocked_s": median(lambda r, s=s: r[s]["save"]["blocked_s"]),
-            "load_s": median(lambda r, s=s: r[s]["load"]["checkpoint_read_s"]),
-            "ratios": {
-                key: median(lambda r, s=s, key=key: r["ratios"][s][key])
-                for key in ("save", "save_after_resume", "load", "load_over_floor")
-            },
-            "load_floor_s": median(lambda r, s=s: r[s]["load"]["floor_s"]),
-            "final_loss": median(lambda r, s=s: r[s]["final_loss"]),
-            "contended_rounds": sum(
-                r[s]["train_launch"].get("foreign_cpu_share", 0.0) > NOISY_FOREIGN_SHARE
-                for r in rounds
-            ),
-        }
-    fsdp = strategies["fsdp"]["ratios"]
-    return {
-        "benchmark": "fsdp_vs_ddp",
-        "settings": {
-            "config": str(args.config),
-            "num_layers": args.num_layers,
-            "width": WIDTH,
-            "num_heads": NUM_HEADS,
-            "seq_len": SEQ_LEN,
-            "micro_batch_size": MICRO_BATCH,
-            "steps": args.steps,
-            "warmup_steps": args.warmup,
-            "rounds": args.rounds,
-            "nproc": args.nproc,
-            "backend": "gloo",
-            "overrides": job_overrides(args, strategy="STRATEGY"),
-            "steadytrain": args.provenance,
-        },
-        "machine": {
-            "cpu_cores": len(os.sched_getaffinity(0)),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "memory_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB,
-        },
-        "rounds": rounds,
-        "disk": {
-            "write_gbps": median(lambda r: r["disk"]["write_gbps"]),
-            "read_gbps": median(lambda r: r["disk"]["read_gbps"]),
-        },
-        "strategies": strategies,
-        "fsdp_over_ddp_step": median(lambda r: r["fsdp_over_ddp_step"]),
-        "planned_peak_bytes": planned_peaks(args),
-        "targets": {
-            "save_ratio_at_least": TARGET_SAVE_RATIO,
-            "load_ratio_at_least": TARGET_LOAD_RATIO,
-        },
-        "within_target": {
-            "fsdp_save": fsdp["save"] >= TARGET_SAVE_RATIO,
-            "fsdp_load": fsdp["load"] >= TARGET_LOAD_RATIO,
-        },
-    }
-
-
-def print_report(summary: dict[str, Any]) -> None:
-    """One row per strategy (medians over rounds), then the verdicts."""
-    settings, strategies = summary["settings"], summary["strategies"]
-    disk, planned = summary["disk"], summary["planned_peak_bytes"]
-    print(
-        f"\nGPT {settings['num_layers']}x{settings['width']} ({planned['num_params']:,} "
-        f"parameters), {settings['nproc']} ranks over gloo, micro-batch "
-        f"{settings['micro_batch_size']} x {settings['seq_len']} tokens; steps "
-        f"{settings['warmup_steps'] + 1}..{settings['steps']}, {settings['rounds']} rounds "
-        f"(medians); disk W {disk['write_gbps']:.2f} R {disk['read_gbps']:.2f} GB/s"
-    )
-    header = (
-        f"{'strategy':<8} {'step ms':>8} {'own ms/rank':>13} {'grad_sync ms':>12} "
-        f"{'peak MiB/rank':>13} {'resume MiB':>11} {'planned MiB':>11} {'save GB/s':>9} "
-        f"{'x disk':>6} {'load GB/s':>9} {'x disk':>6} {'noisy':>5}"
-    )
-    print(header + "\n" + "-" * len(header))
-    for name, row in strategies.items():
-        own = "/".join(f"{s * 1000:.0f}" for s in row["rank_own_s"])
-        peaks = "/".join(f"{b / 2**20:.0f}" for b in row["peak_rss_bytes"]["train"])
-        resume = "/".join(f"{b / 2**20:.0f}" for b in row["peak_rss_bytes"]["resume"])
-        print(
-            f"{name:<8} {row['step_time_s'] * 1000:>8.1f} {own:>13} "
-            f"{row['grad_sync_s'] * 1000:>12.1f} {peaks:>13} {resume:>11} "
-            f"{planned[name] / 2**20:>11.0f} {row['save_gbps']:>9.2f} "
-            f"{row['ratios']['save']:>6.2f} {row['load_gbps']:>9.2f} "
-            f"{row['ratios']['load']:>6.2f} {row['contended_rounds']:>5}"
-        )
-    ok = summary["within_target"]
-    ratios = strategies["fsdp"]["ratios"]
-    print(
-        f"FSDP / DDP step time {summary['fsdp_over_ddp_step']:.2f} (median of rounds); "
-        f"sharded save {ratios['save']:.2f} x disk write "
-        f"({'within' if ok['fsdp_save'] else 'MISSES'} >= {TARGET_SAVE_RATIO}), "
-        f"after a resume {ratios['save_after_resume']:.2f} x; sharded load "
-        f"{ratios['load']:.2f} x disk read ({'within' if ok['fsdp_load'] else 'MISSES'} "
-        f">= {TARGET_LOAD_RATIO}), {ratios['load_over_floor']:.2f} x its floor (the same "
-        f"bytes cold into new memory: {strategies['fsdp']['load_floor_s']:.2f} s; DDP's "
-        f"{strategies['ddp']['ratios']['load_over_floor']:.2f} x)"
-    )
+    return {**settled, "machine_before": quiet}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -541,6 +270,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--max-wait", type=float, default=60, help="seconds to wait for a quiet machine per round"
     )
+    parser.add_argument(
+        "--settled-rounds",
+        type=int,
+        default=5,
+        help="rounds of the settled sharded save and load (checkpoint_io_sharded.py; 0: none)",
+    )
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="steadytrain YAML")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
@@ -553,8 +288,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     check_timed_steps(parser, args)
-    if args.rounds < 1 or args.size_mb <= 0:
-        parser.error("--rounds and --size-mb must be positive")
+    if args.rounds < 1 or args.size_mb <= 0 or args.settled_rounds < 0:
+        parser.error("--rounds and --size-mb must be positive, --settled-rounds not negative")
     args.config = args.config.resolve()
     args.num_layers = num_layers_for(args.size_mb)
     return args
@@ -569,6 +304,15 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         summary = measure(args, scratch=scratch)
+        if args.settled_rounds:
+            summary["settled"] = measure_settled(args, scratch=scratch)
+            layouts = summary["settled"]["layouts"]
+            summary["within_target"]["fsdp_save_settled"] = (
+                layouts["fsdp"]["save_ratio"] >= TARGET_SAVE_RATIO
+            )
+            summary["within_target"]["fsdp_load_settled"] = (
+                layouts["fsdp"]["load_ratio"] >= TARGET_LOAD_RATIO
+            )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     summary["wall_seconds"] = time.perf_counter() - started
