@@ -169,15 +169,16 @@ def keep_until_exit(obj: object) -> None:
 def exit_process(code: int) -> NoReturn:
     """End this process with ``code`` now, without interpreter finalization.
 
-    For a worker that has been in a multi-rank gloo group (and for ``--nproc``'s launcher once
-    its workers are reaped, where finalizing an interpreter with torch loaded only costs time). Once DDP has used a group, gloo's
-    worker threads outlive ``destroy_process_group`` (torch keeps a reference to the group),
-    and a worker thread that drops a finished collective's tensors while the interpreter
-    finalizes must take the GIL, cannot, and aborts the whole process ("terminate called
-    without an active exception", exit code 134) after training succeeded. Skipping
-    finalization closes that window. ``atexit`` handlers still run first (logging's flush,
-    multiprocessing's reaping of loader workers, user code's own), while the interpreter is
-    whole. Every file steadytrain writes is flushed or fsynced as it goes.
+    For a worker that has been in a multi-rank gloo group, and for ``--nproc``'s launcher
+    once its workers are reaped (where finalizing an interpreter with torch loaded only
+    costs time). Once DDP has used a group, gloo's worker threads outlive
+    ``destroy_process_group`` (torch keeps a reference to the group), and a worker thread
+    that drops a finished collective's tensors while the interpreter finalizes must take the
+    GIL, cannot, and aborts the whole process ("terminate called without an active
+    exception", exit code 134) after training succeeded. Skipping finalization closes that
+    window. ``atexit`` handlers still run first (logging's flush, multiprocessing's reaping
+    of loader workers, user code's own), while the interpreter is whole. Every file
+    steadytrain writes is flushed or fsynced as it goes.
     """
     run_exit_handlers()
     os._exit(code)
