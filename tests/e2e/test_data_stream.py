@@ -1,6 +1,7 @@
 """Training from a corpus in an S3-protocol object store (the real moto server of
 ``tests/s3.py``), through the shard cache, with a windowed shuffle: exactly once, bit-identical
-to the same shards read from local disk, across kill -9, world-size changes, a tight cache,
+to the same shards read from local disk, across kill -9 (which leaves no process of the
+killed rank behind, its DataLoader workers included), world-size changes, a tight cache,
 corrupt cached shards, server errors and runs sharing one cache; the cache counters of
 DataLoader workers reported with the trainer's. Runs serve several checks each: the suite's
 time is tight.
@@ -8,11 +9,13 @@ time is tight.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
 import shutil
 import signal
+import time
 import uuid
 from pathlib import Path
 
@@ -21,6 +24,8 @@ import torch
 from safetensors.torch import load_file
 
 from steadytrain.data.cache import file_sha256
+from steadytrain.data.workers import start_time_of
+from steadytrain.distributed import process_running
 from tests.e2e.jobs import MAX_STEPS, assert_audit_ok, final_weights, start_training
 from tests.e2e.jobs import train as train_job
 from tests.helpers import (
@@ -107,6 +112,37 @@ def shards_read(local_corpus: Path, sample_ids: list[int]) -> list[str]:
     return list(dict.fromkeys(owners[sample_id] for sample_id in sample_ids))
 
 
+def process_tree(pid: int) -> dict[tuple[int, str | None], str]:
+    """Process ``pid`` and its descendants now, as ``{(pid, start time): name}``."""
+    tree: dict[tuple[int, str | None], str] = {}
+    pending = [pid]
+    while pending:
+        member = pending.pop()
+        with contextlib.suppress(OSError):
+            name = Path(f"/proc/{member}/comm").read_text().strip()
+            tree[(member, start_time_of(member))] = name
+            for task in os.listdir(f"/proc/{member}/task"):
+                children = Path(f"/proc/{member}/task/{task}/children")
+                with contextlib.suppress(OSError):
+                    pending += [int(child) for child in children.read_text().split()]
+    return tree
+
+
+def still_running_after(timeout: float, processes: list[tuple[int, str | None]]) -> list[int]:
+    """The pids of ``processes`` (pid, start time) still running (a zombie counts as gone)
+    ``timeout`` seconds from now, or none as soon as all are gone."""
+    deadline = time.monotonic() + timeout
+    while True:
+        running = [
+            pid
+            for pid, started in processes
+            if start_time_of(pid) == started and process_running(pid)
+        ]
+        if not running or time.monotonic() > deadline:
+            return running
+        time.sleep(0.05)
+
+
 def step_records(run_dir: Path) -> list[dict]:
     return [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
 
@@ -176,17 +212,23 @@ def test_kill9_resume_with_a_cache_smaller_than_the_data_is_bit_identical(
     shard_bytes = sorted(entry["num_tokens"] for entry in index["splits"]["train"])
     limit_gb = 6 * shard_bytes[len(shard_bytes) // 2] / 2**30  # six median shards
     job = streamed(
-        overrides, url, tmp_path / "cache", f"data.cache_limit_gb={limit_gb}", "data.num_workers=1"
+        overrides, url, tmp_path / "cache", f"data.cache_limit_gb={limit_gb}", "data.num_workers=2"
     )
     run_dir = tmp_path / "run"
     process = start_train(run_dir, job, s3_endpoint)
     try:
         wait_for_step(run_dir, MAX_STEPS // 2 + 1, process)
+        started = process_tree(process.pid)
         os.kill(worker_pids(process)[-1], signal.SIGKILL)
         process.wait(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
+    # Nothing of the killed run is left: the killed rank's DataLoader workers (whose parent,
+    # a forkserver, outlives it) and that forkserver included.
+    assert list(started.values()).count("pt_data_worker") == 4, started  # 2 per rank
+    left = still_running_after(10, list(started))
+    assert not left, [f"{name} {pid}" for (pid, _), name in started.items() if pid in left]
     resumed = train(run_dir, job, s3_endpoint)
     assert resumed.returncode == 0, resumed.output
     assert events(run_dir, "resume")

@@ -1,10 +1,16 @@
 """StepBatches feeds each rank exactly the sampler's micro-batches, with or without workers,
 reads nothing past the run's end, pins micro-batches, and reports the shard cache's counters of
-its worker processes."""
+its worker processes, which die with the process that started them."""
 
 from __future__ import annotations
 
+import functools
 import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -28,6 +34,7 @@ from steadytrain.data import (
 from steadytrain.data.remote import ShardStore, open_remote_index
 from steadytrain.data.shards import prepare_shards
 from steadytrain.data.streaming import CachedShards
+from steadytrain.data.workers import DieWithTrainer, start_time_of
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +166,11 @@ def test_a_step_read_ahead_fails_at_that_step_not_before(tmp_path: Path) -> None
         batches.close()
 
 
+def note_worker_id(path: Path, worker_id: int) -> None:
+    """A user's ``worker_init_fn``."""
+    path.write_text(str(worker_id))
+
+
 class ReadLog(Dataset[torch.Tensor]):
     """The token dataset, noting in a file every micro-batch read, from whichever process."""
 
@@ -192,7 +204,13 @@ def test_nothing_is_read_ahead_past_the_runs_end(
         for ids in sampler.rank_micro_batches(layout, rank=0, epoch=0, step_in_epoch=step)
     ]
     batches = StepBatches(
-        ReadLog(dataset, log), sampler, layout, rank=0, num_workers=num_workers, end_step=3
+        ReadLog(dataset, log),
+        sampler,
+        layout,
+        rank=0,
+        num_workers=num_workers,
+        end_step=3,
+        worker_init_fn=functools.partial(note_worker_id, tmp_path / "worker"),
     )
     try:
         for _ in range(3):
@@ -203,6 +221,7 @@ def test_nothing_is_read_ahead_past_the_runs_end(
         batches.close()
     read = [json.loads(line) for line in log.read_text().splitlines()]
     assert sorted(read) == sorted(expected)
+    assert (tmp_path / "worker").exists() == bool(num_workers)  # a worker_init_fn runs in each
 
 
 class PinsItself:
@@ -311,3 +330,49 @@ def test_a_spawned_workers_cache_counts_are_reported(tmp_path: Path) -> None:
     assert sum(len(batch) for batch in loader) == len(dataset)
     stats = dataset._reader.cache.stats  # type: ignore[attr-defined]
     assert (stats.misses, stats.hits, stats.bytes_fetched) == (6, 0, 6 * shard_bytes)
+
+
+def run_worker_init(init: DieWithTrainer) -> None:
+    """What a DataLoader worker does: run its ``worker_init_fn``, then wait for work."""
+    init(3)
+    time.sleep(60)
+
+
+def test_a_loader_worker_dies_with_the_trainer_even_by_kill9(tmp_path: Path) -> None:
+    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    init = DieWithTrainer(
+        trainer_pid=trainer.pid,
+        trainer_started=start_time_of(trainer.pid),
+        then=functools.partial(note_worker_id, tmp_path / "worker"),
+    )
+    worker = multiprocessing.get_context("fork").Process(target=run_worker_init, args=(init,))
+    worker.start()
+    try:
+        worker.join(timeout=0.5)
+        assert worker.exitcode is None  # lives while the trainer does
+        assert (tmp_path / "worker").read_text() == "3"  # the user's init ran too
+        trainer.kill()
+        worker.join(timeout=5)
+        assert worker.exitcode == -signal.SIGKILL
+    finally:
+        trainer.kill()
+        worker.kill()
+
+
+def test_a_loader_worker_whose_trainer_is_gone_already_dies_at_once() -> None:
+    """A trainer dead before its worker started, or whose pid a later process has."""
+    trainer = subprocess.Popen([sys.executable, "-c", "pass"])
+    trainer.wait()
+    inits = [
+        DieWithTrainer(trainer_pid=trainer.pid, trainer_started="1"),
+        DieWithTrainer(trainer_pid=os.getpid(), trainer_started="1"),  # a reused pid
+    ]
+    workers = [
+        multiprocessing.get_context("fork").Process(target=run_worker_init, args=(init,))
+        for init in inits
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=5)
+        assert worker.exitcode == -signal.SIGKILL

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from steadytrain.config import BatchLayout
 from steadytrain.data.sampler import GlobalPositionSampler
+from steadytrain.data.workers import die_with_this_process
 
 
 @dataclass
@@ -138,6 +139,8 @@ class StepBatches:
     read in a background thread while this one trains (``_StepReadAhead``), if ``read_ahead``.
     Nothing is read ahead for steps from ``end_step`` on (``train.max_steps``: the run ends
     before them). With ``pin_memory`` (CUDA) every micro-batch comes in pinned memory.
+    Workers die as soon as the process that made them does, even by ``kill -9``
+    (``workers.DieWithTrainer``); ``worker_init_fn`` runs in each worker after that is set up.
     """
 
     def __init__(
@@ -152,6 +155,7 @@ class StepBatches:
         lookahead: StepLookahead | None = None,
         read_ahead: bool = True,
         end_step: int | None = None,
+        worker_init_fn: Callable[[int], None] | None = None,
     ) -> None:
         self._micro_batches = _MicroBatches(dataset)
         self.lookahead = lookahead or NullLookahead()
@@ -161,6 +165,7 @@ class StepBatches:
         self._num_workers = num_workers
         self._pin_memory = pin_memory
         self._end_step = end_step
+        self._worker_init_fn = worker_init_fn
         self._iterator: Iterator[MicroBatch] | None = None
         self._iterator_position: tuple[int, int] | None = None
         self._read_ahead: _StepReadAhead | None = None
@@ -240,6 +245,9 @@ class StepBatches:
             collate_fn=_as_read,
             num_workers=self._num_workers,
             pin_memory=self._pin_memory,
+            # torch's own check in a worker watches its parent, which under --nproc is a
+            # forkserver that outlives this process: the workers watch this process instead.
+            worker_init_fn=die_with_this_process(then=self._worker_init_fn),
         )
         return iter(loader)
 
