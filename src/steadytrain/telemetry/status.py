@@ -90,7 +90,9 @@ def run_status(run_dir: Path, *, now: float | None = None) -> dict[str, Any]:
             key: last.get(key)
             for key in ("device_hours", "steps_computed", "useful_steps", "goodput", "cost")
         },
-        "data_cache": {  # a streamed corpus's shard cache (rank 0's process; docs/data.md)
+        # A streamed corpus's shard cache, as rank 0 and its DataLoader workers used it
+        # (docs/data.md).
+        "data_cache": {
             key.removeprefix("data_cache_"): value
             for key, value in last.items()
             if key.startswith("data_cache_")
