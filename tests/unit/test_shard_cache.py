@@ -53,6 +53,10 @@ def new_cache(store_dir: Path, cache_dir: Path, *, limit_bytes: int = 2**30) -> 
     return ShardCache(cache_dir / "shards", store=store, limit_bytes=limit_bytes)
 
 
+def cached_shards(cache_dir: Path) -> set[str]:
+    return {path.stem for path in (cache_dir / "shards").glob("*.bin")}
+
+
 def test_a_shard_is_downloaded_once_verified_and_named_by_its_checksum(
     store_dir: Path, tmp_path: Path
 ) -> None:
@@ -119,7 +123,7 @@ def test_eviction_is_lru_and_never_touches_pinned_shards(store_dir: Path, tmp_pa
     for shard in shards[:5]:
         cache.ensure(shard)
         time.sleep(0.01)  # distinct modification times
-    cached = {path.stem for path in (tmp_path / "shards").glob("*.bin")}
+    cached = cached_shards(tmp_path)
     assert shards[0].sha256 in cached
     assert {shards[3].sha256, shards[4].sha256} <= cached  # the most recently used
     assert shards[1].sha256 not in cached and shards[2].sha256 not in cached
@@ -172,8 +176,7 @@ def test_a_shard_pinned_by_another_process_is_not_evicted(store_dir: Path, tmp_p
         assert other.stdout is not None and other.stdout.readline().strip() == "pinned"
         cache = new_cache(store_dir, tmp_path, limit_bytes=1)
         cache.ensure(shards[1])
-        cached = {path.stem for path in (tmp_path / "shards").glob("*.bin")}
-        assert cached == {shards[0].sha256}  # ours went, theirs stayed
+        assert cached_shards(tmp_path) == {shards[0].sha256}  # ours went, theirs stayed
     finally:
         other.communicate("", timeout=30)
     cache.evict()  # their pin ended with their process
@@ -198,12 +201,10 @@ def test_concurrent_downloads_reserve_room_first_and_stay_within_the_limit(
             together.wait()  # none is renamed before all three have written
             return result
 
+    for shard in shards[:3]:  # three cached already: room for one more
+        new_cache(store_dir, tmp_path).ensure(shard)
     store = ObservedStore(f"file://{store_dir}", max_attempts=2, first_backoff_s=0.0)
     cache = ShardCache(directory, store=store, limit_bytes=4 * size + 10)
-    for shard in shards[:3]:  # three cached already: room for one more
-        cache._store = ShardStore(f"file://{store_dir}", max_attempts=2, first_backoff_s=0.0)
-        cache.ensure(shard)
-    cache._store = store
     threads = [threading.Thread(target=cache.ensure, args=(shard,)) for shard in shards[3:6]]
     for thread in threads:
         thread.start()
@@ -253,9 +254,8 @@ def test_caches_sharing_a_directory_download_each_shard_once(
     assert sum(cache.stats.misses for cache in caches) == len(shards)
     assert sum(cache.stats.hits for cache in caches) == 3 * len(shards)
     for shard in shards:
-        assert (tmp_path / "shards" / f"{shard.sha256}.bin").read_bytes() == (
-            store_dir / shard.name
-        ).read_bytes()
+        cached = (tmp_path / "shards" / f"{shard.sha256}.bin").read_bytes()
+        assert cached == (store_dir / shard.name).read_bytes()
 
 
 def test_a_forked_child_does_not_keep_the_parents_locks(store_dir: Path, tmp_path: Path) -> None:
@@ -322,10 +322,6 @@ def windowed_prefetcher(
     return prefetcher, dataset, sampler, reading_order
 
 
-def cached_shards(cache_dir: Path) -> set[str]:
-    return {path.stem for path in (cache_dir / "shards").glob("*.bin")}
-
-
 def test_the_prefetcher_fetches_ahead_in_reading_order_and_pins_the_current_shards(
     store_dir: Path, tmp_path: Path
 ) -> None:
@@ -344,9 +340,7 @@ def test_the_prefetcher_fetches_ahead_in_reading_order_and_pins_the_current_shar
             "a pinned shard of the current or next step was evicted"
         )
         # Reading the step through the dataset gives the sampler's samples, from the cache.
-        layout = BatchLayout(world_size=1, micro_batch_size=8, grad_accum_steps=1)
-        (ids,) = sampler.rank_micro_batches(layout, rank=0, epoch=0, step_in_epoch=0)
-        for sample_id in ids:
+        for sample_id in sampler.step_sample_ids(epoch=0, step_in_epoch=0).tolist():
             shard = int(np.searchsorted(dataset.first_sample, sample_id, side="right") - 1)
             start = (sample_id - int(dataset.first_sample[shard])) * 64
             expected = (store_dir / dataset.shards[shard].name).read_bytes()[start : start + 65]
