@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from steadytrain.checkpoint import (
     verify_checkpoint,
 )
 from steadytrain.checkpoint.manifest import checksum_of
-from steadytrain.checkpoint.storage import READ_CHUNK_BYTES, default_read_threads
+from steadytrain.checkpoint.storage import READ_CHUNK_BYTES
 from steadytrain.config import (
     Config,
     ConfigError,
@@ -438,20 +437,6 @@ def test_read_into_fills_buffers_and_reports_data_in_file_order(
     assert b"".join(seen) == data
     assert max(len(piece) for piece in seen) <= READ_CHUNK_BYTES
     assert LocalStorage(tmp_path).read_range("step_00000001", "blob", 2, 4) == b"AD\x00\x01"
-
-
-def test_read_threads_share_the_cores_with_the_other_local_ranks(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    cores = len(os.sched_getaffinity(0))
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert default_read_threads() == min(8, cores)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores))  # one core per rank: one thread
-    assert default_read_threads() == 1
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(4 * cores))
-    assert default_read_threads() == 1
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "not a number")
-    assert default_read_threads() == min(8, cores)
 
 
 def test_a_save_that_cannot_create_its_staging_commits_nothing(tmp_path: Path) -> None:
