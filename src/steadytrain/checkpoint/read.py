@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,10 +24,12 @@ from steadytrain.checkpoint.sharded import resolve_shards
 from steadytrain.checkpoint.snapshot import decode_parts, rank_stem
 from steadytrain.checkpoint.storage import CheckpointStorage, SizeMismatch
 from steadytrain.checkpoint.tensorfile import (
+    MAPPED_TENSOR_BYTES,
     TensorFileError,
     byte_view,
     empty_tensors,
     parse_header,
+    prefault,
 )
 
 
@@ -149,10 +152,19 @@ class _CheckedReader:
         checksum = Checksum.like(entry.checksum)
         checksum.update(head)
         views = [byte_view(tensor) for tensor in tensors.values()]
-        with _checkpoint_faults(filename):
-            self.storage.read_into(
-                self.name, filename, views, offset=data_start, on_data=checksum.update
-            )
+        # New memory's page faults, taken beside the read instead of inside it.
+        large = [tensor for tensor in tensors.values() if tensor.nbytes >= MAPPED_TENSOR_BYTES]
+        faulting = threading.Thread(target=prefault, args=(large,))
+        if large:
+            faulting.start()
+        try:
+            with _checkpoint_faults(filename):
+                self.storage.read_into(
+                    self.name, filename, views, offset=data_start, on_data=checksum.update
+                )
+        finally:
+            if large:
+                faulting.join()
         if checksum.value() != entry.checksum:
             raise CorruptCheckpoint(f"{filename}: checksum mismatch (corrupted)")
         return time.perf_counter() - started

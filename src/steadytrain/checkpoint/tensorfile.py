@@ -15,10 +15,12 @@ tensors that are returned, as with ``torch.load``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import math
 import mmap
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -185,6 +187,40 @@ def empty_tensors(entries: dict[str, Entry]) -> dict[str, torch.Tensor]:
         tensors[key] = flat.view(shape)
         mapped = region, offset + _aligned(end - begin)
     return tensors
+
+
+MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault pages in writable without writing them
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+_PAGE_BYTES = mmap.PAGESIZE
+
+
+def prefault(tensors: Iterable[torch.Tensor]) -> None:
+    """Fault in the pages of the mapped (large) ``tensors`` before data is written to them,
+    in order, ``CHUNK_BYTES`` at a time; nothing is written. A no-op where the OS cannot.
+
+    Run in a thread beside a read into the same tensors, it takes the page faults of new
+    memory off the reading thread, so that they overlap the wait for the disk: on the
+    benchmark VM, whose host takes freed memory back, two fresh processes reading 156 MB each
+    into new memory took 0.17-0.73 s alone and 0.16-0.33 s beside it. The call into the C
+    library releases the GIL.
+    """
+    if _LIBC is None:
+        return
+    spans: list[list[int]] = []
+    for tensor in tensors:
+        if tensor.nbytes < MAPPED_TENSOR_BYTES:
+            continue
+        start = tensor.data_ptr() - tensor.data_ptr() % _PAGE_BYTES
+        end = tensor.data_ptr() + tensor.nbytes
+        if spans and spans[-1][0] <= start <= spans[-1][1] + _PAGE_BYTES:
+            spans[-1][1] = max(spans[-1][1], end)
+        else:
+            spans.append([start, end])
+    for start, end in spans:
+        for offset in range(start, end, CHUNK_BYTES):
+            length = ctypes.c_size_t(min(CHUNK_BYTES, end - offset))
+            if _LIBC.madvise(ctypes.c_void_p(offset), length, MADV_POPULATE_WRITE) != 0:
+                return  # an older kernel: the read faults the pages in itself
 
 
 def _huge_page_region(size: int) -> tuple[mmap.mmap, int] | None:
