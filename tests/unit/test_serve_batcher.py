@@ -17,7 +17,7 @@ from torch import nn
 
 from steadytrain.checkpoint import save_final_weights
 from steadytrain.config import ConfigError, config_from_dict, dump_config
-from steadytrain.model import GPT
+from steadytrain.model import GPT, KVCache
 from steadytrain.serve import (
     FORWARD,
     GENERATE,
@@ -135,13 +135,12 @@ class FailsOn(GPT):
         _refuse_seven(tokens)
         return super().forward(tokens)
 
-    def prefill(self, tokens: torch.Tensor, **cached: Any) -> torch.Tensor:
-        _refuse_seven(tokens)
-        return super().prefill(tokens, **cached)
-
-    def decode(self, tokens: torch.Tensor, **cached: Any) -> torch.Tensor:
-        _refuse_seven(tokens)
-        return super().decode(tokens, **cached)
+    def extend(self, cache: KVCache, **rows: Any) -> torch.Tensor:
+        if rows.get("decode_tokens") is not None:
+            _refuse_seven(rows["decode_tokens"])
+        for prefill in rows.get("prefills", ()):
+            _refuse_seven(prefill.tokens)
+        return super().extend(cache, **rows)
 
 
 def _refuse_seven(tokens: torch.Tensor) -> None:
@@ -187,7 +186,7 @@ def test_a_failing_request_fails_alone_and_the_loop_keeps_serving() -> None:
         assert outcomes[id(failed)].status == 500
         assert "token 7 breaks this model" in str(outcomes[id(failed)])
     assert [len(outcomes[id(r)]["logprobs"]) for r in good] == [0, 1, 2]
-    # Their batch's prefill failed with the poisoned one; each was prefilled again alone.
+    # A prefill that failed with the poisoned one in it was run again for each alone.
     alone = generate(small_gpt(), [[1, 2]], sampling=Sampling(4, 0.0))[0]
     assert all(outcomes[id(r)]["tokens"] == alone for r in making)
     assert worker.alive

@@ -5,10 +5,12 @@ model's context, and for GPTs of other shapes; and what the metrics are told it 
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
-from steadytrain.model import GPT
+from steadytrain.model import GPT, KVCache
 from steadytrain.serve import DecodingBatch, Generation, Sampling, generate
 
 GREEDY = Sampling(max_new_tokens=1, temperature=0.0)
@@ -92,8 +94,9 @@ def test_a_step_reports_its_padding_and_masked_positions() -> None:
         third = Generation([3] * 4, GREEDY)  # under half of 10 and 6's: a prefill of its own
         batch.join(third)
         cost = batch.step([first, second, third]).cost
-        # 10 + 1 and 6 + 1 positions attended over a span of 11; third prefilled alone.
-        assert (cost.model_calls, cost.positions, cost.padding) == (2, 2 + 4, 0)
+        # 10 + 1 and 6 + 1 positions attended over a span of 11; third prefilled in the same
+        # pass, in a group of its own.
+        assert (cost.model_calls, cost.positions, cost.padding) == (1, 2 + 4, 0)
         assert (cost.attended, cost.masked) == (2 * 11, 11 - 7)
         batch.leave(first)  # the last row (third) moves into its place
         assert batch.rows == [third, second] and batch.cache.lengths[:3] == [4, 7, 0]
@@ -105,11 +108,11 @@ def test_a_failed_step_leaves_its_rows_to_be_prefilled_again() -> None:
     class FailsOnce(GPT):
         failures = 1
 
-        def decode(self, tokens: torch.Tensor, **cached: object) -> torch.Tensor:
-            if self.failures:
+        def extend(self, cache: KVCache, **rows: Any) -> torch.Tensor:
+            if rows.get("decode_rows") and self.failures:  # the first step from the cache
                 self.failures -= 1
                 raise RuntimeError("one failure")
-            return super().decode(tokens, **cached)  # type: ignore[arg-type]
+            return super().extend(cache, **rows)
 
     torch.manual_seed(0)
     model = FailsOnce(max_seq_len=32, num_layers=1, width=32, num_heads=2).eval()

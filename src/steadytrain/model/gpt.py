@@ -1,8 +1,9 @@
 """The default model: a small byte-level GPT (pre-norm transformer decoder).
 
-``GPT.prefill`` and ``GPT.decode`` are a second way through the same weights, for serving:
-they keep each sequence's attention keys and values in a ``KVCache`` so that a decoding step
-computes one new position per sequence. Training calls only ``forward``.
+``GPT.extend`` is a second way through the same weights, for serving: it keeps each
+sequence's attention keys and values in a ``KVCache`` so that a decoding step computes one
+new position per sequence, and prefills new sequences in the same pass. Training calls only
+``forward``.
 """
 
 from __future__ import annotations
@@ -34,27 +35,42 @@ class CausalSelfAttention(nn.Module):
         )
         return self.proj(y.transpose(1, 2).reshape(batch, seq, width))
 
-    def prefill(
-        self, x: torch.Tensor, *, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor
+    def cached(
+        self, x: torch.Tensor, *, keys: torch.Tensor, values: torch.Tensor, plan: _Plan
     ) -> torch.Tensor:
-        """``forward`` of whole sequences from position 0, keeping their keys and values in
-        cache rows ``rows`` (what ``forward`` computes, in evaluation)."""
-        batch, seq, width = x.shape
-        q, k, v = self.qkv(x).split(width, dim=2)
+        """A cached pass over flat positions (``x`` is (positions, width)): the decoding
+        rows' one position each first, then each prefill's rows, right-padded."""
+        qkv = _linear(self.qkv, x)
+        parts, start = [], 0
+        if plan.decode is not None:
+            start = plan.decode.index.numel()
+            parts.append(self._decode(qkv[:start], keys=keys, values=values, step=plan.decode))
+        for rows, (batch, seq) in plan.prefills:
+            group = qkv[start : start + batch * seq].view(batch, seq, -1)
+            parts.append(self._prefill(group, keys=keys, values=values, rows=rows))
+            start += batch * seq
+        return _linear(self.proj, parts[0] if len(parts) == 1 else torch.cat(parts))
+
+    def _prefill(
+        self, qkv: torch.Tensor, *, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor
+    ) -> torch.Tensor:
+        """``forward``'s attention over whole sequences from position 0, their keys and
+        values kept in cache rows ``rows``."""
+        batch, seq, width = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        q, k, v = qkv.split(width, dim=2)
         q, k, v = (t.view(batch, seq, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
         keys[rows, :, :seq] = k
         values[rows, :, :seq] = v
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(batch, seq, width))
+        return y.transpose(1, 2).reshape(batch * seq, width)
 
-    def decode(
-        self, x: torch.Tensor, *, keys: torch.Tensor, values: torch.Tensor, step: DecodeStep
+    def _decode(
+        self, qkv: torch.Tensor, *, keys: torch.Tensor, values: torch.Tensor, step: _Decode
     ) -> torch.Tensor:
-        """One new position per row (``x`` is (rows, 1, width)) at the row's own position,
-        attending to the row's cached positions before it and itself."""
-        batch, _, width = x.shape
-        q, k, v = _linear(self.qkv, x).split(width, dim=2)
-        q, k, v = (t.view(batch, 1, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+        """One new position per row at the row's own position, attending to the row's
+        cached positions before it and itself."""
+        batch, width = qkv.shape[0], qkv.shape[1] // 3
+        q, k, v = (t.view(batch, self.num_heads, 1, -1) for t in qkv.split(width, dim=1))
         row_keys, row_values = keys[step.rows], values[step.rows]  # views for a slice
         row_keys[step.index, :, step.positions] = k[:, :, 0]
         row_values[step.index, :, step.positions] = v[:, :, 0]
@@ -64,18 +80,34 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, row_keys[:, :, : step.span], row_values[:, :, : step.span], attn_mask=step.mask
         )
-        return _linear(self.proj, y.transpose(1, 2).reshape(batch, 1, width))
+        return y.reshape(batch, width)
 
 
 @dataclass(frozen=True)
-class DecodeStep:
-    """Where one cached decoding step reads and writes, shared by every layer."""
+class Prefill:
+    """Sequences a cached pass runs from position 0 into cache rows ``rows``: their tokens
+    right-padded, (len(rows), longest), and their real lengths."""
+
+    rows: Sequence[int]
+    tokens: torch.Tensor
+    lengths: Sequence[int]
+
+
+@dataclass(frozen=True)
+class _Decode:
+    """Where a cached pass's one-position rows read and write (the same in every layer)."""
 
     rows: torch.Tensor | slice  # cache rows; a slice for packed rows 0..n-1 (read as views)
     index: torch.Tensor  # 0..n-1
     positions: torch.Tensor  # each row's new position
     span: int  # positions the attention reads: the longest row's, new one included
     mask: torch.Tensor | None  # (n, 1, 1, span): a row's own positions; None when all end together
+
+
+@dataclass(frozen=True)
+class _Plan:
+    decode: _Decode | None
+    prefills: list[tuple[torch.Tensor, tuple[int, int]]]  # (cache rows, (batch, seq))
 
 
 def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -87,6 +119,22 @@ def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _layer_norm(module: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
+
+
+def _decode_plan(rows: Sequence[int], lengths: list[int], *, device: torch.device) -> _Decode:
+    positions = torch.tensor(lengths, device=device)
+    span = max(lengths) + 1
+    mask = None
+    if min(lengths) != max(lengths):
+        mask = (torch.arange(span, device=device) <= positions[:, None])[:, None, None, :]
+    packed = list(rows) == list(range(len(rows)))  # else some rows (a retry): gathered
+    return _Decode(
+        rows=slice(0, len(rows)) if packed else torch.tensor(list(rows), device=device),
+        index=torch.arange(len(rows), device=device),
+        positions=positions,
+        span=span,
+        mask=mask,
+    )
 
 
 class Block(nn.Module):
@@ -103,16 +151,16 @@ class Block(nn.Module):
         x = x + self.attention(self.attention_norm(x))
         return x + self.mlp(self.mlp_norm(x))
 
-    def prefill(self, x: torch.Tensor, **cached: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention.prefill(self.attention_norm(x), **cached)
-        return x + self.mlp(self.mlp_norm(x))
+    def cached(self, x: torch.Tensor, **cached: Any) -> torch.Tensor:
+        x = x + self.attention.cached(_layer_norm(self.attention_norm, x), **cached)
+        return x + self._mlp(x)
 
-    def decode(self, x: torch.Tensor, **cached: Any) -> torch.Tensor:
-        x = x + self.attention.decode(_layer_norm(self.attention_norm, x), **cached)
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """``self.mlp(self.mlp_norm(x))`` as functions (serving's cached path)."""
         up, gelu, down = self.mlp
         assert isinstance(gelu, nn.GELU)
         hidden = F.gelu(_linear(up, _layer_norm(self.mlp_norm, x)), approximate=gelu.approximate)
-        return x + _linear(down, hidden)
+        return _linear(down, hidden)
 
 
 class GPT(nn.Module):
@@ -160,68 +208,69 @@ class GPT(nn.Module):
         return self.head(self.final_norm(x))
 
     @torch.inference_mode()
-    def prefill(
-        self, tokens: torch.Tensor, *, lengths: Sequence[int], cache: KVCache, rows: Sequence[int]
+    def extend(
+        self,
+        cache: KVCache,
+        *,
+        decode_rows: Sequence[int] = (),
+        decode_tokens: torch.Tensor | None = None,
+        prefills: Sequence[Prefill] = (),
     ) -> torch.Tensor:
-        """Run right-padded sequences from position 0, keeping them in ``cache`` rows ``rows``
-        (``lengths`` positions each); returns each one's logits after its last real token,
-        (len(rows), vocab_size).
+        """One pass through the layers for rows of ``cache``: each of ``decode_rows`` takes
+        one token (``decode_tokens``, (len(decode_rows),)) at the position after what it
+        holds; each prefill's rows are run from position 0 and kept. Returns the logits after
+        each row's last token, decoding rows first, then each prefill's rows in order.
 
-        Under causal attention the pads after a row's end change none of its positions; they
-        are written to the cache past the row's length, where the next step overwrites them.
+        Decoding rows of different lengths share the pass, each at its own position under an
+        attention mask. A prefill's pads after a row's end change none of its positions
+        (causal attention); they are written past the row's length, where the next step
+        writes over them.
+
+        Raises:
+            ValueError: a row would pass the model's max_seq_len.
         """
-        batch, seq = tokens.shape
-        if seq > self.max_seq_len:
+        device = self.head.weight.device
+        lengths = [cache.lengths[row] for row in decode_rows]
+        longest = max([length + 1 for length in lengths] + [p.tokens.shape[1] for p in prefills])
+        if longest > self.max_seq_len:
             raise ValueError(
-                f"sequence of {seq} exceeds the model's max_seq_len {self.max_seq_len}"
+                f"a sequence of {longest} positions exceeds the model's max_seq_len "
+                f"{self.max_seq_len}"
             )
-        cache.reserve(seq)
-        index = torch.tensor(list(rows), device=tokens.device)
-        positions = torch.arange(seq, device=tokens.device)
-        x = self.token_embedding(tokens) + self.position_embedding(positions)
-        for block, keys, values in zip(self._blocks, cache.keys, cache.values, strict=True):
-            x = block.prefill(x, keys=keys, values=values, rows=index)
-        last = torch.tensor([length - 1 for length in lengths], device=tokens.device)
-        for row, length in zip(rows, lengths, strict=True):
-            cache.lengths[row] = length
-        x = x[torch.arange(batch, device=tokens.device), last]
-        return self.head(self.final_norm(x))
-
-    @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, *, cache: KVCache, rows: Sequence[int]) -> torch.Tensor:
-        """One token per cache row in ``rows`` (``tokens`` is (len(rows),)), at the position
-        after what the row holds; returns the logits after it, (len(rows), vocab_size).
-
-        Rows of different lengths are batched with per-row positions and an attention mask.
-        """
-        lengths = [cache.lengths[row] for row in rows]
-        if max(lengths) >= self.max_seq_len:
-            raise ValueError(
-                f"a cached row holds {max(lengths)} positions: no room for another within "
-                f"the model's max_seq_len {self.max_seq_len}"
+        cache.reserve(longest)
+        pieces: list[torch.Tensor] = []  # the flat inputs
+        last: list[int] = []  # the positions whose outputs are the logits
+        decode = None
+        if decode_rows:
+            assert decode_tokens is not None
+            decode = _decode_plan(decode_rows, lengths, device=device)
+            token = F.embedding(decode_tokens, self.token_embedding.weight)
+            pieces.append(token + F.embedding(decode.positions, self.position_embedding.weight))
+            last.extend(range(len(decode_rows)))
+        planned = []
+        for prefill in prefills:
+            batch, seq = prefill.tokens.shape
+            token = F.embedding(prefill.tokens, self.token_embedding.weight)
+            positions = torch.arange(seq, device=device)
+            x = token + F.embedding(positions, self.position_embedding.weight)
+            first = sum(piece.shape[0] for piece in pieces)
+            last.extend(
+                first + row * seq + length - 1 for row, length in enumerate(prefill.lengths)
             )
-        cache.reserve(max(lengths) + 1)
-        device = tokens.device
-        positions = torch.tensor(lengths, device=device)
-        span = max(lengths) + 1
-        mask = None
-        if min(lengths) != max(lengths):
-            mask = (torch.arange(span, device=device) <= positions[:, None])[:, None, None, :]
-        packed = list(rows) == list(range(len(rows)))  # else a retry of some rows: gathered
-        step = DecodeStep(
-            rows=slice(0, len(rows)) if packed else torch.tensor(list(rows), device=device),
-            index=torch.arange(len(rows), device=device),
-            positions=positions,
-            span=span,
-            mask=mask,
-        )
-        x = F.embedding(tokens, self.token_embedding.weight)
-        x = (x + F.embedding(positions, self.position_embedding.weight))[:, None, :]
+            pieces.append(x.view(batch * seq, -1))
+            planned.append((torch.tensor(list(prefill.rows), device=device), (batch, seq)))
+        x = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        plan = _Plan(decode, planned)
         for block, keys, values in zip(self._blocks, cache.keys, cache.values, strict=True):
-            x = block.decode(x, keys=keys, values=values, step=step)
-        for row in rows:
+            x = block.cached(x, keys=keys, values=values, plan=plan)
+        for row in decode_rows:
             cache.lengths[row] += 1
-        return _linear(self.head, _layer_norm(self.final_norm, x[:, 0]))
+        for prefill in prefills:
+            for row, length in zip(prefill.rows, prefill.lengths, strict=True):
+                cache.lengths[row] = length
+        if len(last) != x.shape[0]:  # prefills: only each row's last real position
+            x = x[torch.tensor(last, device=device)]
+        return _linear(self.head, _layer_norm(self.final_norm, x))
 
     @property
     def _blocks(self) -> list[Block]:

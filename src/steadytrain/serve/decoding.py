@@ -4,7 +4,8 @@ steps, and each step adds one token to each.
 A sequence that joins is prefilled (its prompt run once, its keys and values kept in a cache
 row); after that a step computes one new position per sequence, at the sequence's own
 position, its attention masked to its own length. Joining sequences are prefilled together,
-right-padded, in groups where no row is padded past twice its length. The model's
+right-padded, in groups where no row is padded past twice its length, in the same pass
+through the layers as the running sequences' step (one model call per step). The model's
 ``max_seq_len`` bounds the context: a sequence longer than it keeps its last ``max_seq_len``
 tokens, which with learned positions means running that window again at every step (such
 rows are all ``max_seq_len`` long, so they batch without padding).
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from steadytrain.model import GPT, KVCache
+from steadytrain.model import GPT, KVCache, Prefill
 from steadytrain.serve.generation import Generation, Sampling, pad_rows, sample
 
 
@@ -99,37 +100,40 @@ class DecodingBatch:
             else:  # the cache holds all but the last token, which this step feeds
                 assert self.cache.lengths[row] == total - 1, (self.cache.lengths[row], total)
                 cached.append(index)
-        cost = StepCost()
-        found: dict[int, torch.Tensor] = {}
+        cached.sort(key=lambda index: rows[index])  # rows 0..n-1 in order: read as views
+        cost = StepCost(model_calls=1)
         device = self.model.head.weight.device
+        order = list(cached)  # the logits' order: decoding rows, then each prefill's
+        prefills = []
         for group in _prefill_groups([chosen[index].context(window) for index in fresh]):
             indices = [fresh[member] for member in group]
             batch = pad_rows([chosen[index].context(window) for index in indices], device=device)
-            logits = self.model.prefill(
-                batch.tokens,
-                lengths=batch.lengths,
-                cache=self.cache,
-                rows=[rows[index] for index in indices],
+            prefills.append(
+                Prefill([rows[index] for index in indices], batch.tokens, batch.lengths)
             )
-            found.update(zip(indices, logits, strict=True))
-            cost.model_calls += 1
+            order.extend(indices)
             cost.positions += batch.tokens.numel()
             cost.padding += batch.num_padding
         if cached:
-            cached.sort(key=lambda index: rows[index])  # rows 0..n-1 in order: read as a view
             lengths = [self.cache.lengths[rows[index]] + 1 for index in cached]
-            last = torch.tensor([chosen[index].generated[-1] for index in cached], device=device)
-            logits = self.model.decode(
-                last, cache=self.cache, rows=[rows[index] for index in cached]
-            )
-            found.update(zip(cached, logits, strict=True))
-            cost.model_calls += 1
             cost.positions += len(cached)
             cost.attended += max(lengths) * len(cached)
             cost.masked += max(lengths) * len(cached) - sum(lengths)
+        logits = self.model.extend(
+            self.cache,
+            decode_rows=[rows[index] for index in cached],
+            decode_tokens=torch.tensor(
+                [chosen[index].generated[-1] for index in cached], device=device
+            )
+            if cached
+            else None,
+            prefills=prefills,
+        )
         # One host copy per step: sampling runs on each request's own CPU generator.
-        stacked = torch.stack([found[index] for index in range(len(chosen))]).float().cpu()
-        return stacked, cost
+        logits = logits.float().cpu()
+        if order != list(range(len(chosen))):
+            logits = logits[torch.tensor(order).argsort()]
+        return logits, cost
 
     def _row(self, generation: Generation) -> int:
         for row, held in enumerate(self.rows):
