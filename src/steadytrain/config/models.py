@@ -472,12 +472,16 @@ class ServeConfig(_Section):
     """``steadytrain serve``: batching, backpressure, timeouts and limits of the model API."""
 
     max_batch_size: int = operational_field(
-        8, description="Most requests (or generating sequences) in one batch of the model.", ge=1
+        32,
+        description="Most requests (or generating sequences, each a row of the KV cache) in "
+        "one batch of the model.",
+        ge=1,
     )
     max_wait_ms: float = operational_field(
         5.0,
-        description="Longest wait for a batch to fill, counted from its first request (0: "
-        "take whatever is queued).",
+        description="Longest wait for a /v1/forward batch to fill, counted from its first "
+        "request (0: take whatever is queued). Generations never wait: one that comes later "
+        "joins the running batch at the next decoding step.",
         ge=0,
     )
     max_queue: int = operational_field(
@@ -519,6 +523,16 @@ class ServeConfig(_Section):
     )
     device: Literal["auto", "cpu", "cuda"] = operational_field(
         "auto", description="Where the model runs (auto: CUDA when present)."
+    )
+    http: Literal["auto", "httptools", "h11"] = operational_field(
+        "auto",
+        description="uvicorn's HTTP/1.1 parser: httptools (C, installed with steadytrain) "
+        "or h11 (pure Python); auto: httptools when importable.",
+    )
+    event_loop: Literal["auto", "uvloop", "asyncio"] = operational_field(
+        "auto",
+        description="The server's event loop: uvloop (installed with steadytrain) or "
+        "Python's asyncio; auto: uvloop when importable.",
     )
 
 

@@ -6,6 +6,7 @@ within ``serve.shutdown_grace_s``; the model's thread keeps answering them meanw
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import socket
@@ -60,9 +61,12 @@ def serve(
     batcher = Batcher(max_queue=settings.max_queue, kinds=KINDS)
     state = ServerState()
     app = create_app(state, batcher=batcher, metrics=metrics, settings=settings)
+    _check_installed({"serve.http": settings.http, "serve.event_loop": settings.event_loop})
     server = _DrainingServer(
         uvicorn.Config(
             app,
+            http=settings.http,
+            loop=settings.event_loop,
             timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)),
             log_level="warning",
             access_log=False,
@@ -94,6 +98,9 @@ def serve(
     try:
         server.run(sockets=[listener])
     finally:
+        # uvicorn has put the default handler back: another SIGTERM now, while the model's
+        # thread stops, would end a drained server by the signal instead of with 0.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if state.worker is not None:
             state.worker.stop(timeout=5)
         listener.close()
@@ -134,6 +141,20 @@ def _load(
         f"batches of up to {config.serve.max_batch_size}, waiting up to "
         f"{config.serve.max_wait_ms:g} ms"
     )
+
+
+def _check_installed(wanted: dict[str, str]) -> None:
+    """Refuse in one line an HTTP parser or event loop asked for by name but not installed.
+
+    Raises:
+        ConfigError: naming the setting and what to do.
+    """
+    for field, name in wanted.items():
+        if name not in ("auto", "h11", "asyncio") and importlib.util.find_spec(name) is None:
+            raise ConfigError(
+                f"{field}: {name} is not installed; install it (pip install "
+                f"'uvicorn[standard]') or set {field}=auto"
+            )
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -146,10 +146,11 @@ class ModelWorker:
             self._answer_dropped(dropped)
             if forward:
                 self._run_forward(forward)
-                wait_s = 0.0
             free = self.max_batch_size - len(self.running)
             if free:
-                joining, dropped = self.batcher.take(GENERATE, limit=free, max_wait_s=wait_s)
+                # Never a wait for generations: one that comes later joins at the next step,
+                # its prefill in that step's pass, so waiting for it would only delay these.
+                joining, dropped = self.batcher.take(GENERATE, limit=free, max_wait_s=0.0)
                 self._answer_dropped(dropped)
                 self._join(joining)
             if self.running:
