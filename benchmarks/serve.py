@@ -1,17 +1,19 @@
 """Serving: ``steadytrain serve`` against the model's own in-process limit and against batch 1.
 
-A short training of examples/tiny.yaml (or a run given with ``--run-dir``) is served twice, as
-users start it (``steadytrain serve RUN_DIR --port P``, subprocesses on loopback): with the
-run's serve settings ("batched", the defaults unless ``--set`` says otherwise) and with
-``serve.max_batch_size=1``. The physical limit is the same weights loaded the same way
-(``load_served_model``) and called in this process without HTTP or queues: ``generate`` (the
-server's batching by decoding step) and ``forward_rows`` + ``token_logprobs`` (what a
+A short training of examples/tiny.yaml (or a run given with ``--run-dir``) is served as users
+start it (``steadytrain serve RUN_DIR --port P``, subprocesses on loopback): with the run's
+serve settings ("batched", the defaults unless ``--set`` says otherwise), with
+``serve.max_batch_size=1`` ("batch_size_1"), and, at the lowest and highest concurrency
+only, with uvicorn's pure-Python HTTP stack instead of httptools + uvloop ("batched_h11").
+The physical limit is the same weights loaded the same way (``load_served_model``) and
+called in this process without HTTP or queues: ``generate`` (the server's batching by
+decoding step over the KV cache) and ``forward_rows`` + ``token_logprobs`` (what a
 /v1/forward request costs the model), swept over batch sizes. The served side is driven by
-closed-loop httpx clients (serve_load.py) at each concurrency level: /v1/generate with
-``--new-tokens`` greedy tokens per request and /v1/forward (log-probabilities of
-``--forward-tokens`` tokens), plus /healthz (HTTP alone) on the batched server. In-process,
-batched and batch-1 blocks take turns in each round (the order flips every round); the
-client shares the CPU with the server, so its CPU is measured beside the server's.
+closed-loop clients (serve_load.py, one lean HTTP/1.1 connection each) at each concurrency
+level: /v1/generate with ``--new-tokens`` greedy tokens per request and /v1/forward
+(log-probabilities of ``--forward-tokens`` tokens), plus /healthz (HTTP alone) on the batched
+server. The blocks take turns in each round (the order flips every round); the client
+shares the CPU with the server, so its CPU is measured beside the server's.
 
     .venv/bin/python benchmarks/serve.py [--rounds 3] [--seconds 3] [--run-dir RUN]
         [--json OUT] [--check] [--quick]
@@ -48,7 +50,10 @@ from steadytrain.serve import (
     token_logprobs,
 )
 
-BLOCKS = ("in_process", "batched", "batch_size_1")
+BLOCKS = ("in_process", "batched", "batch_size_1", "batched_h11")
+# The batched server with uvicorn's pure-Python stack instead of httptools + uvloop
+# (uvicorn[standard]), at one client and at the most clients only: what they buy.
+PURE_PYTHON_HTTP = ["serve.http=h11", "serve.event_loop=asyncio"]
 NUM_PROMPTS = 64
 PROMPT_BYTES = 32
 PROMPT_STRIDE = 211  # bytes between prompts' starts in the source text
@@ -134,18 +139,23 @@ def requests_for(args: argparse.Namespace, served: ServedModel) -> dict[str, lis
 
 
 def in_process_generation(
-    served: ServedModel, prompts: list[str], *, batch_size: int, new_tokens: int
+    served: ServedModel,
+    prompts: list[str],
+    *,
+    batch_size: int,
+    new_tokens: int,
+    seconds: float,
 ) -> dict[str, Any]:
-    """Greedy generation of ``max(2·batch, 16)`` prompts, batched by decoding step; at batch 1
-    each is timed alone (the model's own latency distribution)."""
-    count = max(2 * batch_size, 16)
-    chosen = [list(prompts[number % len(prompts)].encode()) for number in range(count)]
-    groups = [[prompt] for prompt in chosen] if batch_size == 1 else [chosen]
+    """Greedy generation of ``max(2·batch, 16)`` prompts at a time, batched by decoding step,
+    repeated for at least ``seconds``; at batch 1 each generation is timed alone (the
+    model's own latency distribution, as many as one served level sees)."""
+    per_call = 1 if batch_size == 1 else max(2 * batch_size, 16)
     model = served.model
     assert isinstance(model, GPT)
-    latencies = []
+    latencies, count = [], 0
     with ForeignCpu() as others:
-        for group in groups:
+        while count < 16 or sum(latencies) < seconds:
+            group = [list(prompts[(count + n) % len(prompts)].encode()) for n in range(per_call)]
             started = time.perf_counter()
             generate(
                 model,
@@ -154,14 +164,15 @@ def in_process_generation(
                 max_batch_size=batch_size,
             )
             latencies.append(time.perf_counter() - started)
-    seconds = sum(latencies)
+            count += per_call
+    elapsed = sum(latencies)
     return {
         "batch_size": batch_size,
         "requests": count,
-        "seconds": seconds,
-        "requests_per_s": count / seconds,
-        "tokens_per_s": count * new_tokens / seconds,
-        "seconds_per_request": seconds / count,
+        "seconds": elapsed,
+        "requests_per_s": count / elapsed,
+        "tokens_per_s": count * new_tokens / elapsed,
+        "seconds_per_request": elapsed / count,
         "foreign_cpu_share": others.share,
         **({"latencies_s": latencies} if batch_size == 1 else {}),
     }
@@ -252,7 +263,11 @@ def run_block(
         sizes = args.batch_sizes
         generation = [
             in_process_generation(
-                served, requests["prompts"], batch_size=size, new_tokens=args.new_tokens
+                served,
+                requests["prompts"],
+                batch_size=size,
+                new_tokens=args.new_tokens,
+                seconds=args.seconds if size == 1 else args.in_process_seconds,
             )
             for size in sizes
         ]
@@ -273,7 +288,7 @@ def run_block(
     endpoints = ["generate", "forward"] + (["healthz"] if block == "batched" else [])
     for endpoint in endpoints:
         levels = args.concurrency
-        if endpoint == "healthz":
+        if endpoint == "healthz" or block == "batched_h11":
             levels = sorted({min(args.concurrency), max(args.concurrency)})
         measured[endpoint] = []
         for concurrency in levels:
@@ -299,6 +314,7 @@ def measure(args: argparse.Namespace, *, work_dir: Path) -> dict[str, Any]:
     requests = requests_for(args, served)
     settings = {"batched": list(args.settings)}
     settings["batch_size_1"] = [*args.settings, "serve.max_batch_size=1"]
+    settings["batched_h11"] = [*args.settings, *PURE_PYTHON_HTTP]
     env = dict(item.split("=", 1) for item in args.server_env)
     servers = {
         name: start_server(
@@ -322,8 +338,8 @@ def measure(args: argparse.Namespace, *, work_dir: Path) -> dict[str, Any]:
             rounds.append(measured)
     finally:
         for server in servers.values():
-            server.process.terminate()  # both drain at once
-        exit_codes = {name: server.stop() for name, server in servers.items()}
+            server.process.terminate()  # all drain at once
+        exit_codes = {name: server.stop(signalled=True) for name, server in servers.items()}
     return {
         "benchmark": "serve",
         "settings": {

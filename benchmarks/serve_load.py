@@ -1,5 +1,6 @@
 """The served side of benchmarks/serve.py: ``steadytrain serve`` as a subprocess, its CPU per
-thread and its own metrics, and a closed-loop load generator (asyncio + httpx, one process).
+thread and its own metrics, and a closed-loop load generator (asyncio, one process, one lean
+HTTP/1.1 connection per client: serve_client.py).
 
 The load generator runs ``concurrency`` clients, each sending its next request as soon as
 the previous one is answered, for ``seconds``; latency is measured per request from send to
@@ -11,7 +12,6 @@ when nothing is in flight.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 import statistics
@@ -28,10 +28,10 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from overhead import REPO_ROOT, machine_cpu_ticks
+from serve_client import Answer, Connection, encode_request
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 METRIC_PREFIX = "steadytrain_serve_"
-ONE_CONNECTION = httpx.Limits(max_connections=1, max_keepalive_connections=1)
 # Server metrics (per kind) read around each load; differences give per-load figures.
 KIND_METRICS = (
     "forward_seconds_sum",
@@ -56,9 +56,10 @@ class ServerProcess:
     def tail(self, lines: int = 20) -> str:
         return "\n".join(self.log_path.read_text().splitlines()[-lines:])
 
-    def stop(self) -> int:
-        """SIGTERM (it drains and exits 0), then its exit status."""
-        if self.process.poll() is None:
+    def stop(self, *, signalled: bool = False) -> int:
+        """SIGTERM (it drains and exits 0) unless ``signalled`` already, then its exit
+        status."""
+        if not signalled and self.process.poll() is None:
             self.process.terminate()
         try:
             return self.process.wait(timeout=60)
@@ -151,11 +152,16 @@ def server_figures(
     before: dict[str, float], after: dict[str, float], *, kind: str, requests: int
 ) -> dict[str, Any]:
     """Per-load figures from the server's own metrics: model time per call and per request,
-    batch size, queue wait, padding share, and any rejection."""
+    batch size, queue wait, padding share (of positions run through the model), masked share
+    (of cache positions cached steps read), and any rejection."""
     delta = {
         name: after.get(f"{name}{{{kind}}}", 0.0) - before.get(f"{name}{{{kind}}}", 0.0)
         for name in KIND_METRICS
     }
+    attended, masked = (
+        after.get(f"{name}{{}}", 0.0) - before.get(f"{name}{{}}", 0.0)
+        for name in ("attended_positions_total", "masked_positions_total")
+    )
     calls = delta["forward_seconds_count"]
     rejected = sum(
         after[name] - before.get(name, 0.0) for name in after if name.startswith("rejections")
@@ -172,6 +178,7 @@ def server_figures(
         "padding_share": delta["padding_tokens_total"] / delta["batch_tokens_total"]
         if delta["batch_tokens_total"]
         else None,
+        "masked_share": masked / attended if attended else None,
         "rejections": int(rejected),
     }
 
@@ -200,21 +207,16 @@ class Load:
 async def _closed_loop(
     server: ServerProcess, load: Load, *, concurrency: int, seconds: float
 ) -> dict[str, Any]:
-    async with contextlib.AsyncExitStack() as stack:
-        # A client (and connection) of its own each: one httpx pool shared by 32 connections
-        # costs its process ~5 ms of CPU per request here, against ~1 ms for these.
-        clients = [
-            await stack.enter_async_context(
-                httpx.AsyncClient(base_url=server.url, limits=ONE_CONNECTION, timeout=300)
-            )
-            for _ in range(concurrency)
-        ]
+    # A connection of its own each, and every request's bytes made before the clock starts.
+    if load.bodies is None:
+        requests = [encode_request(server.url, "GET", load.path, None)]
+    else:
+        requests = [encode_request(server.url, "POST", load.path, body) for body in load.bodies]
+    connections = [await Connection.open(server.url) for _ in range(concurrency)]
+    try:
 
-        async def send(index: int) -> httpx.Response:
-            client = clients[index % concurrency]
-            if load.bodies is None:
-                return await client.get(load.path)
-            return await client.post(load.path, json=load.bodies[index % len(load.bodies)])
+        async def send(index: int) -> Answer:
+            return await connections[index % concurrency].send(requests[index % len(requests)])
 
         await asyncio.gather(*(send(index) for index in range(concurrency)))  # connections
         metrics_before = scrape(server.url)
@@ -230,11 +232,11 @@ async def _closed_loop(
             index = first
             while time.perf_counter() < deadline:
                 sent = time.perf_counter()
-                response = await send(index)
+                answer = await send(index)
                 latencies.append(time.perf_counter() - sent)
-                statuses[response.status_code] += 1
-                if response.status_code == 200 and load.check is not None:
-                    load.check(index, response.json())
+                statuses[answer.status] += 1
+                if answer.status == 200 and load.check is not None:
+                    load.check(index, answer.json())
                 index += concurrency
 
         await asyncio.gather(*(client_loop(first) for first in range(concurrency)))
@@ -243,6 +245,9 @@ async def _closed_loop(
         machine_after = machine_cpu_ticks()
         threads_after = thread_cpu_s(server.process.pid)
         metrics_after = scrape(server.url)
+    finally:
+        for connection in connections:
+            await connection.close()
     server_s = {name: threads_after[name] - threads_before[name] for name in threads_after}
     answered = statuses[200]
     measured: dict[str, Any] = {

@@ -10,7 +10,7 @@ from serve_load import percentile
 
 TARGET_GENERATION_RATIO = 0.8  # served generation at saturation ÷ the in-process limit
 LATENCY_SLACK_S = 0.005  # low-load p99 ≤ max_wait_ms + one in-process generation + 5 ms
-SERVERS = ("batched", "batch_size_1")
+SERVERS = ("batched", "batch_size_1", "batched_h11")
 # Per-level figures taken as the median over rounds (latency percentiles are pooled instead).
 MEDIAN_KEYS = (
     "requests_per_s",
@@ -27,6 +27,7 @@ SERVER_KEYS = (
     "mean_batch_size",
     "queue_wait_s",
     "padding_share",
+    "masked_share",
 )
 
 
@@ -48,7 +49,8 @@ def _in_process_rows(rounds: list[dict[str, Any]], endpoint: str) -> list[dict[s
                 row[key] = statistics.median(run[key] for run in runs)
         row["foreign_cpu_share_max"] = max(run.get("foreign_cpu_share") or 0.0 for run in runs)
         alone = [latency for run in runs for latency in run.get("latencies_s", [])]
-        if alone:  # batch 1, each call timed alone: the model's own tail
+        if alone:  # batch 1, each call timed alone: the model's own median and tail
+            row["p50_s"] = percentile(alone, 0.5)
             row["p99_s"] = percentile(alone, 0.99)
         rows.append(row)
     return rows
@@ -83,13 +85,20 @@ def _served_rows(
     return rows
 
 
+def _one_call_s(row: dict[str, Any]) -> float:
+    """One in-process call at batch 1: the median of those timed alone (generation), else
+    the mean (forward, timed in a loop)."""
+    alone = row.get("latencies_s")
+    return percentile(alone, 0.5) if alone else row["seconds_per_request"]
+
+
 def _round_low_load(measured: dict[str, Any], endpoint: str, wait_s: float) -> dict[str, float]:
     """One round's p99 at one client against the bound from the same round's model time."""
     one = next(row for row in measured["in_process"][endpoint] if row["batch_size"] == 1)
     at_one = next(run for run in measured["batched"][endpoint] if run["concurrency"] == 1)
     return {
         "p99_s": at_one["p99_s"],
-        "bound_s": wait_s + one["seconds_per_request"] + LATENCY_SLACK_S,
+        "bound_s": wait_s + _one_call_s(one) + LATENCY_SLACK_S,
     }
 
 
@@ -103,9 +112,10 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
         server: {
             endpoint: _served_rows(rounds, server, endpoint, new_tokens=settings["new_tokens"])
             for endpoint in ("generate", "forward", "healthz")
-            if rounds[0][server].get(endpoint)
+            if rounds[0].get(server, {}).get(endpoint)
         }
         for server in SERVERS
+        if server in rounds[0]
     }
     limits = {
         endpoint: max(rows, key=lambda row: row["requests_per_s"])
@@ -131,25 +141,29 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
             / single["requests_per_s"],
             "batched_over_batch_1_per_concurrency": per_level,
         }
-    one = {
-        endpoint: next(row for row in rows if row["batch_size"] == 1)["seconds_per_request"]
-        for endpoint, rows in in_process.items()
-    }
+    # The issue's "one generation": the median of the in-process generations at batch 1.
     wait_s = settings["max_wait_ms"] / 1e3
-    low_load = {
-        endpoint: {
-            "p99_s": served["batched"][endpoint][0]["p99_s"],
-            "p50_s": served["batched"][endpoint][0]["p50_s"],
-            "one_in_process_s": one[endpoint],
-            "bound_s": wait_s + one[endpoint] + LATENCY_SLACK_S,
+    low_load = {}
+    for endpoint in ("generate", "forward"):
+        alone = next(row for row in in_process[endpoint] if row["batch_size"] == 1)
+        one_s = alone.get("p50_s", alone["seconds_per_request"])
+        at_one = served["batched"][endpoint][0]
+        own_p99 = alone.get("p99_s")
+        low_load[endpoint] = {
+            "p99_s": at_one["p99_s"],
+            "p50_s": at_one["p50_s"],
+            "one_in_process_s": one_s,
+            "bound_s": wait_s + one_s + LATENCY_SLACK_S,
             "batch_1_p99_s": served["batch_size_1"][endpoint][0]["p99_s"],
-            "in_process_p99_s": next(r for r in in_process[endpoint] if r["batch_size"] == 1).get(
-                "p99_s"
-            ),
+            "in_process_p99_s": own_p99,
+            # Like against like: the served p99 against the model's own p99 alone, so that
+            # the machine's tail is on both sides and what is left is the server's.
+            "same_percentile_bound_s": None
+            if own_p99 is None
+            else wait_s + own_p99 + LATENCY_SLACK_S,
             "per_round": [_round_low_load(measured, endpoint, wait_s) for measured in rounds],
         }
-        for endpoint in ("generate", "forward")
-    }
+    http_stack = _http_stack(served)
     generation = ratios["generate"]["saturation_over_limit"]
     verdicts = {
         "generation_throughput": {
@@ -169,8 +183,34 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
         "served": served,
         "ratios": ratios,
         "low_load": low_load,
+        "http_stack": http_stack,
         "verdicts": verdicts,
     }
+
+
+def _http_stack(served: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """httptools + uvloop (batched) against h11 + asyncio (batched_h11), level by level."""
+    if "batched_h11" not in served:
+        return {}
+    compared: dict[str, list[dict[str, Any]]] = {}
+    for endpoint, rows in served["batched_h11"].items():
+        fast = {row["concurrency"]: row for row in served["batched"][endpoint]}
+        compared[endpoint] = [
+            {
+                "concurrency": pure["concurrency"],
+                "requests_per_s_ratio": fast[pure["concurrency"]]["requests_per_s"]
+                / pure["requests_per_s"],
+                "p50_s": fast[pure["concurrency"]]["p50_s"],
+                "h11_p50_s": pure["p50_s"],
+                "event_loop_cpu_s_per_request": fast[pure["concurrency"]][
+                    "server_event_loop_cpu_s_per_request"
+                ],
+                "h11_event_loop_cpu_s_per_request": pure["server_event_loop_cpu_s_per_request"],
+            }
+            for pure in rows
+            if pure["concurrency"] in fast
+        ]
+    return compared
 
 
 def _ms(value: float | None) -> str:
@@ -209,21 +249,22 @@ def print_report(report: dict[str, Any]) -> None:
     print("\nServed (requests/s: median over rounds; p50/p99 over all rounds' requests)\n")
     print(
         "| server | endpoint | clients | requests/s | p50 ms | p99 ms | mean batch | model ms "
-        "/ request | queue wait ms | padding | client cores | server loop cores | server model "
-        "cores | others' CPU |"
+        "/ request | queue wait ms | padding | masked | client cores | server loop cores | "
+        "server model cores | others' CPU |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for server, endpoints in summary["served"].items():
         for endpoint, rows in endpoints.items():
             for row in rows:
                 flag = f" ({row['not_ok']} not 200)" if row["not_ok"] else ""
-                padding = row["padding_share"]
+                padding, masked = row["padding_share"], row["masked_share"]
                 print(
                     f"| {server} | {endpoint} | {row['concurrency']} | "
                     f"{row['requests_per_s']:.1f}{flag} | {_ms(row['p50_s'])} | "
                     f"{_ms(row['p99_s'])} | {_num(row['mean_batch_size'])} | "
                     f"{_ms(row['model_s_per_request'])} | {_ms(row['queue_wait_s'])} | "
                     f"{'–' if padding is None else f'{padding:.0%}'} | "
+                    f"{'–' if masked is None else f'{masked:.0%}'} | "
                     f"{_num(row['client_cores'])} | {_num(row['server_event_loop_cores'])} | "
                     f"{_num(row['server_other_threads_cores'])} | "
                     f"{row['foreign_cpu_share_max']:.0%} |"
@@ -246,8 +287,21 @@ def print_report(report: dict[str, Any]) -> None:
             f"{endpoint} at c=1: p99 {_ms(low['p99_s'])} ms (p50 {_ms(low['p50_s'])}) against "
             f"max_wait + one in-process call ({_ms(low['one_in_process_s'])} ms) + 5 ms = "
             f"{_ms(low['bound_s'])} ms; batch-1 server p99 {_ms(low['batch_1_p99_s'])} ms; "
-            f"in-process p99 alone {_ms(low['in_process_p99_s'])} ms; per round p99/bound: "
+            f"in-process p99 alone {_ms(low['in_process_p99_s'])} ms (same percentile: "
+            f"max_wait + it + 5 ms = {_ms(low['same_percentile_bound_s'])} ms); per round "
+            "p99/bound: "
             + ", ".join(f"{_ms(r['p99_s'])}/{_ms(r['bound_s'])}" for r in low["per_round"])
+        )
+    for endpoint, levels in summary["http_stack"].items():
+        print(
+            f"{endpoint}, httptools + uvloop against h11 + asyncio: "
+            + "; ".join(
+                f"c={level['concurrency']} requests/s x{level['requests_per_s_ratio']:.2f}, "
+                f"p50 {_ms(level['p50_s'])} against {_ms(level['h11_p50_s'])} ms, event loop "
+                f"{_ms(level['event_loop_cpu_s_per_request'])} against "
+                f"{_ms(level['h11_event_loop_cpu_s_per_request'])} ms of CPU per request"
+                for level in levels
+            )
         )
     answers = report["answers"]
     print(

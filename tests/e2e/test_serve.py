@@ -44,10 +44,10 @@ class Server:
         return self.log.read_text()
 
 
-def start_server(
+def launch(
     run_dir: Path, log: Path, *settings: str, faults: dict[str, Any] | None = None
 ) -> Server:
-    """``steadytrain serve RUN_DIR --port P --set ...``, once it answers /healthz."""
+    """``steadytrain serve RUN_DIR --port P --set ...``, started and not waited for."""
     port = free_port()
     env = cli_env(**({"STEADYTRAIN_SERVE_TEST_FAULTS": json.dumps(faults)} if faults else {}))
     command = [str(Path(sys.executable).parent / "steadytrain"), "serve", str(run_dir)]
@@ -56,15 +56,19 @@ def start_server(
         process = subprocess.Popen(
             command, stdout=output, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO
         )
-    server = Server(process, f"http://127.0.0.1:{port}", log)
+    return Server(process, f"http://127.0.0.1:{port}", log)
+
+
+def wait_listening(server: Server) -> None:
+    """Until it answers /healthz (it listens before it loads)."""
     deadline = time.monotonic() + 60
     while True:
         try:
             httpx.get(f"{server.url}/healthz", timeout=2).raise_for_status()
-            return server
+            return
         except httpx.HTTPError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
+            if server.process.poll() is not None or time.monotonic() > deadline:
+                server.process.kill()
                 raise AssertionError(f"serve did not start:\n{server.output()}") from None
             time.sleep(0.1)
 
@@ -108,13 +112,46 @@ def greedy_alone(model: torch.nn.Module, prompt: str, num_tokens: int) -> list[i
     return tokens[len(prompt.encode()) :]
 
 
+# A slow model (every call), a poisoned prompt, and 2 s of loading to see /readyz answer 503.
+FAULTS = {"load_delay_s": 2, "step_delay_s": 0.15, "poison_prompt": "POISON"}
+
+
+@dataclass
+class Servers:
+    main: Server
+    faulty: Server  # with FAULTS, small batches and queue, no wait
+    faulty_while_loading: httpx.Response  # its /readyz as soon as it listened
+
+
 @pytest.fixture(scope="module")
-def server(reference: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    running = start_server(reference, log, "serve.max_batch_size=4", "serve.max_wait_ms=100")
-    wait_ready(running)
-    yield running
-    assert stop(running) == 0, running.output()
+def servers(reference: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    """The module's two servers, started together so that their start-ups overlap."""
+    logs = tmp_path_factory.mktemp("serve")
+    main = launch(reference, logs / "serve.log", "serve.max_batch_size=4", "serve.max_wait_ms=100")
+    faulty = launch(
+        reference,
+        logs / "faulty.log",
+        "serve.max_batch_size=2",
+        "serve.max_queue=2",
+        "serve.max_wait_ms=0",
+        "serve.retry_after_s=7",
+        faults=FAULTS,
+    )
+    try:
+        wait_listening(faulty)
+        early = httpx.get(f"{faulty.url}/readyz", timeout=5)
+        wait_listening(main)
+        wait_ready(main)
+        yield Servers(main, faulty, early)
+        assert stop(main) == 0, main.output()
+    finally:
+        main.process.kill()
+        faulty.process.kill()
+
+
+@pytest.fixture(scope="module")
+def server(servers: Servers) -> Server:
+    return servers.main
 
 
 async def post_all(url: str, bodies: list[tuple[str, dict[str, Any]]]) -> list[httpx.Response]:
@@ -200,25 +237,12 @@ def test_bad_requests_get_a_one_line_reason(server: Server) -> None:
         assert reason in error and "\n" not in error
 
 
-def test_faults_readiness_overflow_disconnect_and_drain(reference: Path, tmp_path: Path) -> None:
-    faults = {"load_delay_s": 2, "step_delay_s": 0.15, "poison_prompt": "POISON"}
-    server = start_server(
-        reference,
-        tmp_path / "serve.log",
-        "serve.max_batch_size=2",
-        "serve.max_queue=2",
-        "serve.max_wait_ms=0",
-        "serve.retry_after_s=7",
-        faults=faults,
-    )
-    try:
-        early = httpx.get(f"{server.url}/readyz", timeout=5)
-        assert early.status_code == 503 and "loading" in early.json()["reason"]
-        wait_ready(server)
-        asyncio.run(_poison_overflow_and_disconnect(server))
-        _drain_on_sigterm(server)
-    finally:
-        server.process.kill()
+def test_faults_readiness_overflow_disconnect_and_drain(servers: Servers) -> None:
+    early, server = servers.faulty_while_loading, servers.faulty
+    assert early.status_code == 503 and "loading" in early.json()["reason"]
+    wait_ready(server)
+    asyncio.run(_poison_overflow_and_disconnect(server))
+    _drain_on_sigterm(server)
 
 
 async def _poison_overflow_and_disconnect(server: Server) -> None:
