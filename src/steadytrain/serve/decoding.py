@@ -52,6 +52,7 @@ class DecodingBatch:
         self.max_rows = max_rows
         self.cache = KVCache(model, num_rows=max_rows)
         self.rows: list[Generation] = []
+        self._row_of: dict[int, int] = {}  # id(generation) -> its row in ``rows``
 
     def join(self, generation: Generation) -> None:
         """Give ``generation`` a cache row; its next step prefills it."""
@@ -60,6 +61,7 @@ class DecodingBatch:
         if not generation.prompt:
             raise ValueError("a prompt needs at least one token")
         self.cache.lengths[len(self.rows)] = 0
+        self._row_of[id(generation)] = len(self.rows)
         self.rows.append(generation)
 
     def leave(self, generation: Generation) -> None:
@@ -68,8 +70,10 @@ class DecodingBatch:
         if row != last:
             self.cache.move(last, row)
             self.rows[row] = self.rows[last]
+            self._row_of[id(self.rows[row])] = row
         self.cache.lengths[last] = 0
         self.rows.pop()
+        del self._row_of[id(generation)]
 
     def step(self, generations: Sequence[Generation] | None = None) -> Step:
         """One new token for each of ``generations`` (default: every row), appended to it.
@@ -136,10 +140,10 @@ class DecodingBatch:
         return logits, cost
 
     def _row(self, generation: Generation) -> int:
-        for row, held in enumerate(self.rows):
-            if held is generation:
-                return row
-        raise ValueError("that generation has not joined this batch")
+        row = self._row_of.get(id(generation))
+        if row is None or self.rows[row] is not generation:
+            raise ValueError("that generation has not joined this batch")
+        return row
 
 
 def _prefill_groups(contexts: list[list[int]]) -> list[list[int]]:
