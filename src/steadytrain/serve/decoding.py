@@ -140,8 +140,8 @@ class DecodingBatch:
         return logits, cost
 
     def _row(self, generation: Generation) -> int:
-        row = self._row_of.get(id(generation))
-        if row is None or self.rows[row] is not generation:
+        row = self._row_of.get(id(generation))  # ids of live rows only: no stale match
+        if row is None:
             raise ValueError("that generation has not joined this batch")
         return row
 
